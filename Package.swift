@@ -1,0 +1,27 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+let package = Package(
+    name: "qimg",
+    products: [
+        .library(name: "QCow2", targets: ["QCow2"]),
+        .executable(name: "qimg", targets: ["qimg"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .systemLibrary(name: "CZlib", path: "Sources/CZlib", pkgConfig: "zlib",
+                       providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
+                       providers: [.apt(["libzstd-dev"])]),
+        .target(name: "QCow2", dependencies: ["CZlib", "CZstd"]),
+        .executableTarget(name: "qimg", dependencies: [
+            "QCow2",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        .testTarget(name: "QCow2Tests", dependencies: ["QCow2"]),
+        .testTarget(name: "qimgTests", dependencies: ["QCow2"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

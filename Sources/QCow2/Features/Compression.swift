@@ -1,0 +1,54 @@
+import CZlib
+import CZstd
+
+/// Decompression of one compressed cluster (spec "Compressed Clusters Descriptor").
+public enum CompressionType: UInt8, Sendable {
+    case zlib = 0
+    case zstd = 1
+
+    public var name: String { self == .zlib ? "zlib" : "zstd" }
+}
+
+enum Codec {
+    /// Decodes `input` into exactly `output.count` bytes. Returns false when the
+    /// stream is invalid or ends early.
+    static func decompress(_ type: CompressionType, input: UnsafeRawBufferPointer,
+                           output: UnsafeMutableRawBufferPointer) -> Bool {
+        switch type {
+        case .zlib: return inflateRaw(input: input, output: output)
+        case .zstd: return zstdFrame(input: input, output: output)
+        }
+    }
+
+    /// Raw deflate (no zlib header). A 32 KiB window accepts QEMU's 4 KiB-window streams
+    /// and the larger-window streams QEMU itself also reads.
+    static func inflateRaw(input: UnsafeRawBufferPointer, output: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let inBase = input.baseAddress, let outBase = output.baseAddress else { return false }
+        var strm = z_stream()
+        guard inflateInit2_(&strm, -15, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return false }
+        defer { inflateEnd(&strm) }
+        strm.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: Bytef.self))
+        strm.avail_in = uInt(input.count)
+        strm.next_out = outBase.assumingMemoryBound(to: Bytef.self)
+        strm.avail_out = uInt(output.count)
+        let r = inflate(&strm, Z_FINISH)
+        return (r == Z_STREAM_END || r == Z_BUF_ERROR) && strm.avail_out == 0
+    }
+
+    /// One zstd frame; bytes after it (padding or the next cluster's frame) are ignored.
+    static func zstdFrame(input: UnsafeRawBufferPointer, output: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let inBase = input.baseAddress, let outBase = output.baseAddress else { return false }
+        guard let ctx = ZSTD_createDCtx() else { return false }
+        defer { ZSTD_freeDCtx(ctx) }
+        var inb = ZSTD_inBuffer(src: inBase, size: input.count, pos: 0)
+        var outb = ZSTD_outBuffer(dst: outBase, size: output.count, pos: 0)
+        while outb.pos < outb.size {
+            let before = (inb.pos, outb.pos)
+            let r = ZSTD_decompressStream(ctx, &outb, &inb)
+            if ZSTD_isError(r) != 0 { return false }
+            if r == 0 { break }  // frame complete
+            if before == (inb.pos, outb.pos) { return false }  // no progress: truncated input
+        }
+        return outb.pos == outb.size
+    }
+}

@@ -1,0 +1,87 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Image formats qimg reads.
+public enum ImageFormat: String, Sendable, CaseIterable {
+    case qcow2
+    case raw
+
+    public init(name: String, path: String) throws {
+        guard let f = ImageFormat(rawValue: name) else {
+            throw QCow2Error.unsupported(path: path, detail: "unknown or unsupported image format '\(name)' (qimg supports qcow2 and raw)")
+        }
+        self = f
+    }
+}
+
+/// Opens images and their backing chains.
+public struct ImageOpener: Sendable {
+    public var cacheBytes: Int = QCow2Image.defaultCacheBytes
+    /// Whether to open backing files (false: the top image alone, like qemu-img's -u cases).
+    public var openBacking = true
+    /// Chains deeper than this are refused (a guard against pathological chains).
+    public var maxChainDepth = 4096
+
+    public init() {}
+
+    /// The format of the file at `path`, by magic: qcow2, else raw.
+    public static func probe(_ file: BlockFile) throws -> ImageFormat {
+        let head = try file.read(count: 4, at: 0)
+        let size = try file.size()
+        return head == [0x51, 0x46, 0x49, 0xFB] && size >= 4 ? .qcow2 : .raw
+    }
+
+    /// Opens `path` (format given or probed) and, unless disabled, its backing chain.
+    public func open(_ path: String, format: ImageFormat? = nil) throws -> any DiskImage {
+        var seen: [FileIdentity: String] = [:]
+        return try open(path, format: format, depth: 0, seen: &seen)
+    }
+
+    private func open(_ path: String, format: ImageFormat?, depth: Int, seen: inout [FileIdentity: String]) throws -> any DiskImage {
+        let file = try BlockFile(path: path)
+        let id = try file.identity()
+        if let earlier = seen[id] {
+            throw QCow2Error.backing(path: path, detail: "backing chain loop: this file is already in the chain (as '\(earlier)')")
+        }
+        guard depth <= maxChainDepth else {
+            throw QCow2Error.backing(path: path, detail: "backing chain is deeper than \(maxChainDepth) images")
+        }
+        seen[id] = path
+        let fmt = try format ?? Self.probe(file)
+        switch fmt {
+        case .raw:
+            return try RawImage(path: path, file: file)
+        case .qcow2:
+            let img = try QCow2Image(path: path, file: file, cacheBytes: cacheBytes)
+            if openBacking, let name = img.backingFileName {
+                let full = Self.resolveBacking(name, relativeTo: path)
+                var bfmt: ImageFormat?
+                if let f = img.backingFormat {
+                    do { bfmt = try ImageFormat(name: f, path: path) } catch {
+                        throw QCow2Error.backing(path: path, detail: "backing file '\(name)' has unsupported format '\(f)'")
+                    }
+                }
+                do {
+                    img.backing = try open(full, format: bfmt, depth: depth + 1, seen: &seen)
+                } catch {
+                    if case QCow2Error.io(_, "open", let e)? = error as? QCow2Error {
+                        throw QCow2Error.backing(path: path, detail: "could not open backing file '\(full)': \(errnoDescription(e))")
+                    }
+                    throw error
+                }
+            }
+            return img
+        }
+    }
+
+    /// A backing file name as QEMU resolves it: absolute names as they are,
+    /// relative ones against the directory of the image that names them.
+    public static func resolveBacking(_ name: String, relativeTo overlay: String) -> String {
+        if name.hasPrefix("/") { return name }
+        guard let slash = overlay.lastIndex(of: "/") else { return name }
+        return String(overlay[...slash]) + name
+    }
+}

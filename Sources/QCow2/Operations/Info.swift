@@ -1,0 +1,76 @@
+/// What `info` reports about one image (qemu-img's ImageInfo).
+public struct ImageInfo: Sendable {
+    public struct Snapshot: Sendable {
+        public var id: String
+        public var name: String
+        public var vmStateSize: UInt64
+        public var dateSeconds: UInt32
+        public var dateNanoseconds: UInt32
+        public var vmClockNanoseconds: UInt64
+        public var icount: Int64?
+    }
+    public struct Bitmap: Sendable {
+        public var name: String
+        public var granularity: UInt64
+        /// qemu-img's flag names: "in-use", "auto".
+        public var flags: [String]
+    }
+    public struct QCow2Specific: Sendable {
+        public var compat: String
+        public var compressionType: String
+        public var lazyRefcounts: Bool?
+        public var bitmaps: [Bitmap]?
+        public var refcountBits: Int
+        public var corrupt: Bool?
+        public var extendedL2: Bool?
+    }
+
+    public var filename: String
+    public var format: String
+    public var virtualSize: UInt64
+    public var actualSize: UInt64?
+    public var clusterSize: Int?
+    public var dirtyFlag: Bool
+    public var backingFilename: String?
+    public var fullBackingFilename: String?
+    public var backingFilenameFormat: String?
+    public var snapshots: [Snapshot]
+    public var qcow2: QCow2Specific?
+
+    public init(_ image: any DiskImage) throws {
+        filename = image.path
+        format = image.formatName
+        virtualSize = image.virtualSize
+        actualSize = try? image.file.allocatedSize()
+        dirtyFlag = false
+        snapshots = []
+        guard let q = image as? QCow2Image else { return }
+        let h = q.header
+        clusterSize = q.geometry.clusterSize
+        dirtyFlag = h.isDirty
+        if let b = q.backingFileName {
+            backingFilename = b
+            fullBackingFilename = ImageOpener.resolveBacking(b, relativeTo: q.path)
+            backingFilenameFormat = q.backingFormat
+        }
+        snapshots = q.snapshots.map {
+            Snapshot(id: $0.id, name: $0.name, vmStateSize: $0.vmStateSize, dateSeconds: $0.dateSeconds,
+                     dateNanoseconds: $0.dateNanoseconds, vmClockNanoseconds: $0.vmClockNanoseconds,
+                     icount: $0.icount)
+        }
+        if h.version == 2 {
+            qcow2 = QCow2Specific(compat: "0.10", compressionType: q.compressionType.name, refcountBits: q.geometry.refcountBits)
+        } else {
+            let bitmaps = q.bitmaps.map { e -> Bitmap in
+                var flags: [String] = []
+                if e.inUse { flags.append("in-use") }
+                if e.isAuto { flags.append("auto") }
+                return Bitmap(name: e.name, granularity: e.granularity, flags: flags)
+            }
+            qcow2 = QCow2Specific(compat: "1.1", compressionType: q.compressionType.name,
+                                  lazyRefcounts: h.hasLazyRefcounts, bitmaps: bitmaps.isEmpty ? nil : bitmaps,
+                                  refcountBits: q.geometry.refcountBits, corrupt: h.isCorrupt,
+                                  extendedL2: h.hasExtendedL2)
+        }
+    }
+}

@@ -1,0 +1,147 @@
+import ArgumentParser
+import QCow2
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show information about an image (qemu-img info).")
+
+    @OptionGroup var format: FormatOption
+    @OptionGroup var share: ShareOption
+    @Option(help: "Output format: human or json.") var output: OutputFormat = .human
+    @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.") var backingChain = false
+    @Argument(help: "The image file.") var file: String
+
+    func run() throws {
+        var infos: [ImageInfo] = []
+        let top = try openImage(file, format: format, backing: backingChain)
+        var layer: (any DiskImage)? = top
+        while let l = layer {
+            infos.append(try ImageInfo(l))
+            layer = backingChain ? l.backing : nil
+        }
+        switch output {
+        case .json:
+            if backingChain {
+                Output.out(QemuJSON.render(.array(infos.map(InfoFormatter.json))) + "\n")
+            } else {
+                Output.out(QemuJSON.render(InfoFormatter.json(infos[0])) + "\n")
+            }
+        case .human:
+            Output.out(infos.map(InfoFormatter.human).joined(separator: "\n"))
+        }
+    }
+}
+
+enum InfoFormatter {
+    static func json(_ i: ImageInfo) -> JSONValue {
+        var p: [(String, JSONValue)] = [
+            ("filename", .string(i.filename)),
+            ("format", .string(i.format)),
+            ("dirty-flag", .bool(i.dirtyFlag)),
+        ]
+        if let a = i.actualSize { p.append(("actual-size", .uint(a))) }
+        p.append(("virtual-size", .uint(i.virtualSize)))
+        if let c = i.clusterSize { p.append(("cluster-size", .int(Int64(c)))) }
+        if let b = i.backingFilename { p.append(("backing-filename", .string(b))) }
+        if let b = i.fullBackingFilename { p.append(("full-backing-filename", .string(b))) }
+        if let b = i.backingFilenameFormat { p.append(("backing-filename-format", .string(b))) }
+        if !i.snapshots.isEmpty {
+            p.append(("snapshots", .array(i.snapshots.map { s in
+                var o: [(String, JSONValue)] = [
+                    ("id", .string(s.id)), ("name", .string(s.name)), ("vm-state-size", .uint(s.vmStateSize)),
+                    ("date-sec", .int(Int64(s.dateSeconds))), ("date-nsec", .int(Int64(s.dateNanoseconds))),
+                    ("vm-clock-sec", .int(Int64(s.vmClockNanoseconds / 1_000_000_000))),
+                    ("vm-clock-nsec", .int(Int64(s.vmClockNanoseconds % 1_000_000_000))),
+                ]
+                if let ic = s.icount, ic != -1 { o.append(("icount", .int(ic))) }
+                return .object(o)
+            })))
+        }
+        if let q = i.qcow2 {
+            p.append(("format-specific", .object([("type", .string("qcow2")), ("data", specific(q))])))
+        }
+        return .object(p)
+    }
+
+    static func specific(_ q: ImageInfo.QCow2Specific) -> JSONValue {
+        var d: [(String, JSONValue)] = [("compat", .string(q.compat))]
+        if let x = q.extendedL2 { d.append(("extended-l2", .bool(x))) }
+        if let l = q.lazyRefcounts { d.append(("lazy-refcounts", .bool(l))) }
+        if let c = q.corrupt { d.append(("corrupt", .bool(c))) }
+        d.append(("refcount-bits", .int(Int64(q.refcountBits))))
+        if let bms = q.bitmaps {
+            d.append(("bitmaps", .array(bms.map { b in
+                .object([("name", .string(b.name)), ("granularity", .uint(b.granularity)),
+                         ("flags", .array(b.flags.map { .string($0) }))])
+            })))
+        }
+        d.append(("compression-type", .string(q.compressionType)))
+        return .object(d)
+    }
+
+    static func human(_ i: ImageInfo) -> String {
+        var s = "image: \(i.filename)\n"
+        s += "file format: \(i.format)\n"
+        s += "virtual size: \(Human.size(i.virtualSize)) (\(i.virtualSize) bytes)\n"
+        s += "disk size: " + (i.actualSize.map(Human.size) ?? "unavailable") + "\n"
+        if let c = i.clusterSize { s += "cluster_size: \(c)\n" }
+        if i.dirtyFlag { s += "cleanly shut down: no\n" }
+        if let b = i.backingFilename {
+            s += "backing file: \(b)"
+            if let f = i.fullBackingFilename, f != b { s += " (actual path: \(f))" }
+            s += "\n"
+        }
+        if let f = i.backingFilenameFormat { s += "backing file format: \(f)\n" }
+        if !i.snapshots.isEmpty {
+            s += "Snapshot list:\n"
+            s += Human.pad("ID", 10) + Human.pad("TAG", 17) + Human.pad("VM SIZE", 8, left: false)
+                + Human.pad("DATE", 20, left: false) + Human.pad("VM CLOCK", 13, left: false)
+                + Human.pad("ICOUNT", 11, left: false) + "\n"
+            for sn in i.snapshots {
+                let secs = sn.vmClockNanoseconds / 1_000_000_000
+                let clock = twoDigits(secs / 3600) + ":" + twoDigits((secs / 60) % 60) + ":" + twoDigits(secs % 60)
+                    + "." + threeDigits((sn.vmClockNanoseconds / 1_000_000) % 1000)
+                let icount = sn.icount.flatMap { $0 == -1 ? nil : String($0) } ?? ""
+                s += Human.pad(sn.id, 9) + " " + Human.pad(sn.name, 16) + " "
+                    + Human.pad(Human.size(sn.vmStateSize), 8, left: false)
+                    + Human.pad(Human.date(sn.dateSeconds), 20, left: false)
+                    + Human.pad(clock, 13, left: false) + Human.pad(icount, 11, left: false) + "\n"
+            }
+        }
+        if let q = i.qcow2 {
+            s += "Format specific information:\n"
+            dumpHuman(specific(q), indent: 1, into: &s)
+        }
+        return s
+    }
+
+    static func twoDigits(_ v: UInt64) -> String { v < 10 ? "0\(v)" : "\(v)" }
+    static func threeDigits(_ v: UInt64) -> String { v < 10 ? "00\(v)" : v < 100 ? "0\(v)" : "\(v)" }
+
+    /// qemu-img's dump of a QObject tree: "key: value", nested levels indented by 4.
+    static func dumpHuman(_ v: JSONValue, indent: Int, into s: inout String) {
+        let pad = String(repeating: " ", count: indent * 4)
+        func line(_ label: String, _ value: JSONValue) {
+            switch value {
+            case .object, .array:
+                s += pad + label + ":\n"
+                dumpHuman(value, indent: indent + 1, into: &s)
+            case .string(let t): s += pad + label + ": " + t + "\n"
+            case .int(let n): s += pad + label + ": \(n)\n"
+            case .uint(let n): s += pad + label + ": \(n)\n"
+            case .bool(let b): s += pad + label + ": " + (b ? "true" : "false") + "\n"
+            }
+        }
+        switch v {
+        case .object(let pairs):
+            for (k, val) in QemuJSON.ordered(pairs) { line(k.replacingDashes(), val) }
+        case .array(let items):
+            for (n, item) in items.enumerated() { line("[\(n)]", item) }
+        default:
+            line("", v)
+        }
+    }
+}
+
+extension String {
+    func replacingDashes() -> String { String(map { $0 == "-" ? " " : $0 }) }
+}

@@ -1,0 +1,48 @@
+import ArgumentParser
+import QCow2
+
+struct Map: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the allocation map of an image (qemu-img map).")
+
+    @OptionGroup var format: FormatOption
+    @OptionGroup var share: ShareOption
+    @Option(help: "Output format: human or json.") var output: OutputFormat = .human
+    @Option(name: .customLong("start-offset"), help: "First guest byte to map.") var startOffset: SizeArgument?
+    @Option(name: .customLong("max-length"), help: "Number of guest bytes to map.") var maxLength: SizeArgument?
+    @Argument(help: "The image file.") var file: String
+
+    func run() throws {
+        let image = try openImage(file, format: format)
+        var first = true
+        var text = ""
+        if output == .human {
+            text = "Offset          Length          Mapped to       File\n"
+        }
+        try MapOperation.run(image, start: startOffset?.value ?? 0, maxLength: maxLength?.value) { e in
+            switch output {
+            case .json:
+                text += first ? "[" : ",\n"
+                text += "{ \"start\": \(e.start), \"length\": \(e.length), \"depth\": \(e.depth),"
+                text += " \"present\": \(e.present), \"zero\": \(e.zero), \"data\": \(e.data)"
+                if let o = e.offset { text += ", \"offset\": \(o)" }
+                text += "}"
+            case .human:
+                if e.data && e.offset == nil {
+                    Output.out(text)
+                    text = ""
+                    throw CommandFailure(message: "\(file): File contains external, encrypted or compressed clusters.")
+                }
+                if e.data && !e.zero, let o = e.offset {
+                    text += Human.hexColumn(e.start) + Human.hexColumn(e.length) + Human.hexColumn(o) + (e.filename ?? "") + "\n"
+                }
+            }
+            first = false
+            if text.utf8.count > 1 << 16 {
+                Output.out(text)
+                text = ""
+            }
+        }
+        if output == .json { text += first ? "[]\n" : "]\n" }
+        Output.out(text)
+    }
+}

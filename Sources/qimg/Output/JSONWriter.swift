@@ -1,0 +1,99 @@
+/// A JSON value printed the way QEMU prints its QObjects: objects list their
+/// keys in QDict hash-table order (not insertion order), 4-space indentation.
+indirect enum JSONValue {
+    case object([(String, JSONValue)])
+    case array([JSONValue])
+    case string(String)
+    case int(Int64)
+    case uint(UInt64)
+    case bool(Bool)
+}
+
+enum QemuJSON {
+    /// QDict's bucket for a key: QEMU hashes keys into 512 buckets and iterates
+    /// buckets in order, newest entry first within a bucket.
+    static func bucket(_ key: String) -> UInt32 {
+        let bytes = Array(key.utf8)
+        var v: UInt32 = 0x238F_13AF &* UInt32(truncatingIfNeeded: bytes.count)
+        for (i, c) in bytes.enumerated() {
+            v = v &+ (UInt32(c) << UInt32(i * 5 % 24))
+        }
+        return (1_103_515_243 &* v &+ 12345) % 512
+    }
+
+    /// Keys of an object in the order QEMU prints them.
+    static func ordered(_ pairs: [(String, JSONValue)]) -> [(String, JSONValue)] {
+        let indexed = pairs.enumerated().map { (bucket: bucket($0.element.0), index: $0.offset, pair: $0.element) }
+        return indexed.sorted { a, b in
+            a.bucket != b.bucket ? a.bucket < b.bucket : a.index > b.index
+        }.map(\.pair)
+    }
+
+    static func render(_ v: JSONValue) -> String {
+        var out = ""
+        write(v, indent: 0, into: &out)
+        return out
+    }
+
+    static func write(_ v: JSONValue, indent: Int, into out: inout String) {
+        let pad = String(repeating: " ", count: (indent + 1) * 4)
+        let closePad = String(repeating: " ", count: indent * 4)
+        switch v {
+        case .object(let pairs):
+            if pairs.isEmpty { out += "{\n" + closePad + "}"; return }
+            out += "{\n"
+            for (i, (k, val)) in ordered(pairs).enumerated() {
+                out += pad + quote(k) + ": "
+                write(val, indent: indent + 1, into: &out)
+                out += i == pairs.count - 1 ? "\n" : ",\n"
+            }
+            out += closePad + "}"
+        case .array(let items):
+            if items.isEmpty { out += "[\n" + closePad + "]"; return }
+            out += "[\n"
+            for (i, item) in items.enumerated() {
+                out += pad
+                write(item, indent: indent + 1, into: &out)
+                out += i == items.count - 1 ? "\n" : ",\n"
+            }
+            out += closePad + "]"
+        case .string(let s): out += quote(s)
+        case .int(let n): out += String(n)
+        case .uint(let n): out += String(n)
+        case .bool(let b): out += b ? "true" : "false"
+        }
+    }
+
+    /// QEMU's string quoting: control and non-ASCII characters as \uXXXX.
+    static func quote(_ s: String) -> String {
+        var out = "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\u{08}": out += "\\b"
+            case "\u{0C}": out += "\\f"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            default:
+                if u.value < 0x20 || u.value >= 0x7F {
+                    if u.value > 0xFFFF {
+                        let v = u.value - 0x10000
+                        out += hex4(0xD800 | (v >> 10)) + hex4(0xDC00 | (v & 0x3FF))
+                    } else {
+                        out += hex4(u.value)
+                    }
+                } else {
+                    out.unicodeScalars.append(u)
+                }
+            }
+        }
+        return out + "\""
+    }
+
+    static func hex4(_ v: UInt32) -> String {
+        let h = String(v, radix: 16)
+        return "\\u" + String(repeating: "0", count: max(0, 4 - h.count)) + h
+    }
+}

@@ -1,0 +1,66 @@
+import ArgumentParser
+import QCow2
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct Qimg: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "qimg",
+        abstract: "Inspect and maintain qcow2 disk images (qemu-img compatible).",
+        subcommands: [Info.self, Map.self, Check.self, IO.self])
+
+    static func main() {
+        do {
+            var command = try parseAsRoot()
+            try command.run()
+        } catch let e as QCow2Error {
+            fail(e.description, code: 1)
+        } catch let e as CommandFailure {
+            fail(e.message, code: e.exitCode)
+        } catch let e as ExitCode {
+            Glibc.exit(e.rawValue)
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success {
+                // --help and similar: the full text on stdout.
+                print(fullMessage(for: error))
+                Glibc.exit(0)
+            }
+            let msg = message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments"
+            fail(msg.hasPrefix("Error: ") ? String(msg.dropFirst(7)) : msg, code: 1)
+        }
+    }
+
+    static func fail(_ message: String, code: Int32) -> Never {
+        Output.error("qimg: " + message)
+        Glibc.exit(code)
+    }
+}
+
+/// A command-level failure with its own exit code (e.g. check's 63).
+struct CommandFailure: Error {
+    var message: String
+    var exitCode: Int32 = 1
+}
+
+enum Output {
+    static func out(_ s: String) {
+        var s = s
+        s.withUTF8 { b in writeAll(1, b) }
+    }
+    static func error(_ s: String) {
+        let line = s + "\n"
+        var l = line
+        l.withUTF8 { b in writeAll(2, b) }
+    }
+    private static func writeAll(_ fd: Int32, _ b: UnsafeBufferPointer<UInt8>) {
+        var done = 0
+        while done < b.count {
+            let n = write(fd, b.baseAddress! + done, b.count - done)
+            if n < 0 { if errno == EINTR { continue }; return }
+            done += n
+        }
+    }
+}
