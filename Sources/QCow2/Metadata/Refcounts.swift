@@ -25,7 +25,7 @@ final class RefcountReader {
         guard ti < UInt64(table.count) else { return 0 }
         let blockOffset = table[Int(ti)] & Self.offsetMask
         if blockOffset == 0 { return 0 }
-        guard g.isAligned(blockOffset), blockOffset < image.fileSize else {
+        guard g.isAligned(blockOffset), blockOffset < Geometry.maxHostOffset else {
             throw QCow2Error.malformed(path: image.path, field: "refcount table entry \(ti)",
                                        detail: "refcount block offset 0x\(hex(blockOffset)) is invalid")
         }

@@ -6,10 +6,62 @@ struct Check: ParsableCommand {
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
     @Option(help: "Output format: human or json.") var output: OutputFormat = .human
-    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Flag(name: .customShort("q"), help: "Quiet: print nothing on standard output.") var quiet = false
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
-        throw CommandFailure(message: "not yet")
+        let image = try openImage(file, format: format)
+        guard let q = image as? QCow2Image else {
+            throw CommandFailure(message: "\(file): This image format does not support checks", exitCode: 63)
+        }
+        let r = try CheckOperation.run(q) { Output.error($0) }
+        if !quiet {
+            Output.out(output == .json ? CheckFormatter.json(r, file: file) : CheckFormatter.human(r))
+        }
+        throw ExitCode(r.exitCode)
+    }
+}
+
+enum CheckFormatter {
+    static func json(_ r: CheckResult, file: String) -> String {
+        var p: [(String, JSONValue)] = [("filename", .string(file)), ("format", .string("qcow2")),
+                                        ("check-errors", .int(Int64(r.checkErrors)))]
+        func opt(_ k: String, _ v: UInt64) { if v != 0 { p.append((k, .uint(v))) } }
+        opt("image-end-offset", r.imageEndOffset)
+        opt("corruptions", UInt64(r.corruptions))
+        opt("leaks", UInt64(r.leaks))
+        opt("corruptions-fixed", UInt64(r.corruptionsFixed))
+        opt("leaks-fixed", UInt64(r.leaksFixed))
+        opt("total-clusters", r.totalClusters)
+        opt("allocated-clusters", r.allocatedClusters)
+        opt("fragmented-clusters", r.fragmentedClusters)
+        opt("compressed-clusters", r.compressedClusters)
+        return QemuJSON.render(.object(p)) + "\n"
+    }
+
+    static func human(_ r: CheckResult) -> String {
+        var s = ""
+        if r.corruptions == 0 && r.leaks == 0 && r.checkErrors == 0 {
+            s += "No errors were found on the image.\n"
+        } else {
+            if r.corruptions > 0 {
+                s += "\n\(r.corruptions) errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n"
+            }
+            if r.leaks > 0 {
+                s += "\n\(r.leaks) leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n"
+            }
+            if r.checkErrors > 0 {
+                s += "\n\(r.checkErrors) internal errors have occurred during the check.\n"
+            }
+        }
+        if r.totalClusters != 0 && r.allocatedClusters != 0 {
+            let a = Double(r.allocatedClusters)
+            s += "\(r.allocatedClusters)/\(r.totalClusters) = "
+                + Human.format("%0.2f", a / Double(r.totalClusters) * 100) + "% allocated, "
+                + Human.format("%0.2f", Double(r.fragmentedClusters) / a * 100) + "% fragmented, "
+                + Human.format("%0.2f", Double(r.compressedClusters) / a * 100) + "% compressed clusters\n"
+        }
+        if r.imageEndOffset != 0 { s += "Image end offset: \(r.imageEndOffset)\n" }
+        return s
     }
 }
