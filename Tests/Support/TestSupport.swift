@@ -1,0 +1,436 @@
+// Shared by both test targets: Tests/QCow2Tests/TestSupport.swift and
+// Tests/qimgTests/TestSupport.swift are symbolic links to this file (the
+// package declares no shared test target). Keep it free of target-specific code.
+//
+// What it provides:
+//  * Env       - CI detection and the QEMU tools on PATH;
+//  * Runner    - runs a process with a timeout, capturing stdout/stderr;
+//  * Fixtures  - generates the fixture images ONCE per test process (even
+//                across the two test modules, which share one process) and
+//                parses manifest.tsv, corrupt.tsv and malformed.tsv;
+//  * helpers to compare outputs and to report the first differing line.
+
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// MARK: - Paths and environment
+
+enum Paths {
+    /// The package root: this file is Tests/<target>/TestSupport.swift.
+    static let packageRoot: String = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent()
+        .deletingLastPathComponent()
+        .deletingLastPathComponent()
+        .path
+    static let fixtureScripts = packageRoot + "/Fixtures"
+    /// Per-process work area (fixtures, captured output, converted images).
+    static let work: String = {
+        let tmp = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+        return tmp + "/qimg-tests-\(getpid())"
+    }()
+    static let capture = work + "/capture"
+    static let scratch = work + "/scratch"
+}
+
+enum Env {
+    static let isCI = ProcessInfo.processInfo.environment["CI"] == "true"
+
+    static func which(_ name: String) -> String? {
+        let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
+        for dir in path.split(separator: ":") where !dir.isEmpty {
+            let candidate = "\(dir)/\(name)"
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+        }
+        return nil
+    }
+
+    static let qemuImg = which("qemu-img")
+    static let qemuIO = which("qemu-io")
+    static let python3 = which("python3")
+    static let qemuAvailable = qemuImg != nil && qemuIO != nil
+
+    static let missingQEMUMessage =
+        "qemu-img/qemu-io not found on PATH (install qemu-utils, e.g. `make deps`)"
+}
+
+extension Trait where Self == ConditionTrait {
+    /// Skips the test, visibly, when QEMU's tools are missing, unless CI=true:
+    /// then the test runs and fails (fixture arguments throw, or
+    /// `Fixtures.get()` throws).
+    static var requiresQEMU: Self {
+        .enabled(if: Env.qemuAvailable || Env.isCI,
+                 "SKIPPED: qemu-img/qemu-io not found on PATH; install qemu-utils (make deps). With CI=true this is a failure.")
+    }
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+// MARK: - Running processes
+
+struct RunResult: Sendable {
+    /// Exit status, or the signal number when `signaled`.
+    var status: Int32
+    var signaled: Bool
+    var timedOut: Bool
+    var stdout: Data
+    var stderr: Data
+    var command: String
+
+    var out: String { String(decoding: stdout, as: UTF8.self) }
+    var err: String { String(decoding: stderr, as: UTF8.self) }
+    var exitedNormally: Bool { !signaled && !timedOut }
+
+    /// stderr split into lines (a final newline does not start a new line).
+    var stderrLines: [String] {
+        var lines = err.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+        if lines.last == "" { lines.removeLast() }
+        return lines
+    }
+
+    var summary: String {
+        let how = timedOut ? "timed out" : signaled ? "killed by signal \(status)" : "exit \(status)"
+        return "`\(command)` -> \(how)"
+    }
+}
+
+enum Runner {
+    static let environment: [String: String] = {
+        var env = ProcessInfo.processInfo.environment
+        env["TZ"] = "UTC"
+        env["LC_ALL"] = "C"
+        return env
+    }()
+
+    private static let prepared: Bool = {
+        try? FileManager.default.createDirectory(atPath: Paths.capture, withIntermediateDirectories: true)
+        try? FileManager.default.createDirectory(atPath: Paths.scratch, withIntermediateDirectories: true)
+        WorkArea.registerCleanup()
+        return true
+    }()
+
+    /// Runs `executable args` in `cwd`; stdout and stderr go to temporary
+    /// files (no pipe deadlocks). After `timeout` seconds the process is
+    /// killed with SIGKILL and the result says `timedOut`.
+    static func run(_ executable: String, _ args: [String], cwd: String? = nil,
+                    timeout: Double = 120) throws -> RunResult {
+        _ = prepared
+        let fm = FileManager.default
+        let id = UUID().uuidString
+        let outPath = "\(Paths.capture)/\(id).out"
+        let errPath = "\(Paths.capture)/\(id).err"
+        guard fm.createFile(atPath: outPath, contents: nil), fm.createFile(atPath: errPath, contents: nil) else {
+            throw TestFailure("cannot create capture files in \(Paths.capture)")
+        }
+        defer {
+            try? fm.removeItem(atPath: outPath)
+            try? fm.removeItem(atPath: errPath)
+        }
+        let outHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: outPath))
+        let errHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
+
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = args
+        if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        p.environment = environment
+        p.standardInput = FileHandle.nullDevice
+        p.standardOutput = outHandle
+        p.standardError = errHandle
+        let done = DispatchSemaphore(value: 0)
+        p.terminationHandler = { _ in done.signal() }
+        let command = ([URL(fileURLWithPath: executable).lastPathComponent] + args)
+            .map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " ")
+        do {
+            try p.run()
+        } catch {
+            try? outHandle.close()
+            try? errHandle.close()
+            throw TestFailure("cannot start \(command): \(error)")
+        }
+        try? outHandle.close()
+        try? errHandle.close()
+
+        var timedOut = false
+        if done.wait(timeout: .now() + timeout) == .timedOut {
+            timedOut = true
+            kill(p.processIdentifier, SIGKILL)
+            done.wait()
+        }
+        let signaled = p.terminationReason == .uncaughtSignal
+        return RunResult(
+            status: p.terminationStatus,
+            signaled: signaled,
+            timedOut: timedOut,
+            stdout: (try? Data(contentsOf: URL(fileURLWithPath: outPath))) ?? Data(),
+            stderr: (try? Data(contentsOf: URL(fileURLWithPath: errPath))) ?? Data(),
+            command: command)
+    }
+
+    /// Runs qemu-img (which must exist).
+    static func qemuImg(_ args: [String], cwd: String? = nil, timeout: Double = 120) throws -> RunResult {
+        guard let exe = Env.qemuImg else { throw TestFailure(Env.missingQEMUMessage) }
+        return try run(exe, args, cwd: cwd, timeout: timeout)
+    }
+
+    /// Runs qemu-io (which must exist).
+    static func qemuIO(_ args: [String], cwd: String? = nil, timeout: Double = 120) throws -> RunResult {
+        guard let exe = Env.qemuIO else { throw TestFailure(Env.missingQEMUMessage) }
+        return try run(exe, args, cwd: cwd, timeout: timeout)
+    }
+}
+
+/// Removes this process's work area at exit, and work areas left behind by
+/// test processes that no longer exist. QIMG_KEEP_FIXTURES=1 keeps them.
+enum WorkArea {
+    static func registerCleanup() {
+        removeStale()
+        if ProcessInfo.processInfo.environment["QIMG_KEEP_FIXTURES"] == "1" { return }
+        atexit {
+            let tmp = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+            try? FileManager.default.removeItem(atPath: tmp + "/qimg-tests-\(getpid())")
+        }
+    }
+
+    private static func removeStale() {
+        let parent = (Paths.work as NSString).deletingLastPathComponent
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: parent) else { return }
+        for name in names where name.hasPrefix("qimg-tests-") {
+            guard let pid = Int32(name.dropFirst("qimg-tests-".count)), pid != getpid() else { continue }
+            if kill(pid, 0) != 0 && errno == ESRCH {
+                try? FileManager.default.removeItem(atPath: parent + "/" + name)
+            }
+        }
+    }
+}
+
+// MARK: - Fixtures
+
+struct ManifestEntry: Sendable, Hashable, CustomTestStringConvertible {
+    var name: String
+    var format: String
+    var testDescription: String { "\(name) [\(format)]" }
+}
+
+struct CorruptEntry: Sendable, Hashable, CustomTestStringConvertible {
+    var name: String
+    var qemuCheckExit: Int32
+    var testDescription: String { name }
+}
+
+struct MalformedEntry: Sendable, Hashable, CustomTestStringConvertible {
+    var name: String
+    /// "qcow2" (force the format) or "auto" (probe).
+    var formatOption: String
+    /// Exit code of `timeout 5 qemu-img info [-f qcow2] NAME`.
+    var qemuInfoExit: Int32
+    var description: String
+    var testDescription: String { name }
+
+    /// `-f qcow2` when the format is forced.
+    var formatArgs: [String] { formatOption == "qcow2" ? ["-f", "qcow2"] : [] }
+
+    /// The exit code of `qemu-img info --backing-chain` given in the
+    /// description ("... info --backing-chain exits N"), if any.
+    var backingChainExit: Int32? {
+        guard let r = description.range(of: "--backing-chain exits ") else { return nil }
+        return Int32(description[r.upperBound...].prefix(while: { $0.isNumber }))
+    }
+}
+
+struct FixtureSet: Sendable {
+    var validDir: String
+    var corruptDir: String
+    var malformedDir: String
+    var manifest: [ManifestEntry]
+    var corrupt: [CorruptEntry]
+    var malformed: [MalformedEntry]
+}
+
+enum Fixtures {
+    /// Generated at first use; every later caller (in either test module)
+    /// gets the same directories.
+    private static let shared: Result<FixtureSet, TestFailure> = generateOncePerProcess()
+
+    /// The fixture set; throws when QEMU is missing or generation failed.
+    static func get() throws -> FixtureSet {
+        guard Env.qemuAvailable else {
+            throw TestFailure(Env.missingQEMUMessage + (Env.isCI ? " and CI=true: failing" : ""))
+        }
+        return try shared.get()
+    }
+
+    // Argument lists for parameterized tests. Without QEMU and outside CI
+    // they are empty (the tests are skipped by `.requiresQEMU`); with CI=true
+    // they throw, which fails the test.
+    static func manifestArguments() throws -> [ManifestEntry] {
+        guard Env.qemuAvailable || Env.isCI else { return [] }
+        return try get().manifest
+    }
+    static func qcow2ManifestArguments() throws -> [ManifestEntry] {
+        try manifestArguments().filter { $0.format == "qcow2" }
+    }
+    static func corruptArguments() throws -> [CorruptEntry] {
+        guard Env.qemuAvailable || Env.isCI else { return [] }
+        return try get().corrupt
+    }
+    static func malformedArguments() throws -> [MalformedEntry] {
+        guard Env.qemuAvailable || Env.isCI else { return [] }
+        return try get().malformed
+    }
+
+    /// Both test modules run in one process, each with its own copy of this
+    /// code: a lock file in the per-process work area makes the second one
+    /// wait for, and then reuse, what the first generated.
+    private static func generateOncePerProcess() -> Result<FixtureSet, TestFailure> {
+        let root = Paths.work + "/fixtures"
+        do {
+            try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
+        } catch {
+            return .failure(TestFailure("cannot create \(root): \(error)"))
+        }
+        let lock = open(root + "/.lock", O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+        guard lock >= 0 else { return .failure(TestFailure("cannot open \(root)/.lock")) }
+        defer { close(lock) }
+        while flock(lock, LOCK_EX) != 0 && errno == EINTR {}
+        defer { flock(lock, LOCK_UN) }
+
+        let set = FixtureSet(validDir: root + "/valid", corruptDir: root + "/corrupt",
+                             malformedDir: root + "/malformed", manifest: [], corrupt: [], malformed: [])
+        let doneMarker = root + "/.complete"
+        let failedMarker = root + "/.failed"
+        if let msg = try? String(contentsOfFile: failedMarker, encoding: .utf8) {
+            return .failure(TestFailure(msg))
+        }
+        if !FileManager.default.fileExists(atPath: doneMarker) {
+            if let error = runGenerators(set) {
+                try? error.description.write(toFile: failedMarker, atomically: true, encoding: .utf8)
+                return .failure(error)
+            }
+            _ = FileManager.default.createFile(atPath: doneMarker, contents: nil)
+        }
+        return Result { try load(set) }.mapError { $0 as? TestFailure ?? TestFailure("\($0)") }
+    }
+
+    private static func runGenerators(_ set: FixtureSet) -> TestFailure? {
+        guard let python3 = Env.python3 else { return TestFailure("python3 not found on PATH (needed by Fixtures/*.py)") }
+        let jobs: [(String, [String])] = [
+            ("/bin/bash", [Paths.fixtureScripts + "/generate.sh", set.validDir]),
+            (python3, [Paths.fixtureScripts + "/corrupt.py", set.corruptDir]),
+            (python3, [Paths.fixtureScripts + "/malformed.py", set.malformedDir]),
+        ]
+        for (exe, args) in jobs {
+            do {
+                let r = try Runner.run(exe, args, cwd: Paths.packageRoot, timeout: 300)
+                guard r.exitedNormally, r.status == 0 else {
+                    let tail = r.stderrLines.suffix(5).joined(separator: "\n    ")
+                    return TestFailure("fixture generation failed: \(r.summary)\n    \(tail)")
+                }
+            } catch {
+                return TestFailure("fixture generation failed: \(error)")
+            }
+        }
+        return nil
+    }
+
+    private static func readTSV(_ path: String, columns: Int) throws -> [[String]] {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw TestFailure("cannot read \(path)")
+        }
+        return try text.split(separator: "\n").map { line in
+            let cols = line.split(separator: "\t", omittingEmptySubsequences: false).map(String.init)
+            guard cols.count >= columns else { throw TestFailure("\(path): bad line '\(line)'") }
+            return cols
+        }
+    }
+
+    private static func load(_ base: FixtureSet) throws -> FixtureSet {
+        var set = base
+        set.manifest = try readTSV(set.validDir + "/manifest.tsv", columns: 2).map {
+            ManifestEntry(name: $0[0], format: $0[1])
+        }
+        set.corrupt = try readTSV(set.corruptDir + "/corrupt.tsv", columns: 2).map {
+            guard let code = Int32($0[1]) else { throw TestFailure("corrupt.tsv: bad exit code in \($0)") }
+            return CorruptEntry(name: $0[0], qemuCheckExit: code)
+        }
+        set.malformed = try readTSV(set.malformedDir + "/malformed.tsv", columns: 4).map {
+            guard let code = Int32($0[2]) else { throw TestFailure("malformed.tsv: bad exit code in \($0)") }
+            return MalformedEntry(name: $0[0], formatOption: $0[1], qemuInfoExit: code,
+                                  description: $0[3...].joined(separator: "\t"))
+        }
+        return set
+    }
+}
+
+// MARK: - Comparing outputs
+
+enum Diff {
+    /// nil when equal, else where the texts first differ (1-based line, both lines).
+    static func firstDifference(_ expected: String, _ actual: String) -> String? {
+        if expected == actual { return nil }
+        let e = expected.split(separator: "\n", omittingEmptySubsequences: false)
+        let a = actual.split(separator: "\n", omittingEmptySubsequences: false)
+        for i in 0..<max(e.count, a.count) {
+            let el = i < e.count ? String(e[i]) : "<end of output>"
+            let al = i < a.count ? String(a[i]) : "<end of output>"
+            if el != al {
+                return "line \(i + 1):\n    qemu-img: \(clip(el))\n    qimg:     \(clip(al))"
+            }
+        }
+        return "outputs differ only in line endings"
+    }
+
+    private static func clip(_ s: String) -> String {
+        s.count > 300 ? String(s.prefix(300)) + "…" : s
+    }
+}
+
+/// Records an issue unless the two stdouts are equal, naming the first differing line.
+func expectSameStdout(_ label: String, qemu: RunResult, qimg: RunResult,
+                      sourceLocation: SourceLocation = #_sourceLocation) {
+    if let d = Diff.firstDifference(qemu.out, qimg.out) {
+        Issue.record("\(label): stdout differs at \(d)", sourceLocation: sourceLocation)
+    }
+}
+
+/// Records an issue unless qimg exited normally with qemu-img's exit code.
+func expectSameExit(_ label: String, qemu: RunResult, qimg: RunResult,
+                    sourceLocation: SourceLocation = #_sourceLocation) {
+    if !qimg.exitedNormally || qimg.status != qemu.status {
+        let stderrLine = qimg.stderrLines.first.map { " (stderr: \($0))" } ?? ""
+        Issue.record("\(label): \(qimg.summary), qemu-img exit \(qemu.status)\(stderrLine)",
+                     sourceLocation: sourceLocation)
+    }
+}
+
+/// Records an issue unless `r` failed with exit 1...127 and exactly one
+/// stderr line starting with "qimg: ".
+func expectCleanFailure(_ label: String, _ r: RunResult, exitCode: Int32? = nil,
+                        sourceLocation: SourceLocation = #_sourceLocation) {
+    guard r.exitedNormally else {
+        Issue.record("\(label): \(r.summary)", sourceLocation: sourceLocation)
+        return
+    }
+    if let exitCode, r.status != exitCode {
+        Issue.record("\(label): \(r.summary), expected exit \(exitCode)", sourceLocation: sourceLocation)
+    } else if !(1...127).contains(r.status) {
+        Issue.record("\(label): \(r.summary), expected exit 1...127", sourceLocation: sourceLocation)
+    }
+    expectOneErrorLine(label, r, sourceLocation: sourceLocation)
+}
+
+/// Records an issue unless stderr is exactly one line starting with "qimg: ".
+func expectOneErrorLine(_ label: String, _ r: RunResult,
+                        sourceLocation: SourceLocation = #_sourceLocation) {
+    let lines = r.stderrLines
+    if lines.count != 1 || !lines[0].hasPrefix("qimg: ") {
+        let shown = lines.prefix(3).map { "    \($0)" }.joined(separator: "\n")
+        Issue.record("\(label): expected exactly one stderr line starting with 'qimg: ', got \(lines.count):\n\(shown)",
+                     sourceLocation: sourceLocation)
+    }
+}

@@ -1,0 +1,86 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Every file of malformed.tsv through five qimg commands. Each must end on
+/// its own (no signal) within 5 s and leave the file's bytes and mtime
+/// alone. Where qemu-img rejects the file (QEMU_INFO_EXIT != 0), and for the
+/// backing loop/self/missing cases with --backing-chain or map, qimg must
+/// fail with exit 1...127 and exactly one stderr line `qimg: ...`. Elsewhere
+/// qimg may accept or reject, but a failure must still be that one line.
+
+enum MalformedCommand: String, CaseIterable, Sendable {
+    case info, infoBackingChain, mapJSON, check, ioRead
+
+    func args(_ e: MalformedEntry) -> [String] {
+        switch self {
+        case .info: return ["info"] + e.formatArgs + [e.name]
+        case .infoBackingChain: return ["info"] + e.formatArgs + ["--backing-chain", e.name]
+        case .mapJSON: return ["map"] + e.formatArgs + ["--output=json", e.name]
+        case .check: return ["check"] + e.formatArgs + [e.name]
+        case .ioRead: return ["io"] + e.formatArgs + ["-c", "read 0 512", e.name]
+        }
+    }
+
+    /// Commands that open the backing chain.
+    var opensBackingChain: Bool { self == .infoBackingChain || self == .mapJSON }
+}
+
+/// The bytes and modification time of a file.
+struct FileState: Equatable {
+    var bytes: Data
+    var mtimeSec: Int
+    var mtimeNsec: Int
+
+    init(_ path: String) throws {
+        bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw TestFailure("stat \(path) failed: errno \(errno)") }
+        mtimeSec = Int(st.st_mtim.tv_sec)
+        mtimeNsec = Int(st.st_mtim.tv_nsec)
+    }
+}
+
+@Suite struct MalformedTests {
+    @Test(.requiresQEMU) func enoughMalformedCases() throws {
+        let f = try Fixtures.get()
+        #expect(f.malformed.count >= 20, "only \(f.malformed.count) malformed cases")
+    }
+
+    @Test(.requiresQEMU, arguments: try Fixtures.malformedArguments())
+    func malformedFileFailsCleanly(_ entry: MalformedEntry) throws {
+        let f = try Fixtures.get()
+        let path = f.malformedDir + "/" + entry.name
+        let before = try FileState(path)
+        let rejectedByQEMU = entry.qemuInfoExit != 0
+        let backingFails = (entry.backingChainExit ?? 0) != 0
+
+        for cmd in MalformedCommand.allCases {
+            let r = try Qimg.run(cmd.args(entry), cwd: f.malformedDir, timeout: 5)
+            let label = "\(entry.name) (\(entry.description)): \(r.command)"
+            if r.timedOut {
+                Issue.record("\(label): still running after 5 s (killed)")
+                continue
+            }
+            if r.signaled {
+                Issue.record("\(label): killed by signal \(r.status)")
+                continue
+            }
+            let mustFail = rejectedByQEMU || (backingFails && cmd.opensBackingChain)
+            if mustFail {
+                expectCleanFailure(label, r)
+            } else if r.status != 0 {
+                // check's 2 (corruptions) and 3 (leaks) are verdicts, not
+                // errors: like qemu-img they may come with several lines.
+                if cmd == .check && (r.status == 2 || r.status == 3) { continue }
+                expectCleanFailure(label, r)
+            }
+        }
+        let after = try FileState(path)
+        #expect(after.bytes == before.bytes, "\(entry.name): file contents changed")
+        #expect(after.mtimeSec == before.mtimeSec && after.mtimeNsec == before.mtimeNsec,
+                "\(entry.name): mtime changed")
+    }
+}
