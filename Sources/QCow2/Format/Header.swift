@@ -74,6 +74,13 @@ public struct Header: Equatable, Sendable {
         }
     }
 
+    /// Checks the magic and version at the start of a file.
+    public static func checkMagicAndVersion(_ r: ByteReader) throws(FormatError) {
+        guard try r.u32(0, "header") == Header.magic else { throw FormatError("magic", "not a qcow2 image") }
+        let v = try r.u32(4, "header version")
+        guard v == 2 || v == 3 else { throw FormatError("version", "unsupported qcow2 version \(v)") }
+    }
+
     /// Serialized length in bytes (the extensions start here).
     public var length: Int { version == 2 ? Header.v2Length : Int(headerLength) }
 

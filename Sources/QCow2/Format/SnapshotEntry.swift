@@ -32,6 +32,17 @@ public struct SnapshotEntry: Equatable, Sendable {
     /// Bytes the fixed part occupies; the entry continues with extra data, id and name.
     public static let fixedSize = 40
 
+    /// The unpadded size of an entry, from its 40-byte fixed part.
+    public static func entrySize(fixedPart r: ByteReader) throws(FormatError) -> Int {
+        let idLen = Int(try r.u16(12, "snapshot id length"))
+        let nameLen = Int(try r.u16(14, "snapshot name length"))
+        let extraLen = Int(try r.u32(36, "snapshot extra data size"))
+        guard extraLen <= maxExtraData else {
+            throw FormatError("snapshot extra data size", "\(extraLen) is too large (at most \(maxExtraData))")
+        }
+        return fixedSize + extraLen + idLen + nameLen
+    }
+
     /// Parses one entry from `r` at `offset`; returns the entry and its padded size.
     public static func parse(_ r: ByteReader, at offset: Int, version: UInt32) throws(FormatError) -> (SnapshotEntry, Int) {
         let l1 = try r.u64(offset, "snapshot L1 table offset")

@@ -44,19 +44,22 @@ public final class QCow2Image: DiskImage {
         guard fileSize >= UInt64(Header.v2Length) else {
             throw QCow2Error.malformed(path: path, field: "header", detail: "file is too short for a qcow2 header (\(fileSize) bytes)")
         }
-        // Header, then the whole header cluster.
+        // The cluster size first (the header may be longer than 512 bytes), then
+        // the whole header cluster.
         let first = try file.read(count: 512, at: 0)
-        let probe: Header
-        do { probe = try Header(parsing: ByteReader(first)) } catch { throw bad(error) }
-        let cb = Int(probe.clusterBits)
-        let g: Geometry
-        do {
-            g = try Geometry(clusterBits: cb, extendedL2: probe.hasExtendedL2, refcountOrder: Int(probe.refcountOrder))
-        } catch { throw bad(error) }
-        self.geometry = g
-        let cluster0 = try file.read(count: g.clusterSize, at: 0)
+        do { try Header.checkMagicAndVersion(ByteReader(first)) } catch { throw bad(error) }
+        let cb = Int((try? ByteReader(first).u32(20, "cluster_bits")) ?? 0)
+        guard (Geometry.minClusterBits...Geometry.maxClusterBits).contains(cb) else {
+            throw bad(FormatError("cluster_bits", "\(cb) is out of range (cluster size must be 512 B .. 2 MiB)"))
+        }
+        let cluster0 = try file.read(count: 1 << cb, at: 0)
         let h: Header
         do { h = try Header(parsing: ByteReader(cluster0)) } catch { throw bad(error) }
+        let g: Geometry
+        do {
+            g = try Geometry(clusterBits: cb, extendedL2: h.hasExtendedL2, refcountOrder: Int(h.refcountOrder))
+        } catch { throw bad(error) }
+        self.geometry = g
         guard UInt64(h.length) <= fileSize else {
             throw QCow2Error.malformed(path: path, field: "header", detail: "file is too short for its header (\(fileSize) bytes)")
         }
@@ -216,13 +219,15 @@ public final class QCow2Image: DiskImage {
         var out: [SnapshotEntry] = []
         out.reserveCapacity(Int(h.nbSnapshots))
         var pos: UInt64 = 0
-        let maxEntry = SnapshotEntry.fixedSize + SnapshotEntry.maxExtraData + 2 * 65535 + 8
         var ids = Set<String>()
         for i in 0..<Int(h.nbSnapshots) {
             guard pos < SnapshotEntry.maxTableBytes, h.snapshotsOffset + pos < fileSize else {
                 throw QCow2Error.malformed(path: path, field: "snapshot table", detail: "entry \(i) lies beyond the end of the file or the table size limit")
             }
-            let chunk = try file.read(count: maxEntry, at: h.snapshotsOffset + pos)
+            let fixed = try file.read(count: SnapshotEntry.fixedSize, at: h.snapshotsOffset + pos)
+            let entryBytes: Int
+            do { entryBytes = try SnapshotEntry.entrySize(fixedPart: ByteReader(fixed)) } catch { throw error.at(path) }
+            let chunk = try file.read(count: entryBytes, at: h.snapshotsOffset + pos)
             let (e, size): (SnapshotEntry, Int)
             do { (e, size) = try SnapshotEntry.parse(ByteReader(chunk), at: 0, version: h.version) } catch { throw error.at(path) }
             guard g.isAligned(e.l1TableOffset), e.l1TableOffset < Geometry.maxHostOffset else {
