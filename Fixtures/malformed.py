@@ -200,11 +200,8 @@ def main():
     case("incompat-bit5.qcow2", "qcow2", "unknown incompatible feature bit 5",
          hdr(incompatible_features=1 << 5))
     b = hdr(incompatible_features=1 << 5)
-    exts = []
-    for t, d in base.exts:
-        if t == EXT_FEATURES:
-            d = d + bytes([0, 5]) + b"frobnicated clusters".ljust(46, b"\0")
-        exts.append((t, d))
+    named = bytes([0, 5]) + b"frobnicated clusters".ljust(46, b"\0")
+    exts = [(t, d) for t, d in base.exts if t != EXT_FEATURES] + [(EXT_FEATURES, named)]
     case("incompat-bit5-named.qcow2", "qcow2",
          "incompatible bit 5 set, named 'frobnicated clusters' in the feature name table",
          base.rebuild(b, exts=exts))

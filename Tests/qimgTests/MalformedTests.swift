@@ -83,4 +83,24 @@ struct FileState: Equatable {
         #expect(after.mtimeSec == before.mtimeSec && after.mtimeNsec == before.mtimeNsec,
                 "\(entry.name): mtime changed")
     }
+
+    /// Unknown incompatible features are refused by name when the feature name table names them.
+    @Test(.requiresQEMU) func unknownFeatureIsNamed() throws {
+        let f = try Fixtures.get()
+        let r = try Qimg.run(["info", "incompat-bit5-named.qcow2"], cwd: f.malformedDir, timeout: 5)
+        #expect(r.status == 1)
+        #expect(r.err == "qimg: incompat-bit5-named.qcow2: unsupported qcow2 feature(s): frobnicated clusters (bit 5)\n")
+        let q = try Qimg.run(["info", "incompat-bit5.qcow2"], cwd: f.malformedDir, timeout: 5)
+        #expect(q.err == "qimg: incompat-bit5.qcow2: unsupported qcow2 feature(s): unknown incompatible feature bit 5\n")
+    }
+
+    /// A backing chain that comes back to a file already in it is an error, not a recursion.
+    @Test(.requiresQEMU, arguments: ["loop-a.qcow2", "self.qcow2", "self2.qcow2"])
+    func backingLoopIsReported(_ name: String) throws {
+        let f = try Fixtures.get()
+        let r = try Qimg.run(["map", "--output=json", name], cwd: f.malformedDir, timeout: 5)
+        #expect(r.status == 1)
+        #expect(r.stderrLines.count == 1 && r.err.contains("backing chain loop"), "\(r.err)")
+    }
 }
+
