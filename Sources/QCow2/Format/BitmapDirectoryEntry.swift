@@ -49,4 +49,16 @@ public struct BitmapDirectoryEntry: Equatable, Sendable {
                                      extraData: extra)
         return (e, size)
     }
+
+    /// Appends the entry, padded to a multiple of 8 bytes.
+    public func serialize(into out: inout [UInt8]) {
+        var w = ByteWriter()
+        let name = Array(name.utf8)
+        w.u64(tableOffset); w.u32(tableSize); w.u32(flags); w.u8(type); w.u8(granularityBits)
+        w.u16(UInt16(name.count)); w.u32(UInt32(extraData.count))
+        w.bytes += extraData
+        w.bytes += name
+        w.zeros(((w.bytes.count + 7) & ~7) - w.bytes.count)
+        out += w.bytes
+    }
 }

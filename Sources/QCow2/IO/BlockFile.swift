@@ -95,6 +95,51 @@ public final class BlockFile {
         return out
     }
 
+    /// Writes all of `buffer` at `offset`.
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        guard writable else { throw QCow2Error.io(path: path, operation: "write", errno: EBADF) }
+        guard let base = buffer.baseAddress else { return }
+        guard offset <= UInt64(Int64.max) - UInt64(buffer.count) else {
+            throw QCow2Error.io(path: path, operation: "write", errno: EINVAL)
+        }
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, base + done, buffer.count - done, off_t(offset + UInt64(done)))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw QCow2Error.io(path: path, operation: "write", errno: errno)
+            }
+            done += n
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        try bytes.withUnsafeBytes { try write($0, at: offset) }
+    }
+
+    /// Makes written data durable (fdatasync).
+    public func sync() throws {
+        while fdatasync(fd) != 0 {
+            if errno == EINTR { continue }
+            throw QCow2Error.io(path: path, operation: "fdatasync", errno: errno)
+        }
+    }
+
+    /// Sets the file length.
+    public func truncate(to length: UInt64) throws {
+        while ftruncate(fd, off_t(length)) != 0 {
+            if errno == EINTR { continue }
+            throw QCow2Error.io(path: path, operation: "truncate", errno: errno)
+        }
+    }
+
+    /// Allocates disk blocks for [offset, offset+length) (fallocate mode 0); returns false
+    /// when the file system cannot.
+    public func preallocate(at offset: UInt64, length: UInt64) -> Bool {
+        guard length > 0 else { return true }
+        return posix_fallocate(fd, off_t(offset), off_t(length)) == 0
+    }
+
     /// SEEK_DATA / SEEK_HOLE: returns the next data and hole offsets at or after `offset`,
     /// or nil when the offset is in the trailing hole (ENXIO). Throws for other errors.
     public func findAllocation(at offset: UInt64) -> (data: UInt64, hole: UInt64)?? {

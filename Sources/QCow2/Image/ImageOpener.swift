@@ -24,6 +24,10 @@ public struct ImageOpener: Sendable {
     public var openBacking = true
     /// Chains deeper than this are refused (a guard against pathological chains).
     public var maxChainDepth = 4096
+    /// Open the top image read-write (backing files are always read-only).
+    public var writable = false
+    /// Take no locks and respect none (`-U`); only for read-only opens.
+    public var forceShare = false
 
     public init() {}
 
@@ -41,7 +45,11 @@ public struct ImageOpener: Sendable {
     }
 
     private func open(_ path: String, format: ImageFormat?, depth: Int, seen: inout [FileIdentity: String]) throws -> any DiskImage {
-        let file = try BlockFile(path: path)
+        let write = writable && depth == 0
+        if write && forceShare {
+            throw QCow2Error.invalidArgument(path: path, detail: "force-share (-U) can only be used with read-only images")
+        }
+        let file = try BlockFile(path: path, writable: write)
         let id = try file.identity()
         if let earlier = seen[id] {
             throw QCow2Error.backing(path: path, detail: "backing chain loop: this file is already in the chain (as '\(earlier)')")
@@ -50,12 +58,14 @@ public struct ImageOpener: Sendable {
             throw QCow2Error.backing(path: path, detail: "backing chain is deeper than \(maxChainDepth) images")
         }
         seen[id] = path
+        try ImageLock.acquire(fd: file.fd, path: path, mode: forceShare ? .none : write ? .write : .read)
         let fmt = try format ?? Self.probe(file)
         switch fmt {
         case .raw:
             return try RawImage(path: path, file: file)
         case .qcow2:
             let img = try QCow2Image(path: path, file: file, cacheBytes: cacheBytes)
+            if write { try img.enableWriting() }
             if openBacking, let name = img.backingFileName {
                 let full = Self.resolveBacking(name, relativeTo: path)
                 var bfmt: ImageFormat?

@@ -3,33 +3,37 @@
 public final class QCow2Image: DiskImage {
     public let path: String
     public let file: BlockFile
-    public let header: Header
+    public internal(set) var header: Header
     public let geometry: Geometry
-    public let extensions: [HeaderExtension]
+    public internal(set) var extensions: [HeaderExtension]
     /// The backing file name as stored in the image.
     public let backingFileName: String?
     /// The backing format from the header extension, if any.
     public let backingFormat: String?
     public internal(set) var backing: (any DiskImage)?
-    public let l1Table: [UInt64]
-    public let snapshots: [SnapshotEntry]
+    public internal(set) var l1Table: [UInt64]
+    public internal(set) var snapshots: [SnapshotEntry]
     /// The bitmaps extension as stored (nil when absent).
-    public let bitmapsExtension: BitmapsExtension?
+    public internal(set) var bitmapsExtension: BitmapsExtension?
     /// Bitmaps QEMU would load: empty when the autoclear bit says they are stale.
-    public let bitmaps: [BitmapDirectoryEntry]
+    public internal(set) var bitmaps: [BitmapDirectoryEntry]
     public let featureNames: [FeatureName]
     public let compressionType: CompressionType
     /// Length of the host file when opened.
-    public let fileSize: UInt64
+    public internal(set) var fileSize: UInt64
 
     public var formatName: String { "qcow2" }
     /// The disk size in whole 512-byte sectors, as QEMU sees it.
     public var virtualSize: UInt64 { header.size & ~UInt64(511) }
 
     let l2Cache: TableCache
-    private var decompressedCluster: [UInt8] = []
-    private var decompressedKey: UInt64 = .max
-    private var compressedInput: [UInt8] = []
+    /// Set when the image is open for writing.
+    var allocator: Allocator?
+    /// Writes already prepared the image (bitmaps, autoclear bits, dirty bit).
+    var preparedForWrites = false
+    var decompressedCluster: [UInt8] = []
+    var decompressedKey: UInt64 = .max
+    var compressedInput: [UInt8] = []
 
     /// Default byte cap of the L2 cache.
     public static let defaultCacheBytes = 32 * 1024 * 1024

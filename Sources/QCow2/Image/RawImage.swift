@@ -2,7 +2,7 @@
 public final class RawImage: DiskImage {
     public let path: String
     public let file: BlockFile
-    public let virtualSize: UInt64
+    public private(set) var virtualSize: UInt64
     public var formatName: String { "raw" }
     public var backing: (any DiskImage)? { nil }
 
@@ -23,5 +23,10 @@ public final class RawImage: DiskImage {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, buffer.count)
         try file.read(into: buffer, at: offset)
+    }
+
+    public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try checkRange(offset, data.count)
+        try file.write(data, at: offset)
     }
 }

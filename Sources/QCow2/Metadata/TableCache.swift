@@ -51,4 +51,18 @@ final class TableCache {
     }
 
     var residentBytes: Int { tables.count * tableBytes }
+
+    /// Replaces the cached copy of the table at `offset` (after it was written to disk).
+    func update(_ offset: UInt64, _ table: [UInt8]) {
+        if let s = slotOf[offset] { tables[s] = table }
+    }
+
+    /// Forgets the table at `offset` (freed or moved).
+    func invalidate(_ offset: UInt64) {
+        if let s = slotOf[offset] {
+            slotOf[offset] = nil
+            keys[s] = .max
+            lastUse[s] = 0
+        }
+    }
 }

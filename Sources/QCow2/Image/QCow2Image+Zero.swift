@@ -1,0 +1,162 @@
+/// Zero writes and discards. Whole clusters (whole subclusters with extended L2)
+/// change only metadata: the entry is switched to "reads as zero" (v3 zero flag or
+/// zero subcluster bits) and durable before any cluster it stops using is freed.
+/// Partial clusters are written as data (zero writes) or left alone (discards, which
+/// are advisory, as in QEMU).
+extension QCow2Image {
+    /// Makes [offset, offset+length) read as zeros. With `unmap`, host clusters may be released.
+    public func writeZeroes(at offset: UInt64, length: UInt64, unmap: Bool = false) throws {
+        try zeroOrDiscard(offset, length, unmap: unmap, discard: false)
+    }
+
+    /// Releases whole clusters in [offset, offset+length); they then read as zeros
+    /// (v3, or an image without backing file). Partial clusters are left unchanged.
+    public func discard(at offset: UInt64, length: UInt64) throws {
+        try zeroOrDiscard(offset, length, unmap: true, discard: true)
+    }
+
+    /// Makes everything written so far durable.
+    public func flush() throws {
+        try allocator?.commit()
+        try file.sync()
+    }
+
+    private func zeroOrDiscard(_ offset: UInt64, _ length: UInt64, unmap: Bool, discard: Bool) throws {
+        guard length > 0 else { return }
+        guard length <= UInt64(Int.max) else { throw QCow2Error.invalidArgument(path: path, detail: "request too large") }
+        try checkRange(offset, Int(length))
+        _ = try requireAllocator()
+        try prepareForWrite()
+        var pos = offset
+        let end = offset + length
+        while pos < end {
+            let l2End = (pos | (geometry.bytesPerL2 - 1)) &+ 1
+            let n = min(end, l2End) - pos
+            try zeroWithinL2(pos, n, unmap: unmap, discard: discard)
+            pos += n
+        }
+        decompressedKey = .max
+    }
+
+    /// Whether guest bytes [offset, offset+length) already read as zeros.
+    private func readsAsZero(_ offset: UInt64, _ length: UInt64) throws -> Bool {
+        let bytes = try read(count: Int(length), at: offset)
+        return !bytes.contains { $0 != 0 }
+    }
+
+    /// Zeroes a partial region by writing zeros (unless it already reads as zeros).
+    private func zeroPartial(_ offset: UInt64, _ length: UInt64, discard: Bool) throws {
+        guard length > 0, !discard, !(try readsAsZero(offset, length)) else { return }
+        try write([UInt8](repeating: 0, count: Int(length)), at: offset)
+    }
+
+    private func zeroWithinL2(_ off: UInt64, _ len: UInt64, unmap: Bool, discard: Bool) throws {
+        let g = geometry
+        let alloc = try requireAllocator()
+        let end = off + len
+        // The granule that metadata can express: a subcluster or a cluster.
+        let unit = UInt64(1) << UInt64(g.subclusterBits)
+        let fullStart = (off + unit - 1) & ~(unit - 1)
+        let fullEnd = end & ~(unit - 1)
+        if fullStart >= fullEnd {
+            try zeroPartial(off, len, discard: discard)
+            return
+        }
+        try zeroPartial(off, fullStart - off, discard: discard)
+        try zeroPartial(fullEnd, end - fullEnd, discard: discard)
+
+        let hasBacking = backingFileName != nil
+        if header.version < 3 {
+            // No zero flag: clusters read as zeros only when unallocated without a backing file.
+            if hasBacking {
+                if !discard {
+                    var pos = fullStart
+                    while pos < fullEnd {
+                        let n = min(fullEnd - pos, 1 << 20)
+                        try write([UInt8](repeating: 0, count: Int(n)), at: pos)
+                        pos += n
+                    }
+                }
+                return
+            }
+        }
+
+        let cs = UInt64(g.clusterSize)
+        let l1i = g.l1Index(off)
+        if L1Entry(l1Table[l1i]).l2Offset == 0 && !hasBacking && (header.version < 3 || discard || unmap) {
+            return  // nothing allocated, nothing behind: already zeros
+        }
+        var (table, tableOffset, replaces) = try l2TableForWrite(l1i)
+        let rangeBase = off & ~(g.bytesPerL2 - 1)
+        var updates: [(Int, L2Entry)] = []
+        var frees: [UInt64] = []
+        var materialize: [(UInt64, UInt64)] = []
+        for i in g.l2Index(fullStart)...g.l2Index(fullEnd - 1) {
+            let cg = rangeBase + UInt64(i) * cs
+            let a = max(fullStart, cg), b = min(fullEnd, cg + cs)
+            let e = l2Entry(table, i)
+            if g.extendedL2 {
+                let mask = Self.subclusterMask(from: Int((a - cg) >> UInt64(g.subclusterBits)),
+                                               through: Int((b - 1 - cg) >> UInt64(g.subclusterBits)))
+                if e.isCompressed {
+                    if mask == .max {
+                        updates.append((i, L2Entry(0, bitmap: UInt64(UInt32.max) << 32)))
+                        frees += referencedClusters(e)
+                    } else {
+                        materialize.append((a, b - a))
+                    }
+                    continue
+                }
+                let oldAlloc = UInt32(truncatingIfNeeded: e.bitmap), oldZero = UInt32(truncatingIfNeeded: e.bitmap >> 32)
+                let newAlloc = oldAlloc & ~mask, newZero = oldZero | mask
+                var raw = e.raw
+                if e.hostOffset != 0 && newAlloc == 0 && (unmap || discard || !e.isCopied) {
+                    frees += referencedClusters(e)
+                    raw = 0
+                }
+                let n = L2Entry(raw, bitmap: UInt64(newZero) << 32 | UInt64(newAlloc))
+                if n != e { updates.append((i, n)) }
+                continue
+            }
+            // Standard L2: whole clusters only.
+            if header.version < 3 {
+                // v2 without backing file: unallocated reads as zeros.
+                if e.raw != 0 {
+                    updates.append((i, L2Entry(0)))
+                    frees += referencedClusters(e)
+                }
+                continue
+            }
+            let owned = !e.isCompressed && e.hostOffset != 0 && e.isCopied
+            if !unmap && !discard && owned {
+                let n = L2Entry(e.raw | L2Entry.zeroFlag)
+                if n != e { updates.append((i, n)) }
+            } else if e.raw != L2Entry.zeroFlag {
+                updates.append((i, L2Entry(L2Entry.zeroFlag)))
+                frees += referencedClusters(e)
+            }
+        }
+        if !updates.isEmpty || tableOffset == nil {
+            for (i, e) in updates { setL2Entry(&table, i, e) }
+            if let t = tableOffset {
+                try alloc.commit()
+                let lo = updates.map(\.0).min()! * g.l2EntrySize
+                let hi = (updates.map(\.0).max()! + 1) * g.l2EntrySize
+                try table.withUnsafeBytes { try file.write(UnsafeRawBufferPointer(rebasing: $0[lo..<hi]), at: t + UInt64(lo)) }
+                try file.sync()
+                l2Cache.update(t, table)
+            } else {
+                let newOffset = try alloc.allocate(1)
+                try alloc.commit()
+                try file.write(table, at: newOffset)
+                try file.sync()
+                try setL1Entry(l1i, newOffset | L1Entry.copied)
+                if let r = replaces { frees.append(r >> UInt64(g.clusterBits)); l2Cache.invalidate(r) }
+            }
+            for c in frees { alloc.queueFree(c) }
+            try alloc.commitFrees()
+        }
+        for (a, n) in materialize where !discard { try write([UInt8](repeating: 0, count: Int(n)), at: a) }
+        fileSize = try file.size()
+    }
+}

@@ -1,0 +1,235 @@
+// ImageLock against real QEMU 7.2: our locks must stop QEMU where QEMU's own
+// locks would, and QEMU's locks must stop us.
+
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+@testable import QCow2
+
+/// A temporary directory holding one fresh 1 MiB qcow2 image.
+private final class LockScratch {
+    let dir: String
+    let image: String
+
+    init() throws {
+        dir = Paths.work + "/imagelock-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        image = dir + "/img.qcow2"
+        let r = try Runner.qemuImg(["create", "-f", "qcow2", image, "1M"], timeout: 10)
+        guard r.exitedNormally, r.status == 0 else {
+            throw TestFailure("\(r.summary): \(r.err)")
+        }
+    }
+
+    /// Opens the image with Glibc `open` (O_CLOEXEC so QEMU children never inherit it).
+    func openImage(writable: Bool) throws -> Int32 {
+        let fd = open(image, (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC)
+        guard fd >= 0 else { throw TestFailure("open \(image): errno \(errno)") }
+        return fd
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
+}
+
+/// A QEMU process kept alive by a stdin pipe that stays open until `stop()`.
+private final class BackgroundQEMU {
+    let process = Process()
+    let stdin = Pipe()
+
+    init(_ executable: String, _ args: [String]) throws {
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = args
+        process.environment = Runner.environment
+        process.standardInput = stdin
+        process.standardOutput = FileHandle.nullDevice
+        process.standardError = FileHandle.nullDevice
+        try process.run()
+    }
+
+    /// Waits (up to `timeout` seconds) until /proc/locks shows a lock on
+    /// `path` covering `byte` (the kernel merges adjacent ranges: "100 101").
+    func waitForLock(on path: String, byte: Int, timeout: Double = 5) throws {
+        var st = stat()
+        guard stat(path, &st) == 0 else { throw TestFailure("stat \(path): errno \(errno)") }
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            guard process.isRunning else { throw TestFailure("QEMU exited early (status \(process.terminationStatus))") }
+            let text = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
+            for line in text.split(separator: "\n") {
+                let f = line.split(separator: " ", omittingEmptySubsequences: true)
+                // "1: OFDLCK ADVISORY  READ -1 fe:00:16220299 100 101"
+                guard f.count >= 8, f[5].hasSuffix(":\(st.st_ino)"),
+                      let lo = Int(f[6]), let hi = Int(f[7]) else { continue }
+                if (lo...hi).contains(byte) { return }
+            }
+            usleep(20_000)
+        }
+        throw TestFailure("no lock on byte \(byte) of \(path) after \(timeout)s")
+    }
+
+    func stop() {
+        try? stdin.fileHandleForWriting.close()
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        process.waitUntilExit()
+    }
+}
+
+private func expectConflict(_ mode: LockMode, fd: Int32, path: String, detail: String,
+                            sourceLocation: SourceLocation = #_sourceLocation) {
+    do {
+        try ImageLock.acquire(fd: fd, path: path, mode: mode)
+        Issue.record("acquire(\(mode)) succeeded, expected a conflict", sourceLocation: sourceLocation)
+    } catch let e as QCow2Error {
+        #expect(e == .unsupported(path: path, detail: detail), sourceLocation: sourceLocation)
+    } catch {
+        Issue.record("unexpected error \(error)", sourceLocation: sourceLocation)
+    }
+}
+
+private func qemuIOPath() throws -> String {
+    guard let exe = Env.qemuIO else { throw TestFailure(Env.missingQEMUMessage) }
+    return exe
+}
+
+private let inUseHint = "image is in use by another process; use -U for read-only inspection"
+
+@Suite("ImageLock", .requiresQEMU, .timeLimit(.minutes(1)))
+struct ImageLockTests {
+
+    @Test("a. QEMU writer (qemu-io) holds the image: .write and .read conflict, .none works")
+    func qemuWriterBlocksUs() throws {
+        let s = try LockScratch()
+        let qemu = try BackgroundQEMU(qemuIOPath(), ["-f", "qcow2", s.image])
+        defer { qemu.stop() }
+        try qemu.waitForLock(on: s.image, byte: 203)
+
+        let fd = try s.openImage(writable: true)
+        defer { close(fd) }
+        expectConflict(.write, fd: fd, path: s.image, detail: inUseHint)
+        expectConflict(.read, fd: fd, path: s.image, detail: inUseHint)
+        try ImageLock.acquire(fd: fd, path: s.image, mode: .none)
+        // A failed acquire leaves nothing behind: QEMU's writer is undisturbed
+        // and, once it is gone, we can lock.
+        qemu.stop()
+        try ImageLock.acquire(fd: fd, path: s.image, mode: .write)
+        ImageLock.release(fd: fd)
+    }
+
+    @Test("a'. QEMU reader (qemu-io -r): .write conflicts without the -U hint, .read works")
+    func qemuReaderBlocksOurWrite() throws {
+        let s = try LockScratch()
+        let qemu = try BackgroundQEMU(qemuIOPath(), ["-r", "-f", "qcow2", s.image])
+        defer { qemu.stop() }
+        try qemu.waitForLock(on: s.image, byte: 203)
+
+        let fd = try s.openImage(writable: true)
+        defer { close(fd) }
+        expectConflict(.write, fd: fd, path: s.image, detail: "image is in use by another process")
+        try ImageLock.acquire(fd: fd, path: s.image, mode: .read)
+        ImageLock.release(fd: fd)
+    }
+
+    @Test("a''. QEMU force-share reader (qemu-io -r -U, byte 100 only) does not block .write")
+    func forceShareReaderDoesNotBlock() throws {
+        let s = try LockScratch()
+        let qemu = try BackgroundQEMU(qemuIOPath(), ["-r", "-U", "-f", "qcow2", s.image])
+        defer { qemu.stop() }
+        try qemu.waitForLock(on: s.image, byte: 100)
+
+        let fd = try s.openImage(writable: true)
+        defer { close(fd) }
+        try ImageLock.acquire(fd: fd, path: s.image, mode: .write)
+        ImageLock.release(fd: fd)
+    }
+
+    @Test("b. We hold .write: qemu-img info fails, info -U works, works again after release")
+    func ourWriteLockBlocksQEMU() throws {
+        let s = try LockScratch()
+        let fd = try s.openImage(writable: true)
+        defer { close(fd) }
+        try ImageLock.acquire(fd: fd, path: s.image, mode: .write)
+
+        let blocked = try Runner.qemuImg(["info", s.image], timeout: 10)
+        #expect(blocked.exitedNormally && blocked.status == 1, "\(blocked.summary)")
+        #expect(blocked.err.contains("lock"))
+        #expect(blocked.err.contains("Failed to get shared \"write\" lock"), "\(blocked.err)")
+        #expect(blocked.err.contains("Is another process using the image [\(s.image)]?"), "\(blocked.err)")
+
+        let shared = try Runner.qemuImg(["info", "-U", s.image], timeout: 10)
+        #expect(shared.exitedNormally && shared.status == 0, "\(shared.summary): \(shared.err)")
+
+        // A QEMU writer is refused too, on the "write" byte we deny.
+        let writer = try Runner.qemuIO(["-c", "write 0 512", "-f", "qcow2", s.image], timeout: 10)
+        #expect(writer.status == 1 && writer.err.contains("Failed to get \"write\" lock"), "\(writer.err)")
+
+        ImageLock.release(fd: fd)
+        let after = try Runner.qemuImg(["info", s.image], timeout: 10)
+        #expect(after.exitedNormally && after.status == 0, "\(after.summary): \(after.err)")
+    }
+
+    @Test("b'. Closing the fd drops the locks")
+    func closingDropsLocks() throws {
+        let s = try LockScratch()
+        let fd = try s.openImage(writable: true)
+        try ImageLock.acquire(fd: fd, path: s.image, mode: .write)
+        #expect(try Runner.qemuImg(["info", s.image], timeout: 10).status == 1)
+        close(fd)
+        let after = try Runner.qemuImg(["info", s.image], timeout: 10)
+        #expect(after.status == 0, "\(after.err)")
+    }
+
+    @Test("c. We hold .read: qemu-img info works, a qemu-io write fails")
+    func ourReadLock() throws {
+        let s = try LockScratch()
+        let fd = try s.openImage(writable: false)
+        defer { close(fd) }
+        try ImageLock.acquire(fd: fd, path: s.image, mode: .read)
+
+        let info = try Runner.qemuImg(["info", s.image], timeout: 10)
+        #expect(info.exitedNormally && info.status == 0, "\(info.summary): \(info.err)")
+
+        let write = try Runner.qemuIO(["-c", "write 0 512", "-f", "qcow2", s.image], timeout: 10)
+        #expect(write.exitedNormally && write.status == 1, "\(write.summary)")
+        #expect(write.err.contains("Failed to get \"write\" lock"), "\(write.err)")
+
+        // Downgrading from .write to .read through acquire unlocks 101/103.
+        ImageLock.release(fd: fd)
+        let wfd = try s.openImage(writable: true)
+        defer { close(wfd) }
+        try ImageLock.acquire(fd: wfd, path: s.image, mode: .write)
+        try ImageLock.acquire(fd: wfd, path: s.image, mode: .read)
+        let info2 = try Runner.qemuImg(["info", s.image], timeout: 10)
+        #expect(info2.status == 0, "\(info2.err)")
+    }
+
+    @Test("d. Two fds in one process are two open file descriptions: they conflict like two processes")
+    func twoDescriptionsInOneProcess() throws {
+        let s = try LockScratch()
+        let reader = try s.openImage(writable: false)
+        defer { close(reader) }
+        let writer = try s.openImage(writable: true)
+        defer { close(writer) }
+
+        try ImageLock.acquire(fd: reader, path: s.image, mode: .read)
+        // The reader denies write (201): our own .write on another description is refused.
+        expectConflict(.write, fd: writer, path: s.image, detail: "image is in use by another process")
+        // Two readers are compatible.
+        try ImageLock.acquire(fd: writer, path: s.image, mode: .read)
+        ImageLock.release(fd: writer)
+
+        // The same description never conflicts with itself (re-acquire, upgrade).
+        try ImageLock.acquire(fd: reader, path: s.image, mode: .read)
+        ImageLock.release(fd: reader)
+        try ImageLock.acquire(fd: writer, path: s.image, mode: .write)
+        try ImageLock.acquire(fd: writer, path: s.image, mode: .write)
+        // ...and a dup() shares the description, hence the locks.
+        let dupped = dup(writer)
+        defer { close(dupped) }
+        try ImageLock.acquire(fd: dupped, path: s.image, mode: .write)
+        expectConflict(.read, fd: reader, path: s.image, detail: inUseHint)
+        ImageLock.release(fd: writer)
+        try ImageLock.acquire(fd: reader, path: s.image, mode: .read)
+    }
+}
