@@ -54,8 +54,9 @@ extension QCow2Image {
         let g = geometry
         let alloc = try requireAllocator()
         let end = off + len
-        // The granule that metadata can express: a subcluster or a cluster.
-        let unit = UInt64(1) << UInt64(g.subclusterBits)
+        // The granule metadata can express: zero writes go down to subclusters;
+        // discards, like QEMU's, work on whole clusters only.
+        let unit = UInt64(1) << UInt64(discard ? g.clusterBits : g.subclusterBits)
         let fullStart = (off + unit - 1) & ~(unit - 1)
         let fullEnd = end & ~(unit - 1)
         if fullStart >= fullEnd {
