@@ -25,7 +25,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     /// The message without the file name.
     public var message: String {
         switch self {
-        case .io(_, let op, let e): return "\(op) failed: \(errnoDescription(e))"
+        case .io(_, let op, let e): return op == "open" ? errnoDescription(e) : "\(op) failed: \(errnoDescription(e))"
         case .malformed(_, let field, let detail): return "invalid \(field): \(detail)"
         case .unsupported(_, let d), .backing(_, let d), .invalidArgument(_, let d), .mismatch(_, let d):
             return d

@@ -9,7 +9,7 @@ struct Qimg: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qimg",
         abstract: "Inspect and maintain qcow2 disk images (qemu-img compatible).",
-        subcommands: [Info.self, Map.self, Check.self, IO.self])
+        subcommands: [Create.self, Info.self, Map.self, Check.self, IO.self])
 
     static func main() {
         do {
@@ -34,7 +34,8 @@ struct Qimg: ParsableCommand {
     }
 
     static func fail(_ message: String, code: Int32) -> Never {
-        Output.error("qimg: " + message)
+        // One line: multi-part messages are joined.
+        Output.error("qimg: " + message.split(separator: "\n").joined(separator: " "))
         Glibc.exit(code)
     }
 }

@@ -34,6 +34,24 @@ public final class BlockFile {
         self.fd = fd
     }
 
+    /// Creates (or truncates) `path` and opens it read-write.
+    public init(creating path: String, mode: mode_t = 0o644) throws {
+        self.path = path
+        self.writable = true
+        var fd: Int32
+        repeat { fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, mode) } while fd < 0 && errno == EINTR
+        guard fd >= 0 else { throw QCow2Error.io(path: path, operation: "create", errno: errno) }
+        self.fd = fd
+    }
+
+    /// Makes the file's data and metadata durable (fsync).
+    public func fullSync() throws {
+        while fsync(fd) != 0 {
+            if errno == EINTR { continue }
+            throw QCow2Error.io(path: path, operation: "fsync", errno: errno)
+        }
+    }
+
     deinit { close(fd) }
 
     /// Current length of the file in bytes.

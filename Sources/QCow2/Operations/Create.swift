@@ -1,0 +1,239 @@
+/// Options of a new image (qemu-img create -o ...), already validated by `validate()`.
+public struct CreateOptions: Sendable, Equatable {
+    public enum Preallocation: String, Sendable, CaseIterable { case off, metadata, falloc, full }
+
+    public var format: ImageFormat = .qcow2
+    /// Virtual size in bytes (rounded up to 512 when the image is written).
+    public var size: UInt64 = 0
+    public var clusterSize: Int = 65536
+    /// 2 (compat 0.10) or 3 (compat 1.1).
+    public var version: UInt32 = 3
+    public var refcountBits: Int = 16
+    public var lazyRefcounts = false
+    public var extendedL2 = false
+    public var compressionType: CompressionType = .zlib
+    public var preallocation: Preallocation = .off
+    public var backingFile: String?
+    public var backingFormat: String?
+
+    public init() {}
+
+    /// QEMU's rules for combinations; the message is qemu-img's.
+    public func validate() throws(FormatError) {
+        if format == .raw {
+            if backingFile != nil { throw FormatError("backing_file", "Backing file not supported for file format 'raw'") }
+            if preallocation == .metadata { throw FormatError("preallocation", "Unsupported preallocation mode: metadata") }
+            return
+        }
+        guard clusterSize >= 512, clusterSize <= 2 << 20, clusterSize & (clusterSize - 1) == 0 else {
+            throw FormatError("cluster_size", "Cluster size must be a power of two between 512 and 2048k")
+        }
+        guard refcountBits >= 1, refcountBits <= 64, refcountBits & (refcountBits - 1) == 0 else {
+            throw FormatError("refcount_bits", "Refcount width must be a power of two and may not exceed 64 bits")
+        }
+        if version < 3 {
+            if refcountBits != 16 {
+                throw FormatError("refcount_bits", "Different refcount widths than 16 bits require compatibility level 1.1 or above (use version=v3 or greater)")
+            }
+            if extendedL2 {
+                throw FormatError("extended_l2", "Extended L2 entries are only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+            }
+            if compressionType != .zlib {
+                throw FormatError("compression_type", "Non-zlib compression type is only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+            }
+            if lazyRefcounts {
+                throw FormatError("lazy_refcounts", "Lazy refcounts only supported with compatibility level 1.1 and above (use version=v3 or greater)")
+            }
+        }
+        if extendedL2 && clusterSize < 16384 {
+            throw FormatError("extended_l2", "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes")
+        }
+        if backingFormat != nil && backingFile == nil {
+            throw FormatError("backing_fmt", "Backing format cannot be used without backing file")
+        }
+        if backingFile != nil && preallocation != .off && !extendedL2 {
+            throw FormatError("preallocation", "Backing file and preallocation can only be used at the same time if extended_l2 is on")
+        }
+        let g = try geometry()
+        if g.l1EntriesNeeded(size: roundedSize) > UInt64(Geometry.maxL1Bytes / 8) {
+            throw FormatError("size", "The image size is too large for file format 'qcow2' (try using a larger cluster size)")
+        }
+    }
+
+    var roundedSize: UInt64 { (size + 511) & ~UInt64(511) }
+
+    func geometry() throws(FormatError) -> Geometry {
+        try Geometry(clusterBits: clusterSize.trailingZeroBitCount, extendedL2: extendedL2,
+                     refcountOrder: refcountBits.trailingZeroBitCount)
+    }
+}
+
+/// Writes new images: the layout qemu-img 7.2 writes (header, refcount table,
+/// first refcount block, L1 table), each step through the same allocator and
+/// durable before the header points at it.
+public enum ImageCreator {
+    public static func create(_ path: String, options o: CreateOptions) throws {
+        do { try o.validate() } catch { throw error.at(path) }
+        switch o.format {
+        case .raw: try createRaw(path, o)
+        case .qcow2: try createQCow2(path, o)
+        }
+    }
+
+    static func createRaw(_ path: String, _ o: CreateOptions) throws {
+        let f = try BlockFile(creating: path)
+        let size = o.roundedSize
+        try f.truncate(to: size)
+        switch o.preallocation {
+        case .falloc: _ = f.preallocate(at: 0, length: size)
+        case .full: try writeZeros(f, at: 0, length: size)
+        default: break
+        }
+        try f.fullSync()
+    }
+
+    static func writeZeros(_ f: BlockFile, at offset: UInt64, length: UInt64) throws {
+        let chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(chunk.count), length - done))
+            try chunk.withUnsafeBytes { try f.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: offset + done) }
+            done += UInt64(n)
+        }
+    }
+
+    /// The header cluster: header, extensions (backing format, feature names), end marker, backing name.
+    static func headerCluster(_ o: CreateOptions, g: Geometry) -> [UInt8] {
+        let cs = UInt64(g.clusterSize)
+        var exts: [HeaderExtension] = []
+        if let f = o.backingFormat { exts.append(.backingFormat(f)) }
+        if o.version >= 3 { exts.append(.featureNameTable(FeatureName.qemuDefault)) }
+        var incompatible: UInt64 = 0
+        if o.compressionType != .zlib { incompatible |= Features.compressionType }
+        if o.extendedL2 { incompatible |= Features.extendedL2 }
+        var h = try! Header(parsing: ByteReader(Self.blankHeader(version: o.version)))
+        h.clusterBits = UInt32(g.clusterBits)
+        h.size = 0  // set once the L1 table exists
+        h.refcountTableOffset = cs
+        h.refcountTableClusters = 1
+        if o.version >= 3 {
+            h.incompatibleFeatures = incompatible
+            h.compatibleFeatures = o.lazyRefcounts ? Features.lazyRefcounts : 0
+            h.refcountOrder = UInt32(g.refcountOrder)
+            h.headerLength = 112
+            h.compressionType = o.compressionType.rawValue
+        }
+        var bytes: [UInt8] = []
+        h.serialize(into: &bytes)
+        HeaderExtension.serialize(exts, into: &bytes)
+        if let b = o.backingFile {
+            let name = Array(b.utf8)
+            let offset = bytes.count
+            bytes += name
+            bytes.withUnsafeMutableBytes { p in
+                p.storeBytes(of: UInt64(offset).bigEndian, toByteOffset: 8, as: UInt64.self)
+                p.storeBytes(of: UInt32(name.count).bigEndian, toByteOffset: 16, as: UInt32.self)
+            }
+        }
+        bytes += [UInt8](repeating: 0, count: g.clusterSize - bytes.count)
+        return bytes
+    }
+
+    static func blankHeader(version: UInt32) -> [UInt8] {
+        var w = ByteWriter()
+        w.u32(Header.magic); w.u32(version)
+        w.zeros(version >= 3 ? 104 : 64)
+        if version >= 3 {
+            w.bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(104).bigEndian, toByteOffset: 100, as: UInt32.self) }
+            w.bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(4).bigEndian, toByteOffset: 96, as: UInt32.self) }
+        }
+        return w.bytes
+    }
+
+    static func createQCow2(_ path: String, _ o: CreateOptions) throws {
+        let g: Geometry
+        do { g = try o.geometry() } catch { throw error.at(path) }
+        let cs = UInt64(g.clusterSize)
+        let header = headerCluster(o, g: g)
+        guard header.count == g.clusterSize else {
+            throw QCow2Error.invalidArgument(path: path, detail: "the header and backing file name do not fit in one cluster")
+        }
+        // 1. Header (no L1 yet), refcount table, refcount block 0 describing clusters 0..2.
+        let f = try BlockFile(creating: path)
+        var table = [UInt8](repeating: 0, count: g.clusterSize)
+        table.withUnsafeMutableBytes { $0.storeBytes(of: (2 * cs).bigEndian, toByteOffset: 0, as: UInt64.self) }
+        var block = [UInt8](repeating: 0, count: g.clusterSize)
+        for c in 0..<3 { Allocator.store(&block, c, 1, order: g.refcountOrder) }
+        try f.write(header, at: 0)
+        try f.write(table, at: cs)
+        try f.write(block, at: 2 * cs)
+        try f.sync()
+
+        // 2. The L1 table, allocated through the allocator, then published in the header.
+        let image = try QCow2Image(path: path, file: f)
+        try image.enableWriting()
+        let alloc = try image.requireAllocator()
+        let l1Entries = g.l1EntriesNeeded(size: o.roundedSize)
+        if l1Entries > 0 {
+            let clusters = Int(g.clusters(forBytes: l1Entries * 8))
+            let l1Offset = try alloc.allocate(clusters)
+            try alloc.commit()
+            try f.write([UInt8](repeating: 0, count: Int(l1Entries) * 8), at: l1Offset)
+            try f.sync()
+            var w = ByteWriter()
+            w.u32(UInt32(l1Entries))
+            w.u64(l1Offset)
+            try f.write(w.bytes, at: 36)
+            try f.sync()
+            image.header.l1Size = UInt32(l1Entries)
+            image.header.l1TableOffset = l1Offset
+            image.l1Table = [UInt64](repeating: 0, count: Int(l1Entries))
+        }
+        var w = ByteWriter()
+        w.u64(o.roundedSize)
+        try f.write(w.bytes, at: 24)
+        try f.sync()
+        image.header.size = o.roundedSize
+        // 3. Preallocation: L2 tables and data clusters.
+        if o.preallocation != .off {
+            try image.preallocate(o.preallocation)
+        }
+        try f.fullSync()
+    }
+}
+
+extension QCow2Image {
+    /// Allocates every L2 table and data cluster of the disk (each L2 table followed by
+    /// its data clusters); with falloc/full the data clusters are also allocated on
+    /// disk (fallocate) or written with zeros.
+    func preallocate(_ mode: CreateOptions.Preallocation) throws {
+        let g = geometry
+        let cs = UInt64(g.clusterSize)
+        let alloc = try requireAllocator()
+        let size = virtualSize
+        var pos: UInt64 = 0
+        var end: UInt64 = try file.size()
+        while pos < size {
+            let l1i = g.l1Index(pos)
+            let span = min(size - pos, g.bytesPerL2)
+            let n = Int(g.clusters(forBytes: span))
+            let l2 = try alloc.allocate(1)
+            let data = try alloc.allocate(n)
+            try alloc.commit()
+            switch mode {
+            case .falloc: _ = file.preallocate(at: data, length: UInt64(n) * cs)
+            case .full: try ImageCreator.writeZeros(file, at: data, length: UInt64(n) * cs)
+            default: break
+            }
+            var table = [UInt8](repeating: 0, count: g.clusterSize)
+            for i in 0..<n { setL2Entry(&table, i, L2Entry((data + UInt64(i) * cs) | L2Entry.copied)) }
+            try file.write(table, at: l2)
+            end = max(end, data + UInt64(n) * cs)
+            if try file.size() < end { try file.truncate(to: end) }
+            try file.sync()
+            try setL1Entry(l1i, l2 | L1Entry.copied)
+            pos += span
+        }
+        fileSize = try file.size()
+    }
+}

@@ -1,0 +1,62 @@
+import QCow2
+
+/// `-o key=value,key=value` lists as qemu-img parses them: a doubled comma is a
+/// literal comma, `help` or `?` asks for the option list, later values win.
+struct OptionList {
+    var values: [(key: String, value: String)] = []
+    var help = false
+
+    init(_ lists: [String]) throws {
+        for list in lists {
+            guard !list.isEmpty, !list.hasPrefix(","), !(list.hasSuffix(",") && !list.hasSuffix(",,")) else {
+                throw CommandFailure(message: "Invalid option list: \(list)")
+            }
+            var items: [String] = []
+            var cur = ""
+            var chars = Array(list)
+            var i = 0
+            while i < chars.count {
+                if chars[i] == "," {
+                    if i + 1 < chars.count && chars[i + 1] == "," { cur.append(","); i += 2; continue }
+                    items.append(cur); cur = ""
+                } else {
+                    cur.append(chars[i])
+                }
+                i += 1
+            }
+            items.append(cur)
+            chars.removeAll()
+            for item in items {
+                if item == "help" || item == "?" { help = true; continue }
+                if let eq = item.firstIndex(of: "=") {
+                    values.append((String(item[..<eq]), String(item[item.index(after: eq)...])))
+                } else {
+                    values.append((item, "on"))
+                }
+            }
+        }
+    }
+
+    /// The last value given for `key`.
+    func value(_ key: String) -> String? { values.last { $0.key == key }?.value }
+
+    static func bool(_ key: String, _ v: String) throws -> Bool {
+        switch v {
+        case "on", "yes", "true", "y": return true
+        case "off", "no", "false", "n": return false
+        default: throw CommandFailure(message: "Parameter '\(key)' expects 'on' or 'off'")
+        }
+    }
+
+    static func size(_ key: String, _ v: String) throws -> UInt64 {
+        guard let n = SizeArgument.parse(v) else {
+            throw CommandFailure(message: "Parameter '\(key)' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.")
+        }
+        return n
+    }
+
+    static func number(_ key: String, _ v: String) throws -> Int {
+        guard let n = Int(v), n >= 0 else { throw CommandFailure(message: "Parameter '\(key)' expects a number") }
+        return n
+    }
+}
