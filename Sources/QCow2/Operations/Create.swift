@@ -84,6 +84,9 @@ public enum ImageCreator {
         let f = try BlockFile(creating: path)
         let size = o.roundedSize
         try f.truncate(to: size)
+        // qemu-img writes the first 4 KiB of a new raw image (its alignment probe);
+        // doing the same keeps `map` output identical.
+        if size > 0 { try writeZeros(f, at: 0, length: min(size, 4096)) }
         switch o.preallocation {
         case .falloc: _ = f.preallocate(at: 0, length: size)
         case .full: try writeZeros(f, at: 0, length: size)
