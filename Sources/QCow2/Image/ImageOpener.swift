@@ -28,6 +28,10 @@ public struct ImageOpener: Sendable {
     public var writable = false
     /// Take no locks and respect none (`-U`); only for read-only opens.
     public var forceShare = false
+    /// Rebuild the refcounts of a dirty image opened for writing (false: the caller repairs).
+    public var repairDirty = true
+    /// Receives repair diagnostics (what qemu prints on stderr while repairing).
+    public var report: @Sendable (String) -> Void = { _ in }
 
     public init() {}
 
@@ -65,7 +69,7 @@ public struct ImageOpener: Sendable {
             return try RawImage(path: path, file: file)
         case .qcow2:
             let img = try QCow2Image(path: path, file: file, cacheBytes: cacheBytes)
-            if write { try img.enableWriting() }
+            if write { try img.enableWriting(repairDirty: repairDirty, report: report) }
             if openBacking, let name = img.backingFileName {
                 let full = Self.resolveBacking(name, relativeTo: path)
                 var bfmt: ImageFormat?

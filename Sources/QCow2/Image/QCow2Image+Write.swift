@@ -11,18 +11,36 @@
 /// 3. metadata: L2 entries, or the L1 entry of a new L2 table — `sync`;
 /// 4. frees: clusters no longer referenced lose a reference — `Allocator.commitFrees`.
 extension QCow2Image {
-    /// Turns on writing; the file must have been opened read-write.
-    func enableWriting() throws {
+    /// Turns on writing; the file must have been opened read-write. A dirty image
+    /// (lazy refcounts, not closed cleanly) has its refcounts rebuilt first, as QEMU
+    /// does on a read-write open, unless `repairDirty` is false (check -r does it itself).
+    func enableWriting(repairDirty: Bool = true, report: @escaping (String) -> Void = { _ in }) throws {
         guard file.writable else {
             throw QCow2Error.invalidArgument(path: path, detail: "the image was opened read-only")
         }
         if header.isCorrupt {
             throw QCow2Error.unsupported(path: path, detail: "image is marked corrupt; it can only be opened read-only (repair it with 'qimg check -r all')")
         }
-        if header.isDirty {
-            throw QCow2Error.unsupported(path: path, detail: "image was not closed cleanly (dirty bit set); repair it with 'qimg check -r all'")
-        }
         allocator = try Allocator(image: self)
+        if header.isDirty && repairDirty {
+            let r = try CheckOperation.repair(self, mode: .all, report: report)
+            guard r.corruptions == 0 && r.checkErrors == 0 else {
+                throw QCow2Error.malformed(path: path, field: "refcounts", detail: "the image was not closed cleanly and could not be repaired")
+            }
+            try clearDirtyBit()
+        }
+    }
+
+    /// Clears the dirty bit once the refcounts are known to be right.
+    public func clearDirtyBit() throws {
+        guard header.isDirty else { return }
+        try allocator?.commit()
+        try file.sync()
+        header.incompatibleFeatures &= ~Features.dirty
+        var w = ByteWriter()
+        w.u64(header.incompatibleFeatures)
+        try file.write(w.bytes, at: 72)
+        try file.sync()
     }
 
     var isWritable: Bool { allocator != nil }

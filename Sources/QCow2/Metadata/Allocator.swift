@@ -251,6 +251,12 @@ final class Allocator {
         try set(c, v + 1)
     }
 
+    /// Sets the refcount of an allocated cluster outright (check -r); its block must exist.
+    func forceRefcount(_ c: UInt64, _ v: UInt64) throws {
+        try set(c, v)
+        if v == 0 { freeHint = min(freeHint, c) }
+    }
+
     /// Queues a decrement, applied by `commitFrees`.
     func queueFree(_ c: UInt64) { pendingFrees.append(c) }
 

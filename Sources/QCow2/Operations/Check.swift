@@ -25,7 +25,15 @@ public struct CheckResult: Sendable {
 /// structure, bitmaps) and compares it with the stored refcounts, then checks the
 /// COPIED flags, reporting each finding as qemu-img does.
 public final class CheckOperation {
+    /// What `check -r` may repair.
+    public enum Repair: Sendable { case none, leaks, all }
+
     let image: QCow2Image
+    var repair: Repair = .none
+    /// qemu-img reports COPIED errors during a repair only as it repairs them.
+    var reportCopied = true
+    /// Set when a used cluster has refcount 0: only a rebuild of the refcount structure can fix that.
+    var needsRebuild = false
     let refcounts: RefcountReader
     let report: (String) -> Void
     var result = CheckResult()
@@ -261,6 +269,9 @@ public final class CheckOperation {
         }
     }
 
+    /// Stored refcounts that differ from the counted references: (cluster, stored, counted).
+    var mismatches: [(UInt64, UInt64, UInt64)] = []
+
     func compare() {
         var highest: Int64 = -1
         for i in 0..<references.count {
@@ -273,6 +284,8 @@ public final class CheckOperation {
             let counted = UInt64(references[i])
             if stored > 0 || counted > 0 { highest = Int64(i) }
             if stored != counted {
+                mismatches.append((UInt64(i), stored, counted))
+                if stored == 0 { needsRebuild = true }
                 if stored < counted {
                     report("ERROR cluster \(i) refcount=\(stored) reference=\(counted)")
                     result.corruptions += 1
@@ -285,6 +298,10 @@ public final class CheckOperation {
         result.imageEndOffset = UInt64(highest + 1) << UInt64(image.geometry.clusterBits)
     }
 
+    /// Entries whose COPIED flag disagrees with the refcount: (index, corrected value, refcount).
+    var wrongL1: [(Int, UInt64, UInt64)] = []
+    var wrongL2: [(UInt64, Int, UInt64, UInt64)] = []
+
     func checkCopiedFlags() throws {
         let g = image.geometry
         for (i, raw) in image.l1Table.enumerated() {
@@ -292,8 +309,9 @@ public final class CheckOperation {
             let l2 = l1.l2Offset
             if l2 == 0 { continue }
             if let rc = try? refcounts.refcount(ofCluster: l2 >> UInt64(g.clusterBits)), (rc == 1) != l1.isCopied {
-                report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(raw)) refcount=\(rc)")
+                if reportCopied { report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(raw)) refcount=\(rc)") }
                 result.corruptions += 1
+                wrongL1.append((i, rc == 1 ? raw | L1Entry.copied : raw & ~L1Entry.copied, rc))
             }
             let table = try readL2(l2)
             for j in 0..<g.l2Entries {
@@ -301,10 +319,151 @@ public final class CheckOperation {
                 if e.isCompressed || e.hostOffset == 0 { continue }
                 guard let rc = try? refcounts.refcount(ofCluster: e.hostOffset >> UInt64(g.clusterBits)) else { continue }
                 if (rc == 1) != e.isCopied {
-                    report("ERROR OFLAG_COPIED data cluster: l2_entry=\(hex(e.raw)) refcount=\(rc)")
+                    if reportCopied { report("ERROR OFLAG_COPIED data cluster: l2_entry=\(hex(e.raw)) refcount=\(rc)") }
                     result.corruptions += 1
+                    wrongL2.append((l2, j, rc == 1 ? e.raw | L2Entry.copied : e.raw & ~L2Entry.copied, rc))
                 }
             }
         }
+    }
+}
+
+// MARK: - Repair
+
+extension CheckOperation {
+    /// `qemu-img check -r leaks|all`: checks, repairs what `repair` allows, then checks
+    /// again. Returns the second check's result with the fixed counts filled in.
+    /// The image must be open for writing.
+    public static func repair(_ image: QCow2Image, mode: Repair, report: @escaping (String) -> Void) throws -> CheckResult {
+        let alloc = try image.requireAllocator()
+        let first = try CheckOperation(image, report: report)
+        first.repair = mode
+        first.reportCopied = mode == .none
+        let r1 = try first.run()
+        var leaksFixed = 0, corruptionsFixed = 0
+        if mode != .none && (r1.leaks > 0 || r1.corruptions > 0) {
+            if first.needsRebuild {
+                guard mode == .all else {
+                    report("ERROR need to rebuild refcount structures")
+                    throw QCow2Error.unsupported(path: image.path, detail: "Check failed: the refcount structure must be rebuilt, which only -r all does")
+                }
+                report("Rebuilding refcount structure")
+                let oldStructure = try image.rebuildRefcounts(counted: first.references)
+                for c in oldStructure { report("Repairing cluster \(c) refcount=1 reference=0") }
+                leaksFixed = first.mismatches.filter { $0.1 > $0.2 }.count
+                corruptionsFixed = first.mismatches.filter { $0.1 < $0.2 }.count
+            } else {
+                for (c, stored, counted) in first.mismatches {
+                    let leak = stored > counted
+                    guard leak || mode == .all else {
+                        report("ERROR cluster \(c) refcount=\(stored) reference=\(counted)")
+                        continue
+                    }
+                    report("Repairing cluster \(c) refcount=\(stored) reference=\(counted)")
+                    try alloc.forceRefcount(c, counted)
+                    if leak { leaksFixed += 1 } else { corruptionsFixed += 1 }
+                }
+                try alloc.commit()
+            }
+        }
+        if mode != .none && (leaksFixed + corruptionsFixed > 0 || !first.wrongL1.isEmpty || !first.wrongL2.isEmpty) {
+            // Refcounts are right now: make the COPIED flags follow them.
+            let again = try CheckOperation(image, report: { _ in })
+            _ = try again.run()
+            for (l2, j, value, rc) in again.wrongL2 {
+                var w = ByteWriter()
+                w.u64(value)
+                try image.file.write(w.bytes, at: l2 + UInt64(j * image.geometry.l2EntrySize))
+                image.l2Cache.invalidate(l2)
+                let old = value ^ L2Entry.copied
+                report("Repairing OFLAG_COPIED data cluster: l2_entry=\(hex(old)) refcount=\(rc)")
+                corruptionsFixed += 1
+            }
+            try image.file.sync()
+            for (i, value, rc) in again.wrongL1 {
+                let old = value ^ L1Entry.copied
+                // qemu-img repairs L1 flags only with -r all.
+                guard mode == .all else {
+                    report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(old)) refcount=\(rc)")
+                    continue
+                }
+                try image.setL1Entry(i, value)
+                report("Repairing OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(old)) refcount=\(rc)")
+                corruptionsFixed += 1
+            }
+        }
+        guard leaksFixed > 0 || corruptionsFixed > 0 else { return r1 }
+        var r2 = try CheckOperation(image, report: report).run()
+        r2.leaksFixed = leaksFixed
+        r2.corruptionsFixed = corruptionsFixed
+        return r2
+    }
+}
+
+extension QCow2Image {
+    /// Replaces the refcount structure with a new one built from `counted`
+    /// (references per host cluster, as a check computed them): new blocks and
+    /// table after the end of the file, durable, then one header write switches to
+    /// them. The old structure's clusters end up with refcount 0.
+    @discardableResult
+    func rebuildRefcounts(counted: [UInt16]) throws -> [UInt64] {
+        let g = geometry
+        let cs = UInt64(g.clusterSize)
+        let cb = UInt64(g.clusterBits)
+        var counts = counted.map(UInt64.init)
+        func drop(_ c: UInt64) { if c < UInt64(counts.count), counts[Int(c)] > 0 { counts[Int(c)] -= 1 } }
+        // The old table and blocks are no longer referenced.
+        let old = try RefcountReader(image: self)
+        var oldClusters: [UInt64] = []
+        for c in 0..<UInt64(header.refcountTableClusters) { oldClusters.append((header.refcountTableOffset >> cb) + c) }
+        for e in old.table where e & RefcountReader.offsetMask != 0 { oldClusters.append((e & RefcountReader.offsetMask) >> cb) }
+        oldClusters.forEach(drop)
+        // Lay out the new blocks and table after everything, large enough to describe themselves.
+        let perBlock = UInt64(1) << UInt64(g.refblockBits)
+        let start = max(UInt64(counts.count), g.clusters(forBytes: try file.size()))
+        var blocks: UInt64 = 1, tableClusters: UInt64 = 1
+        while true {
+            let total = start + blocks + tableClusters
+            let b = (total + perBlock - 1) / perBlock
+            let t = (b * 8 + cs - 1) / cs
+            if b == blocks && t == tableClusters { break }
+            blocks = b
+            tableClusters = t
+        }
+        guard tableClusters * cs <= UInt64(Geometry.maxRefcountTableBytes) else {
+            throw QCow2Error.unsupported(path: path, detail: "the rebuilt refcount table would exceed 8 MiB")
+        }
+        let total = start + blocks + tableClusters
+        counts += [UInt64](repeating: 0, count: Int(total) - counts.count)
+        for c in start..<total { counts[Int(c)] = 1 }
+        let maxValue: UInt64 = g.refcountBits == 64 ? .max : (1 << UInt64(g.refcountBits)) - 1
+        if let bad = counts.firstIndex(where: { $0 > maxValue }) {
+            throw QCow2Error.unsupported(path: path, detail: "cluster \(bad) needs a refcount above \(maxValue)")
+        }
+        var table = [UInt8](repeating: 0, count: Int(tableClusters * cs))
+        for bi in 0..<blocks {
+            var block = [UInt8](repeating: 0, count: g.clusterSize)
+            let first = bi * perBlock
+            for i in 0..<perBlock where first + i < total {
+                let v = counts[Int(first + i)]
+                if v != 0 { Allocator.store(&block, Int(i), v, order: g.refcountOrder) }
+            }
+            let off = (start + bi) << cb
+            try file.write(block, at: off)
+            table.withUnsafeMutableBytes { $0.storeBytes(of: off.bigEndian, toByteOffset: Int(bi) * 8, as: UInt64.self) }
+        }
+        let tableOffset = (start + blocks) << cb
+        try file.write(table, at: tableOffset)
+        try file.sync()
+        var w = ByteWriter()
+        w.u64(tableOffset)
+        w.u32(UInt32(tableClusters))
+        try file.write(w.bytes, at: 48)
+        try file.sync()
+        header.refcountTableOffset = tableOffset
+        header.refcountTableClusters = UInt32(tableClusters)
+        fileSize = try file.size()
+        allocator = try Allocator(image: self)
+        return oldClusters.sorted()
     }
 }

@@ -7,16 +7,36 @@ struct Check: ParsableCommand {
     @OptionGroup var share: ShareOption
     @Option(help: "Output format: human or json.") var output: OutputFormat = .human
     @Flag(name: .customShort("q"), help: "Quiet: print nothing on standard output.") var quiet = false
+    @Option(name: .customShort("r"), help: "Repair: leaks, or all (leaks and refcount/COPIED errors).") var repair: RepairMode?
+
+    enum RepairMode: String, ExpressibleByArgument { case leaks, all }
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
-        let image = try openImage(file, format: format)
+        var opener = ImageOpener()
+        opener.writable = repair != nil
+        opener.forceShare = share.forceShare
+        opener.repairDirty = false
+        let image = try opener.open(file, format: try format.imageFormat(path: file))
         guard let q = image as? QCow2Image else {
             throw CommandFailure(message: "\(file): This image format does not support checks", exitCode: 63)
         }
-        let r = try CheckOperation.run(q) { Output.error($0) }
+        let r: CheckResult
+        if let repair {
+            r = try CheckOperation.repair(q, mode: repair == .all ? .all : .leaks) { Output.error($0) }
+            if repair == .all && r.corruptions == 0 && r.checkErrors == 0 { try q.clearDirtyBit() }
+        } else {
+            r = try CheckOperation.run(q) { Output.error($0) }
+        }
         if !quiet {
-            Output.out(output == .json ? CheckFormatter.json(r, file: file) : CheckFormatter.human(r))
+            var text = ""
+            if output == .human && (r.leaksFixed > 0 || r.corruptionsFixed > 0) {
+                text += "The following inconsistencies were found and repaired:\n\n"
+                text += "    \(r.leaksFixed) leaked clusters\n    \(r.corruptionsFixed) corruptions\n\n"
+                text += "Double checking the fixed image now...\n"
+            }
+            text += output == .json ? CheckFormatter.json(r, file: file) : CheckFormatter.human(r)
+            Output.out(text)
         }
         throw ExitCode(r.exitCode)
     }
