@@ -57,15 +57,19 @@ extension QCow2Image {
     /// they must not look consistent after our writes).
     func prepareForWrite() throws {
         guard !preparedForWrites else { return }
-        if header.version >= 3 && header.autoclearFeatures & ~Features.autoclearBitmaps != 0 {
-            header.autoclearFeatures &= Features.autoclearBitmaps
-            var w = ByteWriter()
-            w.u64(header.autoclearFeatures)
-            try file.write(w.bytes, at: 88)
-            try file.sync()
-        }
+        try clearUnknownAutoclearBits()
         try markEnabledBitmapsInUse()
         preparedForWrites = true
+    }
+
+    /// A writer must clear the autoclear bits it does not implement before it changes anything.
+    func clearUnknownAutoclearBits() throws {
+        guard header.version >= 3 && header.autoclearFeatures & ~Features.autoclearBitmaps != 0 else { return }
+        header.autoclearFeatures &= Features.autoclearBitmaps
+        var w = ByteWriter()
+        w.u64(header.autoclearFeatures)
+        try file.write(w.bytes, at: 88)
+        try file.sync()
     }
 
     /// Offset in the file of the payload of the first extension of `type`.
@@ -84,17 +88,23 @@ extension QCow2Image {
     }
 
     /// Writes a new bitmap directory with `in_use` set on every enabled bitmap and
-    /// switches the header to it with one 8-byte write; then frees the old one.
+    /// switches the header to it; then frees the old one.
     func markEnabledBitmapsInUse() throws {
-        guard var ext = bitmapsExtension, header.autoclearFeatures & Features.autoclearBitmaps != 0,
+        guard bitmapsExtension != nil, header.autoclearFeatures & Features.autoclearBitmaps != 0,
               bitmaps.contains(where: { $0.isAuto && !$0.inUse }) else { return }
-        let alloc = try requireAllocator()
         var updated = bitmaps
+        for i in updated.indices where updated[i].isAuto { updated[i].flags |= BitmapDirectoryEntry.flagInUse }
+        try replaceBitmapDirectory(updated)
+    }
+
+    /// Writes `entries` as a new directory in new clusters, makes it durable, points the
+    /// bitmaps extension at it with one 8-byte header write, then frees the old directory
+    /// (and any `freeing` clusters the old directory referenced).
+    func replaceBitmapDirectory(_ entries: [BitmapDirectoryEntry], freeing: [UInt64] = []) throws {
+        guard var ext = bitmapsExtension else { return }
+        let alloc = try requireAllocator()
         var dir: [UInt8] = []
-        for i in updated.indices {
-            if updated[i].isAuto { updated[i].flags |= BitmapDirectoryEntry.flagInUse }
-            updated[i].serialize(into: &dir)
-        }
+        for e in entries { e.serialize(into: &dir) }
         guard UInt64(dir.count) == ext.directorySize, let payload = try extensionPayloadOffset(HeaderExtension.typeBitmaps) else {
             throw QCow2Error.malformed(path: path, field: "bitmap directory", detail: "cannot be rewritten")
         }
@@ -109,10 +119,11 @@ extension QCow2Image {
         try file.sync()
         let old = ext.directoryOffset >> UInt64(geometry.clusterBits)
         for c in 0..<UInt64(n) { alloc.queueFree(old + c) }
+        for c in freeing { alloc.queueFree(c) }
         try alloc.commitFrees()
         ext.directoryOffset = newOffset
         bitmapsExtension = ext
-        bitmaps = updated
+        bitmaps = entries
         extensions = extensions.map { if case .bitmaps = $0 { return .bitmaps(ext) } else { return $0 } }
     }
 

@@ -1,0 +1,117 @@
+/// In-place changes of image options (qemu-img amend): lazy refcounts, and the
+/// compatibility level where no information would be lost.
+extension QCow2Image {
+    /// Turns lazy refcounts on or off (v3 only).
+    public func setLazyRefcounts(_ on: Bool) throws {
+        _ = try requireAllocator()
+        guard header.version >= 3 else {
+            if !on { return }
+            throw QCow2Error.unsupported(path: path, detail: "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
+        }
+        let bits = on ? header.compatibleFeatures | Features.lazyRefcounts : header.compatibleFeatures & ~Features.lazyRefcounts
+        guard bits != header.compatibleFeatures else { return }
+        try clearUnknownAutoclearBits()
+        var w = ByteWriter()
+        w.u64(bits)
+        try file.write(w.bytes, at: 80)
+        try file.sync()
+        header.compatibleFeatures = bits
+    }
+
+    /// Changes the compatibility level: 2 (0.10) or 3 (1.1). A downgrade is refused
+    /// whenever version 2 cannot express the image exactly (unlike qemu-img, which
+    /// silently leaks persistent bitmaps).
+    public func setVersion(_ version: UInt32) throws {
+        _ = try requireAllocator()
+        guard version != header.version else { return }
+        var h = header
+        var exts = extensions
+        if version == 3 {
+            h.version = 3
+            h.headerLength = 112
+            h.refcountOrder = 4
+            h.incompatibleFeatures = 0
+            h.compatibleFeatures = 0
+            h.autoclearFeatures = 0
+            h.compressionType = 0
+            if !exts.contains(where: { if case .featureNameTable = $0 { return true } else { return false } }) {
+                exts.append(.featureNameTable(FeatureName.qemuDefault))
+            }
+        } else {
+            if header.hasExtendedL2 {
+                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with incompatible features 0x10 set (extended L2 entries)")
+            }
+            if compressionType != .zlib {
+                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with the zstd compression type")
+            }
+            if bitmapsExtension != nil {
+                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with persistent bitmaps: version 2 cannot store them (remove them first)")
+            }
+            if geometry.refcountBits != 16 {
+                throw QCow2Error.unsupported(path: path, detail: "compat=0.10 requires refcount_bits=16")
+            }
+            if header.isDirty {
+                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image that was not closed cleanly")
+            }
+            if try hasZeroClusters() {
+                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with zero clusters (version 2 has no zero flag); write the zeros as data first")
+            }
+            h.version = 2
+            h.incompatibleFeatures = 0
+            h.compatibleFeatures = 0
+            h.autoclearFeatures = 0
+            h.refcountOrder = 4
+            h.compressionType = 0
+            exts.removeAll { if case .featureNameTable = $0 { return true } else { return false } }
+        }
+        try clearUnknownAutoclearBits()
+        try writeHeaderCluster(h, extensions: exts)
+    }
+
+    /// Whether any L2 entry of the active table or a snapshot uses the zero flag.
+    func hasZeroClusters() throws -> Bool {
+        let g = geometry
+        var l1s: [[UInt64]] = [l1Table]
+        for sn in snapshots {
+            var t: [UInt64] = []
+            let raw = try file.read(count: Int(sn.l1Size) * 8, at: sn.l1TableOffset)
+            raw.withUnsafeBytes { decodeBigEndianU64($0, into: &t) }
+            l1s.append(t)
+        }
+        for l1 in l1s {
+            for (i, e) in l1.enumerated() where L1Entry(e).l2Offset != 0 {
+                let table = try l2Table(at: L1Entry(e).l2Offset, l1Index: i)
+                for j in 0..<g.l2Entries {
+                    let x = l2Entry(table, j)
+                    if !x.isCompressed && x.raw & L2Entry.zeroFlag != 0 { return true }
+                }
+            }
+        }
+        return false
+    }
+
+    /// Rewrites cluster 0 (header, extensions, end marker, backing file name right after it).
+    func writeHeaderCluster(_ h: Header, extensions exts: [HeaderExtension]) throws {
+        var h = h
+        var bytes: [UInt8] = []
+        h.serialize(into: &bytes)
+        HeaderExtension.serialize(exts, into: &bytes)
+        if let b = backingFileName {
+            let name = Array(b.utf8)
+            h.backingFileOffset = UInt64(bytes.count)
+            h.backingFileSize = UInt32(name.count)
+            bytes += name
+            var again: [UInt8] = []
+            h.serialize(into: &again)
+            bytes.replaceSubrange(0..<again.count, with: again)
+        }
+        guard bytes.count <= geometry.clusterSize else {
+            throw QCow2Error.unsupported(path: path, detail: "the header does not fit in one cluster")
+        }
+        bytes += [UInt8](repeating: 0, count: geometry.clusterSize - bytes.count)
+        try file.write(bytes, at: 0)
+        try file.sync()
+        header = h
+        extensions = exts
+    }
+}

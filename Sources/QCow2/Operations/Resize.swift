@@ -1,0 +1,198 @@
+/// Changes the virtual size of a qcow2 image.
+///
+/// Growing writes a larger L1 table when needed (new table durable, then one
+/// 12-byte header write, then the old table freed). Shrinking releases every
+/// cluster past the new end first. Persistent bitmaps follow the new size in a
+/// sequence where every crash point leaves an image QEMU opens: the bitmaps are
+/// first marked in use (so their size is not checked), the size changes, and
+/// then tables of the new size replace the old ones.
+extension QCow2Image {
+    public func resize(to newSize: UInt64, allowShrink: Bool) throws {
+        let alloc = try requireAllocator()
+        let g = geometry
+        guard newSize % 512 == 0 else {
+            throw QCow2Error.invalidArgument(path: path, detail: "The new size must be a multiple of 512")
+        }
+        guard newSize > 0 else { throw QCow2Error.invalidArgument(path: path, detail: "New image size must be positive") }
+        if let bad = bitmaps.first(where: { $0.inUse }) {
+            throw QCow2Error.unsupported(path: path, detail: "Bitmap '\(bad.name)' is inconsistent and cannot be resized; remove it first ('qimg bitmap --remove')")
+        }
+        if header.version < 3 && !snapshots.isEmpty {
+            throw QCow2Error.unsupported(path: path, detail: "Can't resize a v2 image which has snapshots")
+        }
+        let needed = g.l1EntriesNeeded(size: newSize)
+        guard needed <= UInt64(Geometry.maxL1Bytes / 8) else {
+            throw QCow2Error.invalidArgument(path: path, detail: "Failed to grow the L1 table: File too large")
+        }
+        let oldSize = virtualSize
+        if newSize < oldSize {
+            let tail = try hasAllocation(from: newSize)
+            if tail && !allowShrink {
+                throw QCow2Error.invalidArgument(path: path, detail: "Use the --shrink option to perform a shrink operation (the part being cut off holds data)")
+            }
+        }
+        try clearUnknownAutoclearBits()
+        // Bitmaps first become "in use" so that no crash leaves a table of the wrong
+        // size; they get their own size back at the end.
+        let consistent = header.autoclearFeatures & Features.autoclearBitmaps != 0 ? bitmaps : []
+        if !consistent.isEmpty {
+            var inUse = consistent
+            for i in inUse.indices { inUse[i].flags |= BitmapDirectoryEntry.flagInUse }
+            try replaceBitmapDirectory(inUse)
+        }
+        let wasPrepared = preparedForWrites
+        preparedForWrites = true  // the tail discard is part of the resize, not a tracked write
+        defer { preparedForWrites = wasPrepared }
+        if newSize < oldSize {
+            try discard(at: newSize, length: oldSize - newSize)
+            try dropTail(from: newSize)
+        }
+        if needed > UInt64(l1Table.count) { try growL1(to: Int(needed)) }
+        var w = ByteWriter()
+        w.u64(newSize)
+        try file.write(w.bytes, at: 24)
+        try file.sync()
+        header.size = newSize
+        if !consistent.isEmpty { try resizeBitmaps(consistent, oldSize: oldSize) }
+        _ = alloc
+    }
+
+    /// Whether anything is allocated at or past guest offset `from` in this layer.
+    func hasAllocation(from: UInt64) throws -> Bool {
+        var pos = from
+        while pos < virtualSize {
+            let e = try layerExtent(at: pos, maxLength: virtualSize - pos)
+            switch e.descriptor {
+            case .unallocated(nil), .zero(nil): break
+            default: return true
+            }
+            pos += e.length
+        }
+        return false
+    }
+
+    /// After the tail was discarded: clears the entries past the end so that nothing
+    /// there stays referenced (L2 tables wholly past the end are released).
+    private func dropTail(from newSize: UInt64) throws {
+        let g = geometry
+        let alloc = try requireAllocator()
+        let keep = g.l1EntriesNeeded(size: newSize)
+        for i in Int(keep)..<l1Table.count {
+            let l2 = L1Entry(l1Table[i]).l2Offset
+            guard l2 != 0 else { continue }
+            try setL1Entry(i, 0)
+            l2Cache.invalidate(l2)
+            // The whole range was discarded: its entries reference nothing but zero flags.
+            alloc.queueFree(l2 >> UInt64(g.clusterBits))
+        }
+        // Zero flags left in the kept table past the new end are harmless but useless:
+        // clear them so the table says "unallocated" there, as qemu-img leaves it.
+        if keep > 0, newSize & (g.bytesPerL2 - 1) != 0 {
+            let l1i = Int(keep) - 1
+            let l2 = L1Entry(l1Table[l1i]).l2Offset
+            if l2 != 0 && L1Entry(l1Table[l1i]).isCopied {
+                var table = try l2Table(at: l2, l1Index: l1i)
+                let first = g.l2Index(newSize - 1) + 1
+                var changed = false
+                for i in first..<g.l2Entries where l2Entry(table, i) != L2Entry(0) {
+                    let e = l2Entry(table, i)
+                    for c in referencedClusters(e) { alloc.queueFree(c) }
+                    setL2Entry(&table, i, L2Entry(0))
+                    changed = true
+                }
+                if changed {
+                    try file.write(table, at: l2)
+                    try file.sync()
+                    l2Cache.update(l2, table)
+                }
+            }
+        }
+        try alloc.commitFrees()
+    }
+
+    /// Moves the active L1 table to a larger one.
+    private func growL1(to entries: Int) throws {
+        let alloc = try requireAllocator()
+        let g = geometry
+        let bytes = entries * 8
+        let clusters = Int(g.clusters(forBytes: UInt64(bytes)))
+        let newOffset = try alloc.allocate(clusters)
+        try alloc.commit()
+        var w = ByteWriter()
+        for e in l1Table { w.u64(e) }
+        w.zeros(bytes - w.bytes.count)
+        try file.write(w.bytes, at: newOffset)
+        try file.sync()
+        var h = ByteWriter()
+        h.u32(UInt32(entries))
+        h.u64(newOffset)
+        try file.write(h.bytes, at: 36)
+        try file.sync()
+        let oldOffset = header.l1TableOffset
+        let oldClusters = g.clusters(forBytes: UInt64(header.l1Size) * 8)
+        header.l1Size = UInt32(entries)
+        header.l1TableOffset = newOffset
+        l1Table += [UInt64](repeating: 0, count: entries - l1Table.count)
+        if oldOffset != 0 {
+            for c in 0..<oldClusters { alloc.queueFree((oldOffset >> UInt64(g.clusterBits)) + c) }
+        }
+        try alloc.commitFrees()
+    }
+
+    /// New bitmap tables for the new disk size: entries kept, added ones all-zero,
+    /// bits past the new end cleared (in a copy of the last data cluster).
+    private func resizeBitmaps(_ entries: [BitmapDirectoryEntry], oldSize: UInt64) throws {
+        let alloc = try requireAllocator()
+        let g = geometry
+        let cs = UInt64(g.clusterSize)
+        let cb = UInt64(g.clusterBits)
+        var updated: [BitmapDirectoryEntry] = []
+        var freeing: [UInt64] = []
+        for var e in entries {
+            let newCount = Int(BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: Int(e.granularityBits), clusterSize: g.clusterSize))
+            var table: [UInt64] = []
+            let raw = try file.read(count: Int(e.tableSize) * 8, at: e.tableOffset)
+            raw.withUnsafeBytes { decodeBigEndianU64($0, into: &table) }
+            for w in table.dropFirst(newCount) where w & L2Entry.offsetMask != 0 { freeing.append((w & L2Entry.offsetMask) >> cb) }
+            var newTable = Array(table.prefix(newCount)) + [UInt64](repeating: 0, count: max(0, newCount - table.count))
+            // Bits past the end of the smaller disk must be zero.
+            let bits = (virtualSize + e.granularity - 1) / e.granularity
+            let bitsPerCluster = cs * 8
+            if virtualSize < oldSize, bits % bitsPerCluster != 0, let lastIndex = newTable.indices.last {
+                let w = newTable[lastIndex]
+                let off = w & L2Entry.offsetMask
+                if off != 0 {
+                    var data = try file.read(count: g.clusterSize, at: off)
+                    let keepBits = Int(bits % bitsPerCluster)
+                    for b in keepBits..<Int(bitsPerCluster) { data[b >> 3] &= ~UInt8(1 << (b & 7)) }
+                    let copy = try alloc.allocate(1)
+                    try alloc.commit()
+                    try file.write(data, at: copy)
+                    newTable[lastIndex] = copy
+                    freeing.append(off >> cb)
+                } else if w & 1 != 0 {
+                    // An all-ones cluster: materialize it with the tail cleared.
+                    var data = [UInt8](repeating: 0xFF, count: g.clusterSize)
+                    let keepBits = Int(bits % bitsPerCluster)
+                    for b in keepBits..<Int(bitsPerCluster) { data[b >> 3] &= ~UInt8(1 << (b & 7)) }
+                    let copy = try alloc.allocate(1)
+                    try alloc.commit()
+                    try file.write(data, at: copy)
+                    newTable[lastIndex] = copy
+                }
+            }
+            let tableClusters = Int(g.clusters(forBytes: UInt64(newCount * 8)))
+            let newTableOffset = try alloc.allocate(max(1, tableClusters))
+            try alloc.commit()
+            var bytes = ByteWriter()
+            for w in newTable { bytes.u64(w) }
+            try file.write(bytes.bytes, at: newTableOffset)
+            for c in 0..<g.clusters(forBytes: UInt64(e.tableSize) * 8) { freeing.append((e.tableOffset >> cb) + c) }
+            e.tableOffset = newTableOffset
+            e.tableSize = UInt32(newCount)
+            updated.append(e)
+        }
+        try file.sync()
+        try replaceBitmapDirectory(updated, freeing: freeing)
+    }
+}

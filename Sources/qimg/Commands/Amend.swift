@@ -1,0 +1,65 @@
+import ArgumentParser
+import QCow2
+
+struct Amend: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Change image options in place (qemu-img amend).",
+        discussion: "Supported: compat=0.10|v2|1.1|v3, lazy_refcounts=on|off, size=SIZE.")
+
+    @OptionGroup var format: FormatOption
+    @Option(name: .customShort("o"), help: "Options to change, key=value[,...].") var options: [String] = []
+    @Flag(name: .customShort("p"), help: "Show progress (accepted; amend is quick).") var progress = false
+    @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
+    @Argument(help: "The image file.") var file: String
+
+    static let help = """
+        Amend options for 'qcow2':
+          compat=<str>           - Compatibility level (v2 [0.10] or v3 [1.1])
+          lazy_refcounts=<bool (on/off)> - Postpone refcount updates
+          size=<size>            - Virtual disk size
+
+        """
+
+    func run() throws {
+        guard !options.isEmpty else { throw CommandFailure(message: "Must specify options (-o)") }
+        let list = try OptionList(options)
+        if list.help { Output.out(Self.help); return }
+        let createOnly: Set<String> = ["cluster_size", "extended_l2", "compression_type", "preallocation"]
+        var version: UInt32?
+        var lazy: Bool?
+        var size: UInt64?
+        for (k, v) in list.values {
+            switch k {
+            case "compat":
+                switch v {
+                case "0.10", "v2": version = 2
+                case "1.1", "v3": version = 3
+                default: throw CommandFailure(message: "Unknown compatibility level \(v)")
+                }
+            case "lazy_refcounts": lazy = try OptionList.bool(k, v)
+            case "size": size = try OptionList.size(k, v)
+            case "refcount_bits": throw CommandFailure(message: "\(file): changing refcount_bits is not supported by qimg yet")
+            case "backing_file", "backing_fmt": throw CommandFailure(message: "Cannot amend the backing file; use 'qimg rebase' instead")
+            default:
+                if createOnly.contains(k) { throw CommandFailure(message: "Invalid parameter '\(k)': this option is only supported for image creation") }
+                throw CommandFailure(message: "Invalid parameter '\(k)'")
+            }
+        }
+        var opener = ImageOpener()
+        opener.writable = true
+        opener.openBacking = false
+        let image = try opener.open(file, format: try format.imageFormat(path: file))
+        guard let q = image as? QCow2Image else {
+            throw CommandFailure(message: "Format driver 'raw' does not support option amendment")
+        }
+        if version == 2 && lazy == true {
+            throw CommandFailure(message: "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
+        }
+        // Upgrade before turning on v3 features; turn them off before a downgrade.
+        if let v = version, v > q.header.version { try q.setVersion(v) }
+        if let l = lazy { try q.setLazyRefcounts(l) }
+        if version == 2 { try q.setLazyRefcounts(false); try q.setVersion(2) }
+        if let s = size { try q.resize(to: s, allowShrink: true) }
+        try q.flush()
+    }
+}
