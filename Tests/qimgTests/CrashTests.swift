@@ -334,6 +334,7 @@ struct KilledRun {
                 return
             }
             shadow = actual
+            print("CRASHDBG \(c.name) run \(runs): \(when)")
             if r.killed { kills += 1 } else { completed += 1 }
         }
         #expect(kills >= Self.killsPerCase, "\(c.name): only \(kills) of \(runs) runs were killed (\(completed) completed first)")

@@ -55,10 +55,14 @@ struct Amend: ParsableCommand {
         if version == 2 && lazy == true {
             throw CommandFailure(message: "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
         }
-        // Upgrade before turning on v3 features; turn them off before a downgrade.
-        if let v = version, v > q.header.version { try q.setVersion(v) }
-        if let l = lazy { try q.setLazyRefcounts(l) }
-        if version == 2 { try q.setLazyRefcounts(false); try q.setVersion(2) }
+        // A downgrade validates everything before it writes (and drops lazy refcounts
+        // with the other v3 fields); an upgrade comes before turning on v3 features.
+        if version == 2 {
+            try q.setVersion(2)
+        } else {
+            if let v = version, v > q.header.version { try q.setVersion(v) }
+            if let l = lazy { try q.setLazyRefcounts(l) }
+        }
         if let s = size { try q.resize(to: s, allowShrink: true) }
         try q.flush()
     }
