@@ -119,7 +119,7 @@ struct CrashCommand: CustomStringConvertible {
             }
             untilFlush -= 1
             // Mostly short requests, sometimes long ones (many clusters, many L2 tables with small clusters).
-            let long = UInt64.random(in: 0..<8, using: &rng) == 0
+            let long = UInt64.random(in: 0..<3, using: &rng) == 0
             let maxLen = min(size, long ? 4 << 20 : max(clusterSize * 3, 256 << 10))
             var len = UInt64.random(in: 1...maxLen, using: &rng)
             var off = UInt64.random(in: 0..<size, using: &rng)
@@ -158,7 +158,9 @@ struct KilledRun {
     static let killsPerCase = 5
     /// Runs that complete before their kill do not count; give up after this many runs.
     static let maxRunsPerCase = 15
-    static let commandsPerRun = 600
+    /// Enough to outlast 300 ms mostly; qimg's argument parsing time grows quadratically
+    /// with the number of -c options (about 0.3 s for 450 in a debug build).
+    static let commandsPerRun = 450
 
     static let baseSeed: UInt64 = {
         if let s = ProcessInfo.processInfo.environment["QIMG_CRASH_SEED"], let v = UInt64(s) { return v }
@@ -201,7 +203,8 @@ struct KilledRun {
         return nil
     }
 
-    /// Starts qimg with `args` in `cwd` and SIGKILLs it after `delay` seconds unless it has ended.
+    /// Starts qimg with `args` in `cwd` (on `img.qcow2`) and SIGKILLs it `delay` seconds after
+    /// it has locked the image, unless it has ended.
     static func runAndKill(_ args: [String], cwd: String, after delay: Double) throws -> KilledRun {
         guard FileManager.default.isExecutableFile(atPath: Qimg.path) else {
             throw TestFailure("qimg binary not found at \(Qimg.path): run `swift build` first")
@@ -227,6 +230,12 @@ struct KilledRun {
         }
         try? out.close()
         try? err.close()
+        // The delay counts from the moment qimg holds its write lock (byte 101), i.e. has
+        // opened the image: parsing a long command list takes a while by itself.
+        var st = stat()
+        let inode = stat(cwd + "/img.qcow2", &st) == 0 ? UInt64(st.st_ino) : 0
+        let deadline = Date().addingTimeInterval(30)
+        while p.isRunning && !lockHeld(inode: inode, byte: 101) && Date() < deadline { usleep(500) }
         if done.wait(timeout: .now() + delay) == .timedOut {
             kill(p.processIdentifier, SIGKILL)
             done.wait()
@@ -334,7 +343,9 @@ struct KilledRun {
                 return
             }
             shadow = actual
-            print("CRASHDBG \(c.name) run \(runs): \(when)")
+            let sOld = Self.firstDifference(actual, expected, lo, hi) == nil
+            let sNew = Self.firstDifference(actual, newer, lo, hi) == nil
+            print("CRASHDBG \(c.name) run \(runs): \(when) state \(sOld && sNew ? "same" : sOld ? "old" : sNew ? "new" : "MIXED")")
             if r.killed { kills += 1 } else { completed += 1 }
         }
         #expect(kills >= Self.killsPerCase, "\(c.name): only \(kills) of \(runs) runs were killed (\(completed) completed first)")

@@ -75,17 +75,25 @@ func lockHeld(inode: UInt64, byte: Int) -> Bool {
         try Self.ok(try Runner.qemuImg(["create", "-q", "-f", "qcow2", img, "4M"]))
         try Self.ok(try Runner.qemuIO(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", img]))
 
-        let pidfile = dir + "/qsd.pid"
-        let start = try Runner.run(qsd, ["--blockdev", "driver=file,node-name=f,filename=\(img)",
-                                         "--blockdev", "driver=qcow2,node-name=q,file=f",
-                                         "--daemonize", "--pidfile", pidfile], cwd: dir, timeout: 30)
-        // Read the pid even if the start failed: a daemon may be running anyway.
-        let pid = (try? String(contentsOfFile: pidfile, encoding: .utf8))
-            .flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
-        defer { if let pid { Self.stopDaemon(pid) } }
-        try Self.ok(start)
-        guard let pid else { throw TestFailure("no pid in \(pidfile)") }
-        try waitForLock(on: img, byte: 101, alive: { Self.isRunning(pid) })
+        // In the foreground, as our child: with --daemonize the daemon would inherit the
+        // descriptor Foundation uses to see its parent exit, and Process would never
+        // report that exit while the daemon lives.
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: qsd)
+        daemon.arguments = ["--blockdev", "driver=file,node-name=f,filename=\(img)",
+                            "--blockdev", "driver=qcow2,node-name=q,file=f"]
+        daemon.environment = Runner.environment
+        daemon.standardInput = FileHandle.nullDevice
+        daemon.standardOutput = FileHandle.nullDevice
+        daemon.standardError = FileHandle.nullDevice
+        let ended = DispatchSemaphore(value: 0)
+        daemon.terminationHandler = { _ in ended.signal() }
+        try daemon.run()
+        defer {
+            kill(daemon.processIdentifier, SIGKILL)
+            _ = ended.wait(timeout: .now() + 10)
+        }
+        try waitForLock(on: img, byte: 101, alive: { daemon.isRunning })
 
         let before = try Data(contentsOf: URL(fileURLWithPath: img))
         Self.expectInUse("qimg io write", try Qimg.run(["io", "-c", "write 0 4k", "img.qcow2"], cwd: dir))
@@ -97,7 +105,7 @@ func lockHeld(inode: UInt64, byte: Int) -> Bool {
         #expect(info.out.contains("file format: qcow2"), "qimg info -U: \(info.out)")
         let after = try Data(contentsOf: URL(fileURLWithPath: img))
         #expect(after == before, "the image changed while qemu-storage-daemon held it")
-        #expect(Self.isRunning(pid), "qemu-storage-daemon ended during the test")
+        #expect(daemon.isRunning, "qemu-storage-daemon ended during the test")
     }
 
     @Test(.requiresQEMU)
@@ -145,19 +153,5 @@ func lockHeld(inode: UInt64, byte: Int) -> Bool {
     static func inode(_ path: String) -> UInt64 {
         var st = stat()
         return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
-    }
-
-    /// Running, and not a zombie (a daemon reparented to a PID 1 that does not reap).
-    static func isRunning(_ pid: Int32) -> Bool {
-        guard kill(pid, 0) == 0 else { return false }
-        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        return !stat[stat.index(after: close)...].hasPrefix(" Z")
-    }
-
-    static func stopDaemon(_ pid: Int32) {
-        kill(pid, SIGKILL)
-        let deadline = Date().addingTimeInterval(5)
-        while isRunning(pid) && Date() < deadline { usleep(10_000) }
     }
 }

@@ -122,7 +122,17 @@ struct WorkloadCase: Sendable, CustomTestStringConvertible {
                 if Bool.random(using: &rng) { off &= ~(w.granule - 1) }  // aligned starts half the time
                 if Bool.random(using: &rng) { len = max(w.granule, len & ~(w.granule - 1)) }
                 len = min(len, size - off)
-                switch UInt64.random(in: 0..<10, using: &rng) {
+                switch UInt64.random(in: 0..<11, using: &rng) {
+                case 10:
+                    // Compressed: whole clusters (the last one may end at the disk end).
+                    let cs = w.clusterSize
+                    let first = off / cs
+                    let count = min(UInt64.random(in: 1...2, using: &rng), (size - first * cs + cs - 1) / cs)
+                    let start = first * cs
+                    let length = min(count * cs, size - start)
+                    let p = UInt8.random(in: 1...255, using: &rng)
+                    commands.append("write -c -P \(p) \(start) \(length)")
+                    for i in start..<(start + length) { shadow[Int(i)] = p }
                 case 0..<6:
                     let p = UInt8.random(in: 1...255, using: &rng)
                     commands.append("write -P \(p) \(off) \(len)")

@@ -10,6 +10,39 @@ public enum CompressionType: UInt8, Sendable {
 }
 
 enum Codec {
+    /// Compresses one cluster the way QEMU does: raw deflate with a 4 KiB window
+    /// (windowBits -12, memLevel 9, default level), or one zstd frame with the content
+    /// size and no checksum. Returns nil when the result would not be smaller than the input.
+    static func compress(_ type: CompressionType, input: UnsafeRawBufferPointer) -> [UInt8]? {
+        guard let inBase = input.baseAddress, input.count > 0 else { return nil }
+        switch type {
+        case .zlib:
+            var strm = z_stream()
+            guard deflateInit2_(&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY,
+                                ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return nil }
+            defer { deflateEnd(&strm) }
+            var out = [UInt8](repeating: 0, count: input.count - 1)
+            let produced: Int? = out.withUnsafeMutableBytes { o in
+                strm.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: Bytef.self))
+                strm.avail_in = uInt(input.count)
+                strm.next_out = o.baseAddress!.assumingMemoryBound(to: Bytef.self)
+                strm.avail_out = uInt(o.count)
+                let r = deflate(&strm, Z_FINISH)
+                return r == Z_STREAM_END ? o.count - Int(strm.avail_out) : nil
+            }
+            guard let n = produced else { return nil }
+            return Array(out[0..<n])
+        case .zstd:
+            let bound = ZSTD_compressBound(input.count)
+            var out = [UInt8](repeating: 0, count: bound)
+            let n = out.withUnsafeMutableBytes { o in
+                ZSTD_compress(o.baseAddress, o.count, inBase, input.count, 3)
+            }
+            guard ZSTD_isError(n) == 0, n < input.count else { return nil }
+            return Array(out[0..<n])
+        }
+    }
+
     /// Decodes `input` into exactly `output.count` bytes. Returns false when the
     /// stream is invalid or ends early.
     static func decompress(_ type: CompressionType, input: UnsafeRawBufferPointer,

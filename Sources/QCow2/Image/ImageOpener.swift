@@ -30,6 +30,8 @@ public struct ImageOpener: Sendable {
     public var forceShare = false
     /// Rebuild the refcounts of a dirty image opened for writing (false: the caller repairs).
     public var repairDirty = true
+    /// Open an image marked corrupt for writing (only repairs do that).
+    public var allowCorrupt = false
     /// Receives repair diagnostics (what qemu prints on stderr while repairing).
     public var report: @Sendable (String) -> Void = { _ in }
 
@@ -69,7 +71,7 @@ public struct ImageOpener: Sendable {
             return try RawImage(path: path, file: file)
         case .qcow2:
             let img = try QCow2Image(path: path, file: file, cacheBytes: cacheBytes)
-            if write { try img.enableWriting(repairDirty: repairDirty, report: report) }
+            if write { try img.enableWriting(repairDirty: repairDirty, allowCorrupt: allowCorrupt, report: report) }
             if openBacking, let name = img.backingFileName {
                 let full = Self.resolveBacking(name, relativeTo: path)
                 var bfmt: ImageFormat?

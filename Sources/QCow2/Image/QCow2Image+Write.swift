@@ -14,11 +14,11 @@ extension QCow2Image {
     /// Turns on writing; the file must have been opened read-write. A dirty image
     /// (lazy refcounts, not closed cleanly) has its refcounts rebuilt first, as QEMU
     /// does on a read-write open, unless `repairDirty` is false (check -r does it itself).
-    func enableWriting(repairDirty: Bool = true, report: @escaping (String) -> Void = { _ in }) throws {
+    func enableWriting(repairDirty: Bool = true, allowCorrupt: Bool = false, report: @escaping (String) -> Void = { _ in }) throws {
         guard file.writable else {
             throw QCow2Error.invalidArgument(path: path, detail: "the image was opened read-only")
         }
-        if header.isCorrupt {
+        if header.isCorrupt && !allowCorrupt {
             throw QCow2Error.unsupported(path: path, detail: "image is marked corrupt; it can only be opened read-only (repair it with 'qimg check -r all')")
         }
         allocator = try Allocator(image: self)
@@ -31,12 +31,12 @@ extension QCow2Image {
         }
     }
 
-    /// Clears the dirty bit once the refcounts are known to be right.
+    /// Clears the dirty and corrupt bits once a check found the image consistent.
     public func clearDirtyBit() throws {
-        guard header.isDirty else { return }
+        guard header.isDirty || header.isCorrupt else { return }
         try allocator?.commit()
         try file.sync()
-        header.incompatibleFeatures &= ~Features.dirty
+        header.incompatibleFeatures &= ~(Features.dirty | Features.corrupt)
         var w = ByteWriter()
         w.u64(header.incompatibleFeatures)
         try file.write(w.bytes, at: 72)
@@ -129,8 +129,31 @@ extension QCow2Image {
 
     // MARK: - Data writes
 
+    /// Runs a change of the image; metadata found inconsistent on the way marks the
+    /// image corrupt (incompatible bit 1, as QEMU does) and ends writing in this session.
+    func guardingMetadata<T>(_ body: () throws -> T) throws -> T {
+        do {
+            return try body()
+        } catch let e as QCow2Error {
+            guard case .malformed(_, let field, let detail) = e, allocator != nil else { throw e }
+            allocator = nil
+            header.incompatibleFeatures |= Features.corrupt
+            if header.version >= 3 {
+                var w = ByteWriter()
+                w.u64(header.incompatibleFeatures)
+                try? file.write(w.bytes, at: 72)
+                try? file.sync()
+            }
+            throw QCow2Error.malformed(path: path, field: field, detail: detail + "; the image has been marked corrupt, further writes are refused")
+        }
+    }
+
     /// Writes `data` at guest `offset`.
     public func write(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try guardingMetadata { try writeUnguarded(data, at: offset) }
+    }
+
+    private func writeUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, data.count)
         _ = try requireAllocator()
         try prepareForWrite()
@@ -176,6 +199,27 @@ extension QCow2Image {
             }
         }
         return (copy, nil, l2)
+    }
+
+    /// Refuses to act on an entry QEMU would consider corrupt: bad descriptors, and
+    /// "owned" (COPIED) clusters whose refcount is not 1 — writing there in place
+    /// could overwrite other data or metadata.
+    func validateForWrite(_ e: L2Entry, index: Int, table: UInt64) throws {
+        let g = geometry
+        do {
+            for sub in 0..<(g.extendedL2 && !e.isCompressed ? 32 : 1) {
+                _ = try e.descriptor(geometry: g, subcluster: sub)
+            }
+        } catch {
+            throw QCow2Error.malformed(path: path, field: "L2 entry \(index) of table 0x\(hex(table))", detail: error.detail)
+        }
+        if !e.isCompressed && e.isCopied && e.hostOffset != 0 {
+            let rc = try requireAllocator().refcount(e.hostOffset >> UInt64(g.clusterBits))
+            guard rc == 1 else {
+                throw QCow2Error.malformed(path: path, field: "L2 entry \(index) of table 0x\(hex(table))",
+                                           detail: "cluster 0x\(hex(e.hostOffset)) is marked as owned but its refcount is \(rc)")
+            }
+        }
     }
 
     func setL2Entry(_ table: inout [UInt8], _ i: Int, _ e: L2Entry) {
@@ -236,6 +280,7 @@ extension QCow2Image {
         var freshCount = 0
         for i in first...last {
             let e = l2Entry(table, i)
+            try validateForWrite(e, index: i, table: tableOffset ?? 0)
             let plan: Plan
             if e.isCompressed || e.hostOffset == 0 {
                 plan = .fresh

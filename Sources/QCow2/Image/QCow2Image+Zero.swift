@@ -6,13 +6,13 @@
 extension QCow2Image {
     /// Makes [offset, offset+length) read as zeros. With `unmap`, host clusters may be released.
     public func writeZeroes(at offset: UInt64, length: UInt64, unmap: Bool = false) throws {
-        try zeroOrDiscard(offset, length, unmap: unmap, discard: false)
+        try guardingMetadata { try zeroOrDiscard(offset, length, unmap: unmap, discard: false) }
     }
 
     /// Releases whole clusters in [offset, offset+length); they then read as zeros
     /// (v3, or an image without backing file). Partial clusters are left unchanged.
     public func discard(at offset: UInt64, length: UInt64) throws {
-        try zeroOrDiscard(offset, length, unmap: true, discard: true)
+        try guardingMetadata { try zeroOrDiscard(offset, length, unmap: true, discard: true) }
     }
 
     /// Makes everything written so far durable.
@@ -96,6 +96,7 @@ extension QCow2Image {
             let cg = rangeBase + UInt64(i) * cs
             let a = max(fullStart, cg), b = min(fullEnd, cg + cs)
             let e = l2Entry(table, i)
+            try validateForWrite(e, index: i, table: tableOffset ?? 0)
             if g.extendedL2 {
                 let mask = Self.subclusterMask(from: Int((a - cg) >> UInt64(g.subclusterBits)),
                                                through: Int((b - 1 - cg) >> UInt64(g.subclusterBits)))

@@ -31,6 +31,8 @@ public final class QCow2Image: DiskImage {
     var allocator: Allocator?
     /// Writes already prepared the image (bitmaps, autoclear bits, dirty bit).
     var preparedForWrites = false
+    /// Where the next compressed stream may go: a host cluster and the bytes used in it.
+    var compressedPacking: (host: UInt64, used: UInt64)?
     var decompressedCluster: [UInt8] = []
     var decompressedKey: UInt64 = .max
     var compressedInput: [UInt8] = []

@@ -297,6 +297,7 @@ final class Allocator {
             if v == 1 {
                 freeHint = min(freeHint, c)
                 image.l2Cache.invalidate(c << UInt64(g.clusterBits))
+                if image.compressedPacking?.host == c << UInt64(g.clusterBits) { image.compressedPacking = nil }
             }
         }
         try commit()

@@ -8,7 +8,7 @@ struct IO: ParsableCommand {
         discussion: """
             Commands (qemu-io syntax):
               read [-P PATTERN] OFFSET LENGTH
-              write [-P PATTERN] [-z [-u]] OFFSET LENGTH
+              write [-P PATTERN] [-z [-u]] [-c] OFFSET LENGTH   (-c: compressed, whole clusters)
               discard OFFSET LENGTH
               flush
             The image is opened read-write only when a command changes it (or never, with -r).
@@ -41,6 +41,7 @@ struct IO: ParsableCommand {
         var pattern: UInt8?
         var zero = false
         var unmap = false
+        var compressed = false
         var offset: UInt64 = 0
         var length: UInt64 = 0
         var modifies: Bool { verb == .write || verb == .discard }
@@ -74,6 +75,7 @@ struct IO: ParsableCommand {
                 i += 2
             case "-z" where verb == .write: c.zero = true; i += 1
             case "-u" where verb == .write: c.unmap = true; i += 1
+            case "-c" where verb == .write: c.compressed = true; i += 1
             case "-q", "-v": i += 1
             default:
                 if words[i].hasPrefix("-") && SizeArgument.parse(words[i]) == nil {
@@ -108,6 +110,8 @@ struct IO: ParsableCommand {
         case .write:
             if c.zero {
                 try zero(image, c)
+            } else if c.compressed {
+                try writeCompressed(image, c)
             } else {
                 try write(image, c)
             }
@@ -139,6 +143,23 @@ struct IO: ParsableCommand {
                 }
             }
             done += UInt64(n)
+        }
+    }
+
+    func writeCompressed(_ image: any DiskImage, _ c: Command) throws {
+        guard let q = image as? QCow2Image else {
+            throw CommandFailure(message: "\(file): compressed writes need a qcow2 image")
+        }
+        let cs = UInt64(q.geometry.clusterSize)
+        guard c.offset % cs == 0, c.length % cs == 0 || c.offset + c.length == q.virtualSize else {
+            throw CommandFailure(message: "\(file): write -c: offset and length must cover whole clusters (\(cs) bytes)")
+        }
+        let buf = [UInt8](repeating: c.pattern ?? 0xcd, count: Int(cs))
+        var pos = c.offset
+        while pos < c.offset + c.length {
+            let n = Int(min(cs, c.offset + c.length - pos))
+            try buf.withUnsafeBytes { try q.writeCompressed(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
+            pos += UInt64(n)
         }
     }
 

@@ -1,0 +1,84 @@
+/// Compressed cluster writes (for convert -c and backup -c): one cluster at a time,
+/// packed at byte granularity into shared host clusters. Every host cluster a stream
+/// touches holds one reference per stream. Same crash-safe order as other writes:
+/// refcounts, data, L2 entry, then frees.
+extension QCow2Image {
+    /// Writes the cluster at guest `offset` (cluster-aligned) compressed. `data` is the
+    /// whole cluster, or the rest of the disk for a final partial cluster. Data that
+    /// does not compress is stored as a normal cluster, as QEMU does.
+    public func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        try guardingMetadata { try writeCompressedUnguarded(data, at: offset) }
+    }
+
+    private func writeCompressedUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        let g = geometry
+        let cs = g.clusterSize
+        guard g.isAligned(offset), data.count == min(cs, Int(virtualSize - min(offset, virtualSize))), data.count > 0 else {
+            throw QCow2Error.invalidArgument(path: path, detail: "compressed writes must cover exactly one cluster (offset \(offset), \(data.count) bytes)")
+        }
+        try checkRange(offset, data.count)
+        let alloc = try requireAllocator()
+        try prepareForWrite()
+        var cluster = [UInt8](repeating: 0, count: cs)
+        cluster.withUnsafeMutableBytes { $0.copyMemory(from: data) }
+        guard let stream = cluster.withUnsafeBytes({ Codec.compress(compressionType, input: $0) }) else {
+            try write(data, at: offset)
+            return
+        }
+        let l1i = g.l1Index(offset)
+        var (table, tableOffset, replaces) = try l2TableForWrite(l1i)
+        let index = g.l2Index(offset)
+        let old = l2Entry(table, index)
+        try validateForWrite(old, index: index, table: tableOffset ?? 0)
+
+        // 1. Refcounts: the stream goes into the current packing cluster when it fits,
+        //    else into fresh clusters.
+        let len = UInt64(stream.count)
+        var start: UInt64
+        let packRefcount = try compressedPacking.map { try alloc.refcount($0.host >> UInt64(g.clusterBits)) } ?? 0
+        // Share the packing cluster while it has room and its refcount can take one more.
+        if let p = compressedPacking, p.used + len <= UInt64(cs), packRefcount > 0, packRefcount < alloc.maxRefcount {
+            start = p.host + p.used
+            try alloc.increment(p.host >> UInt64(g.clusterBits))
+        } else {
+            let n = Int(g.clusters(forBytes: len))
+            start = try alloc.allocate(n)
+        }
+        var newTableOffset: UInt64?
+        if tableOffset == nil { newTableOffset = try alloc.allocate(1) }
+        try alloc.commit()
+        let end = start + len
+        compressedPacking = (host: (end - 1) & ~UInt64(cs - 1), used: end - ((end - 1) & ~UInt64(cs - 1)))
+
+        // 2. Data.
+        try file.write(stream, at: start)
+        let x = UInt64(70 - g.clusterBits)
+        let nsec = (end - 1) / 512 - start / 512
+        guard start < (UInt64(1) << x) else {
+            throw QCow2Error.unsupported(path: path, detail: "compressed data would lie beyond the offset range of a compressed descriptor")
+        }
+        let entry = L2Entry(L2Entry.compressedFlag | (nsec << x) | start)
+        setL2Entry(&table, index, entry)
+
+        // 3. Metadata, 4. frees.
+        var frees = referencedClusters(old)
+        if let t = newTableOffset {
+            try file.write(table, at: t)
+            try file.sync()
+            try setL1Entry(l1i, t | L1Entry.copied)
+            if let r = replaces { frees.append(r >> UInt64(g.clusterBits)); l2Cache.invalidate(r) }
+        } else if let t = tableOffset {
+            try file.sync()
+            try table.withUnsafeBytes {
+                try file.write(UnsafeRawBufferPointer(rebasing: $0[(index * g.l2EntrySize)..<((index + 1) * g.l2EntrySize)]),
+                               at: t + UInt64(index * g.l2EntrySize))
+            }
+            try file.sync()
+            l2Cache.update(t, table)
+        }
+        for c in frees { alloc.queueFree(c) }
+        try alloc.commitFrees()
+        decompressedKey = .max
+        fileSize = try file.size()
+    }
+}
