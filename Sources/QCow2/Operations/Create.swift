@@ -95,7 +95,7 @@ public enum ImageCreator {
         try f.fullSync()
     }
 
-    static func writeZeros(_ f: BlockFile, at offset: UInt64, length: UInt64) throws {
+    public static func writeZeros(_ f: BlockFile, at offset: UInt64, length: UInt64) throws {
         let chunk = [UInt8](repeating: 0, count: 1 << 20)
         var done: UInt64 = 0
         while done < length {
@@ -206,36 +206,56 @@ public enum ImageCreator {
 }
 
 extension QCow2Image {
-    /// Allocates every L2 table and data cluster of the disk (each L2 table followed by
-    /// its data clusters); with falloc/full the data clusters are also allocated on
-    /// disk (fallocate) or written with zeros.
-    func preallocate(_ mode: CreateOptions.Preallocation) throws {
+    /// Allocates L2 tables and data clusters for every unallocated cluster of
+    /// [from, virtual size) (each new L2 table followed by its data clusters); with
+    /// falloc/full the data clusters are also allocated on disk or written with zeros.
+    /// Same order as writes: refcounts, data and table, then the L1/L2 entry.
+    func preallocate(_ mode: CreateOptions.Preallocation, from: UInt64 = 0) throws {
+        guard mode != .off else { return }
         let g = geometry
         let cs = UInt64(g.clusterSize)
         let alloc = try requireAllocator()
         let size = virtualSize
-        var pos: UInt64 = 0
-        var end: UInt64 = try file.size()
+        var pos = from & ~(cs - 1)
         while pos < size {
             let l1i = g.l1Index(pos)
-            let span = min(size - pos, g.bytesPerL2)
-            let n = Int(g.clusters(forBytes: span))
-            let l2 = try alloc.allocate(1)
-            let data = try alloc.allocate(n)
-            try alloc.commit()
-            switch mode {
-            case .falloc: _ = file.preallocate(at: data, length: UInt64(n) * cs)
-            case .full: try ImageCreator.writeZeros(file, at: data, length: UInt64(n) * cs)
-            default: break
+            let rangeEnd = min(size, (pos | (g.bytesPerL2 - 1)) &+ 1)
+            let existing = L1Entry(l1Table[l1i])
+            var table: [UInt8]
+            let tableOffset: UInt64?
+            if existing.l2Offset != 0 && existing.isCopied {
+                table = try l2Table(at: existing.l2Offset, l1Index: l1i)
+                tableOffset = existing.l2Offset
+            } else if existing.l2Offset == 0 {
+                table = [UInt8](repeating: 0, count: g.clusterSize)
+                tableOffset = nil
+            } else {
+                pos = rangeEnd  // shared with a snapshot: leave it
+                continue
             }
-            var table = [UInt8](repeating: 0, count: g.clusterSize)
-            for i in 0..<n { setL2Entry(&table, i, L2Entry((data + UInt64(i) * cs) | L2Entry.copied)) }
-            try file.write(table, at: l2)
-            end = max(end, data + UInt64(n) * cs)
-            if try file.size() < end { try file.truncate(to: end) }
-            try file.sync()
-            try setL1Entry(l1i, l2 | L1Entry.copied)
-            pos += span
+            let indices = (g.l2Index(pos)...g.l2Index(rangeEnd - 1)).filter { l2Entry(table, $0) == L2Entry(0) }
+            pos = rangeEnd
+            guard !indices.isEmpty else { continue }
+            let newTable = tableOffset == nil ? try alloc.allocate(1) : 0
+            let data = try alloc.allocate(indices.count)
+            try alloc.commit()
+            let bytes = UInt64(indices.count) * cs
+            switch mode {
+            case .falloc: _ = file.preallocate(at: data, length: bytes)
+            case .full: try ImageCreator.writeZeros(file, at: data, length: bytes)
+            default: if try file.size() < data + bytes { try file.truncate(to: data + bytes) }
+            }
+            for (k, i) in indices.enumerated() { setL2Entry(&table, i, L2Entry((data + UInt64(k) * cs) | L2Entry.copied)) }
+            if let t = tableOffset {
+                try file.sync()
+                try file.write(table, at: t)
+                try file.sync()
+                l2Cache.update(t, table)
+            } else {
+                try file.write(table, at: newTable)
+                try file.sync()
+                try setL1Entry(l1i, newTable | L1Entry.copied)
+            }
         }
         fileSize = try file.size()
     }

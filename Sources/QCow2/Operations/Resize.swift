@@ -7,7 +7,7 @@
 /// first marked in use (so their size is not checked), the size changes, and
 /// then tables of the new size replace the old ones.
 extension QCow2Image {
-    public func resize(to newSize: UInt64, allowShrink: Bool) throws {
+    public func resize(to newSize: UInt64, allowShrink: Bool, preallocation: CreateOptions.Preallocation = .off) throws {
         let alloc = try requireAllocator()
         let g = geometry
         guard newSize % 512 == 0 else {
@@ -25,6 +25,9 @@ extension QCow2Image {
             throw QCow2Error.invalidArgument(path: path, detail: "Failed to grow the L1 table: File too large")
         }
         let oldSize = virtualSize
+        if preallocation != .off && newSize <= oldSize {
+            throw QCow2Error.invalidArgument(path: path, detail: "Preallocation can only be used for growing images")
+        }
         if newSize < oldSize {
             let tail = try hasAllocation(from: newSize)
             if tail && !allowShrink {
@@ -53,6 +56,7 @@ extension QCow2Image {
         try file.write(w.bytes, at: 24)
         try file.sync()
         header.size = newSize
+        if preallocation != .off { try preallocate(preallocation, from: oldSize) }
         if !consistent.isEmpty { try resizeBitmaps(consistent, oldSize: oldSize) }
         _ = alloc
     }

@@ -8,7 +8,7 @@ struct Resize: ParsableCommand {
 
     @OptionGroup var format: FormatOption
     @Flag(name: .customLong("shrink"), help: "Allow shrinking even when the part cut off holds data.") var shrink = false
-    @Option(name: .customLong("preallocation"), help: "Preallocation of the new area (off only for qcow2 so far).") var preallocation: String?
+    @Option(name: .customLong("preallocation"), help: "Preallocation of the new area: off, metadata, falloc, full.") var preallocation: String?
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Argument(help: "The image file.") var file: String
     @Argument(help: "New size: [+|-]SIZE.") var size: String
@@ -20,9 +20,10 @@ struct Resize: ParsableCommand {
         guard let amount = SizeArgument.parse(String(text)) else {
             throw CommandFailure(message: "Parameter 'size' expects a non-negative number below 2^64")
         }
-        if let p = preallocation, p != "off" {
-            guard ["metadata", "falloc", "full"].contains(p) else { throw CommandFailure(message: "Invalid preallocation mode '\(p)'") }
-            throw CommandFailure(message: "\(file): preallocation=\(p) is not supported by qimg resize yet")
+        var prealloc = CreateOptions.Preallocation.off
+        if let p = preallocation {
+            guard let m = CreateOptions.Preallocation(rawValue: p) else { throw CommandFailure(message: "Invalid preallocation mode '\(p)'") }
+            prealloc = m
         }
         var opener = ImageOpener()
         opener.writable = true
@@ -42,13 +43,19 @@ struct Resize: ParsableCommand {
         }
         guard target > 0, target <= UInt64(Int64.max) else { throw CommandFailure(message: "New image size must be positive") }
         if let q = image as? QCow2Image {
-            try q.resize(to: target, allowShrink: shrink)
+            try q.resize(to: target, allowShrink: shrink, preallocation: prealloc)
             try q.flush()
         } else if let r = image as? RawImage {
             if target < current && !shrink {
                 throw CommandFailure(message: "Use the --shrink option to perform a shrink operation.")
             }
+            if prealloc == .metadata { throw CommandFailure(message: "\(file): Unsupported preallocation mode: metadata") }
+            if prealloc != .off && target <= current {
+                throw CommandFailure(message: "Preallocation can only be used for growing images")
+            }
             try r.file.truncate(to: target)
+            if prealloc == .falloc { _ = r.file.preallocate(at: current, length: target - current) }
+            if prealloc == .full { try ImageCreator.writeZeros(r.file, at: current, length: target - current) }
             try r.file.fullSync()
         }
         if !quiet { Output.out("Image resized.\n") }
