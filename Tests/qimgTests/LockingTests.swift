@@ -97,12 +97,13 @@ func lockHeld(inode: UInt64, byte: Int) -> Bool {
 
         let before = try Data(contentsOf: URL(fileURLWithPath: img))
         Self.expectInUse("qimg io write", try Qimg.run(["io", "-c", "write 0 4k", "img.qcow2"], cwd: dir))
-        // Fails until `qimg resize` exists; then it must refuse the locked image the same way.
         Self.expectInUse("qimg resize", try Qimg.run(["resize", "img.qcow2", "+1M"], cwd: dir))
         Self.expectInUse("qimg info (locking reader)", try Qimg.run(["info", "img.qcow2"], cwd: dir))
         let info = try Qimg.run(["info", "-U", "img.qcow2"], cwd: dir)
         #expect(info.exitedNormally && info.status == 0, "qimg info -U: \(info.summary): \(info.err)")
         #expect(info.out.contains("file format: qcow2"), "qimg info -U: \(info.out)")
+        let map = try Qimg.run(["map", "-U", "img.qcow2"], cwd: dir)
+        #expect(map.exitedNormally && map.status == 0, "qimg map -U: \(map.summary): \(map.err)")
         let after = try Data(contentsOf: URL(fileURLWithPath: img))
         #expect(after == before, "the image changed while qemu-storage-daemon held it")
         #expect(daemon.isRunning, "qemu-storage-daemon ended during the test")

@@ -12,7 +12,7 @@ struct Info: ParsableCommand {
 
     func run() throws {
         var infos: [ImageInfo] = []
-        let top = try openImage(file, format: format, backing: backingChain)
+        let top = try openImage(file, format: format, share: share, backing: backingChain)
         var layer: (any DiskImage)? = top
         while let l = layer {
             infos.append(try ImageInfo(l))

@@ -12,7 +12,7 @@ struct Map: ParsableCommand {
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
-        let image = try openImage(file, format: format)
+        let image = try openImage(file, format: format, share: share)
         var first = true
         var text = ""
         if output == .human {

@@ -70,9 +70,10 @@ struct SizeArgument: ExpressibleByArgument {
     }
 }
 
-/// Opens an image (and its backing chain) for reading.
-func openImage(_ path: String, format: FormatOption, backing: Bool = true) throws -> any DiskImage {
+/// Opens an image (and its backing chain) for reading; `-U` takes no locks.
+func openImage(_ path: String, format: FormatOption, share: ShareOption, backing: Bool = true) throws -> any DiskImage {
     var opener = ImageOpener()
     opener.openBacking = backing
+    opener.forceShare = share.forceShare
     return try opener.open(path, format: try format.imageFormat(path: path))
 }
