@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# qimg demo: build a small qcow2 chain with QEMU's tools (qimg cannot create
-# images yet), then inspect it with qimg. Everything is written to ./demo/.
+# qimg demo: build a small qcow2 chain with qimg, let QEMU's tools confirm
+# what qimg wrote, and inspect and repair it with qimg. Everything is
+# written to ./demo/.
 #
 #   scripts/demo.sh            uses .build/debug/qimg (run `make build` first)
 #   QIMG=/path/to/qimg scripts/demo.sh
@@ -47,25 +48,30 @@ qimg() {
     fi
 }
 
-header "Create a 64 MiB qcow2 image with qemu-img"
-setup qemu-img create -q -f qcow2 base.qcow2 64M
+header "Create a 64 MiB qcow2 image with qimg"
+qimg create -f qcow2 base.qcow2 64M
 
-header "Write patterned data, a zero range and a discard with qemu-io"
-setup qemu-io -f qcow2 \
+header "Write patterned data, a zero range, a compressed cluster and a discard with qimg io"
+qimg io \
     -c 'write -P 0xaa 0 1M' \
     -c 'write -P 0xbb 1500000 300000' \
     -c 'write -z 4M 1M' \
+    -c 'write -c -P 0x99 6M 64k' \
     -c 'write -P 0xcc 8M 128k' \
     -c 'discard 8M 64k' \
     base.qcow2
 
-header "Add a persistent dirty bitmap, then write more (the bitmap records it)"
+header "QEMU agrees: qemu-img check and qemu-io read back what qimg wrote"
+setup qemu-img check base.qcow2
+setup qemu-io -f qcow2 -r -c 'read -P 0xaa 0 1M' -c 'read -P 0x99 6M 64k' -c 'read -P 0 8M 64k' base.qcow2
+
+header "Add a persistent dirty bitmap with qemu-img, and let QEMU record a write in it"
 setup qemu-img bitmap --add base.qcow2 since-monday
 setup qemu-io -f qcow2 -c 'write -P 0xdd 32M 64k' base.qcow2
 
-header "Create an overlay backed by base.qcow2 and write to it"
-setup qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
-setup qemu-io -f qcow2 \
+header "Create an overlay backed by base.qcow2 with qimg and write to it"
+qimg create -f qcow2 -b base.qcow2 -F qcow2 overlay.qcow2
+qimg io \
     -c 'write -P 0xee 512k 64k' \
     -c 'write -z 1500000 4096' \
     overlay.qcow2
@@ -76,8 +82,8 @@ qimg info base.qcow2
 header "qimg info --backing-chain --output=json: the overlay and its backing file"
 qimg info --backing-chain --output=json overlay.qcow2
 
-header "qimg map: where the overlay's guest data comes from"
-qimg map overlay.qcow2
+header "qimg map: where the overlay's guest data comes from (first 4 MiB; the human form cannot show compressed clusters)"
+qimg map --max-length=4M overlay.qcow2
 
 header "qimg map --output=json"
 qimg map --output=json overlay.qcow2
@@ -91,6 +97,22 @@ qimg io -c 'read -P 0xaa 0 512k' overlay.qcow2
 qimg io -c 'read -P 0xee 512k 64k' overlay.qcow2
 qimg io -c 'read -P 0xbb 1504096 295904' overlay.qcow2
 qimg io -c 'read -P 0 4M 1M' overlay.qcow2
+
+header "qimg resize: grow the overlay, then check it"
+qimg resize overlay.qcow2 +64M
+qimg check overlay.qcow2
+
+header "qimg check -r leaks: a leaked cluster (made with a raw edit of a refcount) is repaired"
+cp base.qcow2 leaky.qcow2
+# Append one cluster to the file and give it refcount 1 in refcount block 0
+# (at 0x20000, 16-bit entries): nothing references it, so it is leaked.
+n=$(( ($(stat -c %s leaky.qcow2) + 65535) / 65536 ))
+truncate -s $(( (n + 1) * 65536 )) leaky.qcow2
+printf '\x00\x01' | dd of=leaky.qcow2 bs=1 seek=$((0x20000 + 2 * n)) conv=notrunc status=none
+show qimg check leaky.qcow2
+rc=0; "$QIMG" check leaky.qcow2 || rc=$?; echo "(exit $rc: 3 means leaks only)"
+[ "$rc" -eq 3 ] || failed+=("check of the leaky image: expected exit 3, got $rc")
+qimg check -r leaks leaky.qcow2
 
 header "qimg io: a wrong pattern fails with exit 1"
 show qimg io -c 'read -P 0x42 0 4096' overlay.qcow2
