@@ -19,6 +19,7 @@ extension QCow2Image {
         try checkRange(offset, data.count)
         let alloc = try requireAllocator()
         try prepareForWrite()
+        trackWrite(offset, UInt64(data.count))
         var cluster = [UInt8](repeating: 0, count: cs)
         cluster.withUnsafeMutableBytes { $0.copyMemory(from: data) }
         guard let stream = cluster.withUnsafeBytes({ Codec.compress(compressionType, input: $0) }) else {

@@ -58,7 +58,7 @@ extension QCow2Image {
     func prepareForWrite() throws {
         guard !preparedForWrites else { return }
         try clearUnknownAutoclearBits()
-        try markEnabledBitmapsInUse()
+        try startTrackingBitmaps()
         preparedForWrites = true
     }
 
@@ -157,6 +157,7 @@ extension QCow2Image {
         try checkRange(offset, data.count)
         _ = try requireAllocator()
         try prepareForWrite()
+        trackWrite(offset, UInt64(data.count))
         var done = 0
         while done < data.count {
             let off = offset + UInt64(done)

@@ -27,6 +27,7 @@ extension QCow2Image {
         try checkRange(offset, Int(length))
         _ = try requireAllocator()
         try prepareForWrite()
+        trackWrite(offset, length)
         var pos = offset
         let end = offset + length
         while pos < end {

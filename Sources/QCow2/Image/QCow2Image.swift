@@ -33,6 +33,8 @@ public final class QCow2Image: DiskImage {
     var preparedForWrites = false
     /// Where the next compressed stream may go: a host cluster and the bytes used in it.
     var compressedPacking: (host: UInt64, used: UInt64)?
+    /// Enabled bitmaps kept in step with guest writes during this session (by name).
+    var trackedBitmaps: [String: DirtyBitmap] = [:]
     var decompressedCluster: [UInt8] = []
     var decompressedKey: UInt64 = .max
     var compressedInput: [UInt8] = []

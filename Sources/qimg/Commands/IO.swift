@@ -30,8 +30,18 @@ struct IO: ParsableCommand {
         opener.writable = writes
         opener.forceShare = share.forceShare
         let image = try opener.open(file, format: try format.imageFormat(path: file))
-        for c in parsed { try execute(c, on: image) }
-        if writes { try sync(image) }
+        // A failed command still ends the session cleanly: every write so far is
+        // complete and recorded in the tracked bitmaps, which are written back.
+        var failure: Error?
+        for c in parsed {
+            do { try execute(c, on: image) } catch { failure = error; break }
+        }
+        if writes {
+            do {
+                if let q = image as? QCow2Image { try q.close() } else { try sync(image) }
+            } catch { if failure == nil { failure = error } }
+        }
+        if let failure { throw failure }
     }
 
     enum Verb { case read, write, discard, flush }

@@ -1,0 +1,169 @@
+/// Persistent bitmaps on disk: loading a bitmap's data, writing a new set of bitmaps
+/// (data clusters only where bits are set, tables, then the directory), and keeping
+/// enabled bitmaps in step with guest writes during a read-write session.
+///
+/// Every change follows one pattern: new clusters written and durable, one small
+/// header write switches to them, the old clusters are freed afterwards. A crash
+/// leaves either the old set or the new one (and leaked clusters at worst).
+extension QCow2Image {
+    /// The bitmap data of directory entry `e`.
+    public func loadBitmap(_ e: BitmapDirectoryEntry) throws -> DirtyBitmap {
+        var bm = DirtyBitmap(granularity: e.granularity, size: virtualSize)
+        let cs = geometry.clusterSize
+        var table: [UInt64] = []
+        let raw = try file.read(count: Int(e.tableSize) * 8, at: e.tableOffset)
+        raw.withUnsafeBytes { decodeBigEndianU64($0, into: &table) }
+        for (k, w) in table.enumerated() {
+            let off = w & L2Entry.offsetMask
+            if off != 0 {
+                let data = try file.read(count: cs, at: off)
+                data.withUnsafeBytes { bm.load(bytes: $0, atByte: UInt64(k) * UInt64(cs)) }
+            } else if w & 1 != 0 {
+                let bitsPerCluster = UInt64(cs) * 8
+                bm.setBits(UInt64(k) * bitsPerCluster, UInt64(k + 1) * bitsPerCluster, to: true)
+            }
+        }
+        return bm
+    }
+
+    /// Clusters an entry's table and data occupy.
+    func bitmapClusters(_ e: BitmapDirectoryEntry) throws -> [UInt64] {
+        let cb = UInt64(geometry.clusterBits)
+        var out: [UInt64] = []
+        for c in 0..<geometry.clusters(forBytes: UInt64(e.tableSize) * 8) { out.append((e.tableOffset >> cb) + c) }
+        var table: [UInt64] = []
+        let raw = try file.read(count: Int(e.tableSize) * 8, at: e.tableOffset)
+        raw.withUnsafeBytes { decodeBigEndianU64($0, into: &table) }
+        for w in table where w & L2Entry.offsetMask != 0 { out.append((w & L2Entry.offsetMask) >> cb) }
+        return out
+    }
+
+    /// Writes the data and table of `bitmap` to new clusters (not yet referenced).
+    /// Returns the table offset and size.
+    func writeBitmapData(_ bitmap: DirtyBitmap) throws -> (offset: UInt64, size: UInt32) {
+        let alloc = try requireAllocator()
+        let g = geometry
+        let cs = g.clusterSize
+        let entries = Int(BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: bitmap.granularity.trailingZeroBitCount, clusterSize: cs))
+        var table = [UInt64](repeating: 0, count: entries)
+        for k in 0..<entries {
+            guard let bytes = bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) else { continue }
+            let c = try alloc.allocate(1)
+            try alloc.commit()
+            try file.write(bytes, at: c)
+            table[k] = c
+        }
+        let tableClusters = max(1, Int(g.clusters(forBytes: UInt64(entries) * 8)))
+        let t = try alloc.allocate(tableClusters)
+        try alloc.commit()
+        var w = ByteWriter()
+        for e in table { w.u64(e) }
+        try file.write(w.bytes, at: t)
+        return (t, UInt32(entries))
+    }
+
+    /// Replaces the whole set of bitmaps with `entries` (their tables already written and
+    /// durable, or unchanged), then frees `freeing`. Handles the extension appearing
+    /// (first bitmap) and disappearing (last bitmap removed).
+    func commitBitmapSet(_ entries: [BitmapDirectoryEntry], freeing: [UInt64]) throws {
+        let alloc = try requireAllocator()
+        let g = geometry
+        try file.sync()
+        let oldDirectory: [UInt64]
+        if let ext = bitmapsExtension {
+            let first = ext.directoryOffset >> UInt64(g.clusterBits)
+            oldDirectory = (0..<g.clusters(forBytes: ext.directorySize)).map { first + $0 }
+        } else {
+            oldDirectory = []
+        }
+        if entries.isEmpty {
+            // Autoclear bit first: an extension without the bit is merely ignored.
+            header.autoclearFeatures &= ~Features.autoclearBitmaps
+            var w = ByteWriter()
+            w.u64(header.autoclearFeatures)
+            try file.write(w.bytes, at: 88)
+            try file.sync()
+            try writeHeaderCluster(header, extensions: extensions.filter { if case .bitmaps = $0 { return false } else { return true } })
+            bitmapsExtension = nil
+        } else {
+            var dir: [UInt8] = []
+            for e in entries { e.serialize(into: &dir) }
+            let n = Int(g.clusters(forBytes: UInt64(dir.count)))
+            let newOffset = try alloc.allocate(n)
+            try alloc.commit()
+            try file.write(dir, at: newOffset)
+            try file.sync()
+            let ext = BitmapsExtension(nbBitmaps: UInt32(entries.count), reserved: 0,
+                                       directorySize: UInt64(dir.count), directoryOffset: newOffset)
+            if bitmapsExtension != nil, let payload = try extensionPayloadOffset(HeaderExtension.typeBitmaps) {
+                // One 24-byte write switches count, size and offset together.
+                var w = ByteWriter()
+                w.u32(ext.nbBitmaps); w.u32(0); w.u64(ext.directorySize); w.u64(ext.directoryOffset)
+                try file.write(w.bytes, at: UInt64(payload))
+                try file.sync()
+                extensions = extensions.map { if case .bitmaps = $0 { return .bitmaps(ext) } else { return $0 } }
+            } else {
+                // First bitmap: the extension goes in with the autoclear bit still clear,
+                // then the bit is set (the spec's order: never the bit without the extension).
+                var exts = extensions.filter { if case .bitmaps = $0 { return false } else { return true } }
+                let insertAt = exts.firstIndex { if case .unknown = $0 { return true } else { return false } } ?? exts.count
+                exts.insert(.bitmaps(ext), at: insertAt)
+                var h = header
+                h.autoclearFeatures &= ~Features.autoclearBitmaps
+                try writeHeaderCluster(h, extensions: exts)
+                header.autoclearFeatures = h.autoclearFeatures | Features.autoclearBitmaps
+                var w = ByteWriter()
+                w.u64(header.autoclearFeatures)
+                try file.write(w.bytes, at: 88)
+                try file.sync()
+            }
+            bitmapsExtension = ext
+        }
+        bitmaps = entries
+        for c in oldDirectory + freeing { alloc.queueFree(c) }
+        try alloc.commitFrees()
+    }
+
+    // MARK: Tracking guest writes
+
+    /// Loads the enabled, consistent bitmaps for tracking and marks them in use on disk.
+    func startTrackingBitmaps() throws {
+        guard bitmapsExtension != nil, header.autoclearFeatures & Features.autoclearBitmaps != 0 else { return }
+        var tracked: [String: DirtyBitmap] = [:]
+        for e in bitmaps where e.isAuto && !e.inUse { tracked[e.name] = try loadBitmap(e) }
+        guard !tracked.isEmpty else { return }
+        try markEnabledBitmapsInUse()
+        trackedBitmaps = tracked
+    }
+
+    /// Records a guest write in every tracked bitmap.
+    func trackWrite(_ offset: UInt64, _ length: UInt64) {
+        guard !trackedBitmaps.isEmpty else { return }
+        for k in trackedBitmaps.keys { trackedBitmaps[k]!.set(offset, length) }
+    }
+
+    /// Writes the tracked bitmaps back with `in_use` cleared (QEMU's clean close).
+    func storeTrackedBitmaps() throws {
+        guard !trackedBitmaps.isEmpty else { return }
+        var entries = bitmaps
+        var freeing: [UInt64] = []
+        for i in entries.indices {
+            guard let bm = trackedBitmaps[entries[i].name] else { continue }
+            freeing += try bitmapClusters(entries[i])
+            let (t, n) = try writeBitmapData(bm)
+            entries[i].tableOffset = t
+            entries[i].tableSize = n
+            entries[i].flags &= ~BitmapDirectoryEntry.flagInUse
+        }
+        try commitBitmapSet(entries, freeing: freeing)
+        trackedBitmaps = [:]
+    }
+
+    /// Ends a read-write session cleanly: everything durable, bitmaps written back.
+    public func close() throws {
+        guard allocator != nil else { return }
+        try storeTrackedBitmaps()
+        try flush()
+        preparedForWrites = false
+    }
+}
