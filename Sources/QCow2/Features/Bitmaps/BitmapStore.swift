@@ -102,6 +102,14 @@ extension QCow2Image {
                 try file.write(w.bytes, at: UInt64(payload))
                 try file.sync()
                 extensions = extensions.map { if case .bitmaps = $0 { return .bitmaps(ext) } else { return $0 } }
+                if header.autoclearFeatures & Features.autoclearBitmaps == 0 {
+                    // The extension was stale (an unaware writer cleared the bit): valid again now.
+                    header.autoclearFeatures |= Features.autoclearBitmaps
+                    var a = ByteWriter()
+                    a.u64(header.autoclearFeatures)
+                    try file.write(a.bytes, at: 88)
+                    try file.sync()
+                }
             } else {
                 // First bitmap: the extension goes in with the autoclear bit still clear,
                 // then the bit is set (the spec's order: never the bit without the extension).

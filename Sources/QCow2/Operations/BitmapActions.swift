@@ -1,0 +1,139 @@
+/// `qemu-img bitmap` actions, applied in order and committed together: either every
+/// action succeeds and the image switches to the new set of bitmaps with one
+/// header write, or nothing on disk changes.
+public enum BitmapAction: Equatable, Sendable {
+    case add(granularity: UInt64?, disabled: Bool)
+    case remove
+    case clear
+    case enable
+    case disable
+    /// Merge bitmap `source` (of `image`, or of another image already loaded by the caller).
+    case merge(source: String)
+
+    public var name: String {
+        switch self {
+        case .add: return "add"
+        case .remove: return "remove"
+        case .clear: return "clear"
+        case .enable: return "enable"
+        case .disable: return "disable"
+        case .merge: return "merge"
+        }
+    }
+}
+
+public struct BitmapActionError: Error, CustomStringConvertible {
+    public var action: String
+    public var bitmap: String
+    public var reason: String
+    public var description: String { "Operation \(action) on bitmap \(bitmap) failed: \(reason)" }
+}
+
+extension QCow2Image {
+    /// The default granularity of a new bitmap: the cluster size clamped to 4 KiB .. 64 KiB.
+    public var defaultBitmapGranularity: UInt64 { UInt64(min(max(geometry.clusterSize, 4096), 65536)) }
+
+    /// Applies `actions` to bitmap `name`. `mergeSource` supplies bitmaps of another image
+    /// for `.merge` (nil: merge from this image).
+    public func applyBitmapActions(_ actions: [BitmapAction], to name: String,
+                                   mergeSource: ((String) throws -> DirtyBitmap)? = nil) throws {
+        _ = try requireAllocator()
+        var entries = header.autoclearFeatures & Features.autoclearBitmaps != 0 ? bitmaps : []
+        var data: [String: DirtyBitmap] = [:]  // new content of bitmaps that change
+        var removed: [BitmapDirectoryEntry] = []
+        func fail(_ a: BitmapAction, _ reason: String) -> BitmapActionError {
+            BitmapActionError(action: a.name, bitmap: name, reason: reason)
+        }
+        func consistent(_ a: BitmapAction, _ i: Int) throws {
+            if entries[i].inUse {
+                throw fail(a, "Bitmap '\(name)' is inconsistent and cannot be used; use --remove to delete it")
+            }
+        }
+        for a in actions {
+            let index = entries.firstIndex { $0.name == name }
+            switch a {
+            case .add(let g, let disabled):
+                guard index == nil else { throw fail(a, "Bitmap already exists: \(name)") }
+                guard header.version >= 3 else {
+                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Cannot store dirty bitmaps in qcow2 v2 files")
+                }
+                let nameBytes = name.utf8.count
+                guard nameBytes >= 1 else { throw fail(a, "Bitmap name cannot be empty") }
+                guard nameBytes <= BitmapDirectoryEntry.maxNameSize else {
+                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Name length exceeds maximum (1023 characters)")
+                }
+                let gran = g ?? defaultBitmapGranularity
+                guard gran >= 512, gran <= 1 << 31, gran & (gran - 1) == 0 else {
+                    throw fail(a, "Granularity must be power of 2 and at least 512")
+                }
+                let tableSize = BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: gran.trailingZeroBitCount, clusterSize: geometry.clusterSize)
+                guard tableSize <= BitmapDirectoryEntry.maxTableEntries,
+                      tableSize << UInt64(geometry.clusterBits) <= BitmapDirectoryEntry.maxDataBytes else {
+                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Too much space will be occupied by the bitmap. Use larger granularity")
+                }
+                guard entries.count < Int(BitmapsExtension.maxBitmaps) else {
+                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Too many bitmaps (at most 65535)")
+                }
+                let dirBytes = entries.reduce(0) { $0 + (24 + $1.name.utf8.count + 7) & ~7 } + (24 + nameBytes + 7) & ~7
+                guard UInt64(dirBytes) <= BitmapsExtension.maxDirectorySize else {
+                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': the bitmap directory would be too large")
+                }
+                entries.append(BitmapDirectoryEntry(tableOffset: 0, tableSize: 0, flags: disabled ? 0 : BitmapDirectoryEntry.flagAuto,
+                                                    type: 1, granularityBits: UInt8(gran.trailingZeroBitCount), name: name, extraData: []))
+                data[name] = DirtyBitmap(granularity: gran, size: virtualSize)
+            case .remove:
+                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
+                if entries[i].tableOffset != 0 { removed.append(entries[i]) }
+                entries.remove(at: i)
+                data[name] = nil
+            case .clear:
+                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
+                try consistent(a, i)
+                data[name] = DirtyBitmap(granularity: entries[i].granularity, size: virtualSize)
+            case .enable, .disable:
+                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
+                try consistent(a, i)
+                if a == .enable { entries[i].flags |= BitmapDirectoryEntry.flagAuto } else { entries[i].flags &= ~BitmapDirectoryEntry.flagAuto }
+            case .merge(let source):
+                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
+                try consistent(a, i)
+                let src: DirtyBitmap
+                if let mergeSource {
+                    src = try mergeSource(source)
+                } else {
+                    guard let s = entries.first(where: { $0.name == source }) else { throw fail(a, "Dirty bitmap '\(source)' not found") }
+                    guard !s.inUse else { throw fail(a, "Bitmap '\(source)' is inconsistent and cannot be used; use --remove to delete it") }
+                    src = try data[source] ?? loadBitmap(s)
+                }
+                var target = try data[name] ?? loadBitmap(entries[i])
+                target.merge(src)
+                data[name] = target
+            }
+        }
+        // Commit: new data and tables, then the directory switch, then frees.
+        try clearUnknownAutoclearBits()
+        var freeing: [UInt64] = []
+        for r in removed { freeing += try bitmapClusters(r) }
+        for i in entries.indices {
+            guard let bm = data[entries[i].name] else { continue }
+            if entries[i].tableOffset != 0 { freeing += try bitmapClusters(entries[i]) }
+            let (t, n) = try writeBitmapData(bm)
+            entries[i].tableOffset = t
+            entries[i].tableSize = n
+        }
+        try commitBitmapSet(entries, freeing: freeing)
+        try flush()
+    }
+
+    /// A consistent bitmap by name (for dumps, merges from another image, backups).
+    public func consistentBitmap(_ name: String) throws -> (BitmapDirectoryEntry, DirtyBitmap) {
+        guard header.autoclearFeatures & Features.autoclearBitmaps != 0,
+              let e = bitmaps.first(where: { $0.name == name }) else {
+            throw QCow2Error.invalidArgument(path: path, detail: "Dirty bitmap '\(name)' not found")
+        }
+        guard !e.inUse else {
+            throw QCow2Error.unsupported(path: path, detail: "Bitmap '\(name)' is inconsistent and cannot be used; use --remove to delete it")
+        }
+        return (e, try loadBitmap(e))
+    }
+}
