@@ -129,4 +129,48 @@ import Testing
         let c = try Qimg.run(["amend", "-o", "cluster_size=4k", "m.qcow2"], cwd: dir)
         #expect(c.status == 1 && c.stderrLines.count == 1)
     }
+
+    /// A broken bitmap table makes the image unopenable for every QEMU tool; `check`
+    /// reports it and `check -r all` drops the bitmaps, keeping the guest data. An
+    /// inconsistent (in use) bitmap is reported and removed by `-r all` too.
+    @Test(.requiresQEMU) func repairDropsBrokenAndInconsistentBitmaps() throws {
+        let dir = try Self.scratch("bitmap-repair")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        _ = try Self.sh(["qemu-img", "create", "-q", "-f", "qcow2", "b.qcow2", "16M"], dir)
+        _ = try Self.sh(["qemu-io", "-c", "write -P 9 0 1M", "b.qcow2"], dir)
+        _ = try Self.sh(["qemu-img", "bitmap", "--add", "b.qcow2", "b0"], dir)
+        _ = try Self.sh(["qemu-io", "-c", "write 2M 64k", "b.qcow2"], dir)
+        // Set a reserved bit in the first bitmap table entry (located through the header).
+        let url = URL(fileURLWithPath: dir + "/b.qcow2")
+        var bytes = [UInt8](try Data(contentsOf: url))
+        func be(_ o: Int, _ n: Int) -> UInt64 { (0..<n).reduce(0) { $0 << 8 | UInt64(bytes[o + $1]) } }
+        var off = 112
+        while be(off, 4) != 0x2385_2875 { off += 8 + ((Int(be(off + 4, 4)) + 7) & ~7) }
+        let dirOffset = Int(be(off + 8 + 16, 8))
+        let tableOffset = Int(be(dirOffset, 8))
+        bytes[tableOffset + 7] = 2
+        try Data(bytes).write(to: url)
+        #expect(try Runner.qemuImg(["check", "b.qcow2"], cwd: dir).status == 1, "QEMU should not open it")
+
+        let c = try Qimg.run(["check", "b.qcow2"], cwd: dir)
+        #expect(c.status == 2 && c.err.contains("ERROR bitmaps"), "\(c.err)")
+        let r = try Qimg.run(["check", "-r", "all", "b.qcow2"], cwd: dir)
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(try Runner.qemuImg(["check", "b.qcow2"], cwd: dir).status == 0)
+        #expect(!(try Runner.qemuIO(["-c", "read -P 9 0 1M", "b.qcow2"], cwd: dir).out.contains("failed")))
+
+        // An inconsistent bitmap: reported by check, removed by -r all.
+        _ = try Self.sh(["qemu-img", "bitmap", "--add", "b.qcow2", "stale"], dir)
+        _ = try Self.sh(["qemu-img", "bitmap", "--add", "b.qcow2", "fine"], dir)
+        _ = try Runner.qemuIO(["-c", "write 0 4k", "-c", "abort", "b.qcow2"], cwd: dir)
+        _ = try Self.sh(["qemu-img", "bitmap", "--remove", "b.qcow2", "fine"], dir)
+        _ = try Self.sh(["qemu-img", "bitmap", "--add", "b.qcow2", "fine"], dir)
+        let c2 = try Qimg.run(["check", "b.qcow2"], cwd: dir)
+        #expect(c2.status == 0 && c2.err.contains("'stale' is inconsistent"), "\(c2.err)")
+        let r2 = try Qimg.run(["check", "-r", "all", "b.qcow2"], cwd: dir)
+        #expect(r2.status == 0, "\(r2.err)")
+        let info = try Runner.qemuImg(["info", "b.qcow2"], cwd: dir).out
+        #expect(!info.contains("stale") && info.contains("fine"), "\(info)")
+        #expect(try Runner.qemuImg(["check", "b.qcow2"], cwd: dir).status == 0)
+    }
 }

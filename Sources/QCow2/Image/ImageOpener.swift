@@ -32,6 +32,8 @@ public struct ImageOpener: Sendable {
     public var repairDirty = true
     /// Open an image marked corrupt for writing (only repairs do that).
     public var allowCorrupt = false
+    /// Open an image whose bitmaps cannot be loaded (check reports, repair drops them).
+    public var tolerateBrokenBitmaps = false
     /// Receives repair diagnostics (what qemu prints on stderr while repairing).
     public var report: @Sendable (String) -> Void = { _ in }
 
@@ -70,7 +72,7 @@ public struct ImageOpener: Sendable {
         case .raw:
             return try RawImage(path: path, file: file)
         case .qcow2:
-            let img = try QCow2Image(path: path, file: file, cacheBytes: cacheBytes)
+            let img = try QCow2Image(path: path, file: file, cacheBytes: cacheBytes, tolerateBrokenBitmaps: tolerateBrokenBitmaps && depth == 0)
             if write { try img.enableWriting(repairDirty: repairDirty, allowCorrupt: allowCorrupt, report: report) }
             if openBacking, let name = img.backingFileName {
                 let full = Self.resolveBacking(name, relativeTo: path)

@@ -18,6 +18,8 @@ public final class QCow2Image: DiskImage {
     /// Bitmaps QEMU would load: empty when the autoclear bit says they are stale.
     public internal(set) var bitmaps: [BitmapDirectoryEntry]
     public let featureNames: [FeatureName]
+    /// Why the bitmaps could not be loaded (only with `tolerateBrokenBitmaps`).
+    public internal(set) var bitmapsError: QCow2Error?
     public let compressionType: CompressionType
     /// Length of the host file when opened.
     public internal(set) var fileSize: UInt64
@@ -42,7 +44,9 @@ public final class QCow2Image: DiskImage {
     /// Default byte cap of the L2 cache.
     public static let defaultCacheBytes = 32 * 1024 * 1024
 
-    public init(path: String, file: BlockFile, cacheBytes: Int = QCow2Image.defaultCacheBytes) throws {
+    /// `tolerateBrokenBitmaps`: open even when the bitmaps extension or directory is invalid
+    /// (which QEMU refuses); the problem is kept in `bitmapsError` for check and repair.
+    public init(path: String, file: BlockFile, cacheBytes: Int = QCow2Image.defaultCacheBytes, tolerateBrokenBitmaps: Bool = false) throws {
         self.path = path
         self.file = file
         let fileSize = try file.size()
@@ -195,7 +199,12 @@ public final class QCow2Image: DiskImage {
         self.snapshots = try Self.loadSnapshots(path: path, file: file, header: h, g: g, fileSize: fileSize)
         self.bitmapsExtension = bext
         if let bext, h.autoclearFeatures & Features.autoclearBitmaps != 0 {
-            self.bitmaps = try Self.loadBitmapDirectory(path: path, file: file, ext: bext, header: h, g: g, fileSize: fileSize)
+            do {
+                self.bitmaps = try Self.loadBitmapDirectory(path: path, file: file, ext: bext, header: h, g: g, fileSize: fileSize)
+            } catch let e as QCow2Error where tolerateBrokenBitmaps {
+                self.bitmaps = []
+                self.bitmapsError = e
+            }
         } else {
             self.bitmaps = []
         }

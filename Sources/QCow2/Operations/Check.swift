@@ -81,6 +81,15 @@ public final class CheckOperation {
         // Refcount table.
         count(image.header.refcountTableOffset, UInt64(image.header.refcountTableClusters) * cs)
         // Bitmaps.
+        if let e = image.bitmapsError {
+            report("ERROR bitmaps: \(e.message); the bitmaps cannot be used (qimg check -r all drops them)")
+            result.corruptions += 1
+        }
+        if reportCopied {
+            for b in image.bitmaps where b.inUse {
+                report("Bitmap '\(b.name)' is inconsistent (in use) and cannot be used; remove it with 'qimg bitmap --remove' or 'qimg check -r all'")
+            }
+        }
         try countBitmaps()
         // Refcount blocks.
         checkRefblocks()
@@ -336,6 +345,25 @@ extension CheckOperation {
     /// The image must be open for writing.
     public static func repair(_ image: QCow2Image, mode: Repair, report: @escaping (String) -> Void) throws -> CheckResult {
         let alloc = try image.requireAllocator()
+        var bitmapFixes = 0
+        if mode == .all {
+            if let e = image.bitmapsError {
+                report("ERROR bitmaps: \(e.message)")
+                report("Repairing bitmaps: dropping the bitmaps extension (its clusters are then leaked and released)")
+                try image.dropBitmapsExtension()
+                bitmapFixes += 1
+            }
+            let inUse = image.bitmaps.filter(\.inUse)
+            if !inUse.isEmpty {
+                var freeing: [UInt64] = []
+                for b in inUse {
+                    report("Repairing bitmap '\(b.name)': removing the inconsistent bitmap")
+                    freeing += (try? image.bitmapClusters(b)) ?? []
+                }
+                try image.commitBitmapSet(image.bitmaps.filter { !$0.inUse }, freeing: freeing)
+                bitmapFixes += inUse.count
+            }
+        }
         let first = try CheckOperation(image, report: report)
         first.repair = mode
         first.reportCopied = mode == .none
@@ -392,6 +420,7 @@ extension CheckOperation {
                 corruptionsFixed += 1
             }
         }
+        corruptionsFixed += bitmapFixes
         guard leaksFixed > 0 || corruptionsFixed > 0 else { return r1 }
         var r2 = try CheckOperation(image, report: report).run()
         r2.leaksFixed = leaksFixed

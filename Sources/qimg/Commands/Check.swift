@@ -18,6 +18,7 @@ struct Check: ParsableCommand {
         opener.forceShare = share.forceShare
         opener.repairDirty = false
         opener.allowCorrupt = repair != nil
+        opener.tolerateBrokenBitmaps = true
         let image = try opener.open(file, format: try format.imageFormat(path: file))
         guard let q = image as? QCow2Image else {
             throw CommandFailure(message: "\(file): This image format does not support checks", exitCode: 63)

@@ -132,6 +132,20 @@ extension QCow2Image {
         try alloc.commitFrees()
     }
 
+    /// Removes a bitmaps extension that cannot be loaded: autoclear bit first, then the
+    /// header without the extension. Its clusters are left to the refcount repair.
+    func dropBitmapsExtension() throws {
+        header.autoclearFeatures &= ~Features.autoclearBitmaps
+        var w = ByteWriter()
+        w.u64(header.autoclearFeatures)
+        try file.write(w.bytes, at: 88)
+        try file.sync()
+        try writeHeaderCluster(header, extensions: extensions.filter { if case .bitmaps = $0 { return false } else { return true } })
+        bitmapsExtension = nil
+        bitmaps = []
+        bitmapsError = nil
+    }
+
     // MARK: Tracking guest writes
 
     /// Loads the enabled, consistent bitmaps for tracking and marks them in use on disk.
