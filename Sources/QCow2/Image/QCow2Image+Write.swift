@@ -58,6 +58,11 @@ extension QCow2Image {
     func prepareForWrite() throws {
         guard !preparedForWrites else { return }
         try clearUnknownAutoclearBits()
+        if bitmapsExtension != nil && header.autoclearFeatures & Features.autoclearBitmaps == 0 {
+            // A writer unaware of bitmaps changed the image: the bitmaps are stale for
+            // good. Drop the extension, as QEMU does (its clusters are leaks for check -r).
+            try dropBitmapsExtension()
+        }
         try startTrackingBitmaps()
         preparedForWrites = true
     }
