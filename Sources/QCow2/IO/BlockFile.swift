@@ -135,8 +135,14 @@ public final class BlockFile {
         try bytes.withUnsafeBytes { try write($0, at: offset) }
     }
 
+    /// When set, `sync()` (the ordering barriers of the write path) does nothing; only
+    /// `fullSync()` makes data durable. For images that are not in use until they are
+    /// complete and fsynced as a whole (convert and backup targets under a temporary name).
+    public var deferSync = false
+
     /// Makes written data durable (fdatasync).
     public func sync() throws {
+        if deferSync { return }
         while fdatasync(fd) != 0 {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "fdatasync", errno: errno)

@@ -108,24 +108,7 @@ struct Create: ParsableCommand {
         // Everything that qemu-img checks after printing its "Formatting" line.
         var late: String?
         if fmt == .qcow2 {
-            if let v = list.value("cluster_size") { o.clusterSize = Int(clamping: try OptionList.size("cluster_size", v)) }
-            if let v = list.value("refcount_bits") { o.refcountBits = try OptionList.number("refcount_bits", v) }
-            if let v = list.value("lazy_refcounts") { o.lazyRefcounts = try OptionList.bool("lazy_refcounts", v) }
-            if let v = list.value("extended_l2") { o.extendedL2 = try OptionList.bool("extended_l2", v) }
-            if let v = list.value("compat") {
-                switch v {
-                case "0.10", "v2": o.version = 2
-                case "1.1", "v3": o.version = 3
-                default: late = "Parameter 'version' does not accept value '\(v)'"
-                }
-            }
-            if let v = list.value("compression_type") {
-                switch v {
-                case "zlib": o.compressionType = .zlib
-                case "zstd": o.compressionType = .zstd
-                default: late = late ?? "Parameter 'compression-type' does not accept value '\(v)'"
-                }
-            }
+            late = try list.applyQCow2Options(to: &o)
             shown.append(("cluster_size", String(o.clusterSize)))
             shown.append(("extended_l2", list.value("extended_l2") ?? "off"))
         }

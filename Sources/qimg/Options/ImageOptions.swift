@@ -59,4 +59,30 @@ struct OptionList {
         guard let n = Int(v), n >= 0 else { throw CommandFailure(message: "Parameter '\(key)' expects a number") }
         return n
     }
+
+    /// Applies the qcow2 format options (cluster_size, refcount_bits, lazy_refcounts,
+    /// extended_l2, compat, compression_type) to `o`. Returns the first error qemu-img
+    /// reports only after printing its "Formatting" line (nil if none).
+    func applyQCow2Options(to o: inout CreateOptions) throws -> String? {
+        var late: String?
+        if let v = value("cluster_size") { o.clusterSize = Int(clamping: try OptionList.size("cluster_size", v)) }
+        if let v = value("refcount_bits") { o.refcountBits = try OptionList.number("refcount_bits", v) }
+        if let v = value("lazy_refcounts") { o.lazyRefcounts = try OptionList.bool("lazy_refcounts", v) }
+        if let v = value("extended_l2") { o.extendedL2 = try OptionList.bool("extended_l2", v) }
+        if let v = value("compat") {
+            switch v {
+            case "0.10", "v2": o.version = 2
+            case "1.1", "v3": o.version = 3
+            default: late = "Parameter 'version' does not accept value '\(v)'"
+            }
+        }
+        if let v = value("compression_type") {
+            switch v {
+            case "zlib": o.compressionType = .zlib
+            case "zstd": o.compressionType = .zstd
+            default: late = late ?? "Parameter 'compression-type' does not accept value '\(v)'"
+            }
+        }
+        return late
+    }
 }
