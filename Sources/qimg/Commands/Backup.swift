@@ -1,0 +1,85 @@
+import ArgumentParser
+import QCow2
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Set by SIGINT/SIGTERM: the copy stops, the temporary target is removed, the bitmap is kept.
+let backupInterrupted = Atomic<Bool>(false)
+
+struct Backup: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Back up an image into a new qcow2 overlay (full, top, or the clusters a dirty bitmap marks).",
+        discussion: """
+            sync=full: every allocated byte (chain flattened); with --bitmap, the bitmap is created if missing
+            and cleared on success. sync=top: what the top image holds. sync=incremental (or dirty-bitmap):
+            only the clusters the bitmap marks, cleared on success. sync=bitmap: like incremental, with
+            --bitmap-mode on-success|always|never. TARGET is written under TARGET.qimg-tmp, fsynced and
+            renamed; the bitmap changes only after that.
+            """)
+
+    @Option(name: .customLong("sync"), help: "full, top, incremental (dirty-bitmap) or bitmap.") var sync: String
+    @Option(name: .customLong("bitmap"), help: "The persistent dirty bitmap to use.") var bitmap: String?
+    @Option(name: .customLong("bitmap-mode"), help: "on-success, always or never (sync=bitmap).") var bitmapMode: String?
+    @Option(name: .customShort("b"), help: "Backing file of TARGET (normally the previous backup).") var backing: String?
+    @Option(name: .customShort("F"), help: "Format of the backing file.") var backingFormat: String?
+    @Option(name: .customShort("f"), help: "Format of SOURCE.") var sourceFormat: String?
+    @Option(name: .customShort("o"), help: "Create options of TARGET (cluster_size=..., ...).") var options: [String] = []
+    @Flag(name: .customShort("c"), help: "Write compressed clusters.") var compress = false
+    @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
+    @Flag(name: .customShort("q"), help: "Quiet: no summary line.") var quiet = false
+    @Option(name: .customLong("speed"), help: "Limit throughput (bytes per second; k, M, G suffixes).") var speed: SizeArgument?
+    @Flag(name: .customLong("force"), help: "Replace an existing TARGET.") var force = false
+    @Argument(help: "The image to back up.") var source: String
+    @Argument(help: "The backup image to write.") var target: String
+
+    func run() throws {
+        var o = BackupOptions()
+        let syncName = sync == "dirty-bitmap" ? "incremental" : sync
+        guard let s = BackupOptions.Sync(rawValue: syncName) else {
+            throw CommandFailure(message: "\(source): invalid sync mode '\(sync)' (full, top, incremental, bitmap)")
+        }
+        o.sync = s
+        o.bitmap = bitmap
+        if let m = bitmapMode {
+            guard let mode = BackupOptions.BitmapMode(rawValue: m) else {
+                throw CommandFailure(message: "\(source): invalid bitmap mode '\(m)' (on-success, always, never)")
+            }
+            o.bitmapMode = mode
+        }
+        o.backingFile = backing
+        o.backingFormat = try backingFormat.map { try ImageFormat(name: $0, path: backing ?? "") }
+        o.sourceFormat = try sourceFormat.map { try ImageFormat(name: $0, path: source) }
+        let list = try OptionList(options)
+        for (k, _) in list.values where !["cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type"].contains(k) {
+            throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
+        }
+        if let late = try list.applyQCow2Options(to: &o.create) { throw CommandFailure(message: "\(target): \(late)") }
+        do { try o.create.validate() } catch { throw CommandFailure(message: "\(target): \(error.detail)") }
+        o.compressed = compress
+        o.speed = speed?.value ?? 0
+        o.force = force
+        let bar = ProgressReporter(enabled: showProgress)
+        o.progress = { bar.update($0, $1) }
+        o.shouldStop = { backupInterrupted.load(ordering: .relaxed) }
+        signal(SIGINT) { _ in backupInterrupted.store(true, ordering: .relaxed) }
+        signal(SIGTERM) { _ in backupInterrupted.store(true, ordering: .relaxed) }
+
+        let r: BackupResult
+        do {
+            r = try BackupOperation.run(source: source, target: target, options: o)
+        } catch {
+            bar.finish()
+            if backupInterrupted.load(ordering: .relaxed) {
+                throw CommandFailure(message: "\(source): backup interrupted; \(target) was not written and the bitmap is unchanged", exitCode: 130)
+            }
+            throw error
+        }
+        bar.finish()
+        if !quiet {
+            let rate = r.seconds > 0 ? UInt64(Double(r.bytesToCopy) / r.seconds) : 0
+            Output.out("Backup complete: \(target): \(r.bytesToCopy) bytes in \(r.clusters) clusters copied (\(Human.size(r.bytesWritten)) of data) in \(Human.format("%.2f", r.seconds)) s (\(Human.size(rate))/s)\n")
+        }
+    }
+}
