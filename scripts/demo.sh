@@ -114,6 +114,26 @@ rc=0; "$QIMG" check leaky.qcow2 || rc=$?; echo "(exit $rc: 3 means leaks only)"
 [ "$rc" -eq 3 ] || failed+=("check of the leaky image: expected exit 3, got $rc")
 qimg check -r leaks leaky.qcow2
 
+header "The nightly backup job: a full backup with a bitmap, then incremental backups"
+mkdir -p backups
+qimg backup --sync=full --bitmap=nightly base.qcow2 backups/0-full.qcow2
+prev=backups/0-full.qcow2
+for day in 1 2 3; do
+    header "Day $day: the VM writes, then the incremental backup copies only what changed"
+    qimg io -c "write -P 0x1$day $((day * 3))M 200k" -c "write -z $((day * 5))M 64k" -c "discard $((20 + day))M 1M" base.qcow2
+    qimg bitmap --dump base.qcow2 nightly
+    qimg backup --sync=incremental --bitmap=nightly -b "$(basename "$prev")" -F qcow2 base.qcow2 "backups/$day-inc.qcow2"
+    show qemu-img map --output=json "backups/$day-inc.qcow2" "| grep depth 0  (what this backup holds)"
+    qemu-img map --output=json "backups/$day-inc.qcow2" | grep '"depth": 0' || true
+    prev=backups/$day-inc.qcow2
+done
+
+header "Restore the newest backup (the whole chain) into one image, and verify it"
+qimg convert -O qcow2 backups/3-inc.qcow2 restored.qcow2
+qimg compare base.qcow2 restored.qcow2
+qimg check restored.qcow2
+qimg info --backing-chain backups/3-inc.qcow2
+
 header "qimg io: a wrong pattern fails with exit 1"
 show qimg io -c 'read -P 0x42 0 4096' overlay.qcow2
 rc=0
