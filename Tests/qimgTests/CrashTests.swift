@@ -144,6 +144,8 @@ struct KilledRun {
     var status: Int32
     var stdout: String
     var stderr: String
+    /// Seconds from the moment the delay started to qimg's end (killed or not).
+    var elapsed: Double = 0
 
     /// The complete lines of stdout (a line cut by the kill is not counted).
     var completeLines: [String] {
@@ -204,8 +206,10 @@ struct KilledRun {
     }
 
     /// Starts qimg with `args` in `cwd` (on `img.qcow2`) and SIGKILLs it `delay` seconds after
-    /// it has locked the image, unless it has ended.
-    static func runAndKill(_ args: [String], cwd: String, after delay: Double) throws -> KilledRun {
+    /// it has locked the image, unless it has ended. `poll` is the polling interval (µs).
+    /// With `afterOutputBytes`, the delay starts only once stdout holds that many bytes.
+    static func runAndKill(_ args: [String], cwd: String, after delay: Double,
+                           poll: useconds_t = 500, afterOutputBytes: Int = 0) throws -> KilledRun {
         guard FileManager.default.isExecutableFile(atPath: Qimg.path) else {
             throw TestFailure("qimg binary not found at \(Qimg.path): run `swift build` first")
         }
@@ -235,15 +239,26 @@ struct KilledRun {
         var st = stat()
         let inode = stat(cwd + "/img.qcow2", &st) == 0 ? UInt64(st.st_ino) : 0
         let deadline = Date().addingTimeInterval(5)
-        while p.isRunning && !lockHeld(inode: inode, byte: 101) && Date() < deadline { usleep(500) }
+        while p.isRunning && !lockHeld(inode: inode, byte: 101) && Date() < deadline { usleep(poll) }
+        if afterOutputBytes > 0 {
+            let outputDeadline = Date().addingTimeInterval(10)
+            while p.isRunning && Date() < outputDeadline {
+                var os = stat()
+                if stat(outPath, &os) == 0 && Int(os.st_size) >= afterOutputBytes { break }
+                usleep(poll)
+            }
+        }
+        let started = Date()
         if done.wait(timeout: .now() + delay) == .timedOut {
             kill(p.processIdentifier, SIGKILL)
             done.wait()
         }
+        let elapsed = Date().timeIntervalSince(started)
         let killed = p.terminationReason == .uncaughtSignal && p.terminationStatus == SIGKILL
         return KilledRun(killed: killed, status: p.terminationStatus,
                          stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
-                         stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "")
+                         stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "",
+                         elapsed: elapsed)
     }
 
     /// Index of the first byte where `a` and `b` differ in [from, to), or nil.
@@ -380,5 +395,287 @@ struct KilledRun {
             let now = try Self.refcountTableClusters(img)
             #expect(now > initialRefcountTable, "\(c.name): refcount table did not grow (\(initialRefcountTable) clusters)")
         }
+    }
+}
+
+// MARK: - Persistent bitmaps across kills
+
+/// An image for the bitmap crash test: two enabled bitmaps (64 KiB and 512-byte
+/// granularity) and a disabled one that already holds dirty bits.
+struct BitmapCrashCase: Sendable, CustomTestStringConvertible {
+    var name: String
+    var createOptions: String
+    var size: UInt64
+    var clusterSize: UInt64
+    var seedOffset: UInt64
+    var testDescription: String { name }
+
+    static let all: [BitmapCrashCase] = [
+        BitmapCrashCase(name: "bitmaps-64k", createOptions: "cluster_size=65536", size: 16 << 20,
+                        clusterSize: 65536, seedOffset: 11),
+        BitmapCrashCase(name: "bitmaps-16k-xl2", createOptions: "cluster_size=16384,extended_l2=on", size: 24 << 20,
+                        clusterSize: 16384, seedOffset: 12),
+    ]
+}
+
+/// The dirty granules of one bitmap, one Bool per granule.
+struct GranuleSet: Equatable, CustomStringConvertible {
+    var granularity: UInt64
+    var bits: [Bool]
+
+    init(granularity: UInt64, size: UInt64) {
+        self.granularity = granularity
+        bits = [Bool](repeating: false, count: Int((size + granularity - 1) / granularity))
+    }
+
+    /// From extents [[start, length]] as qemu-nbd/nbdinfo or `qimg bitmap --dump` report them.
+    init(granularity: UInt64, size: UInt64, extents: [[UInt64]]) {
+        self.init(granularity: granularity, size: size)
+        for e in extents { mark(e[0], e[1]) }
+    }
+
+    mutating func mark(_ offset: UInt64, _ length: UInt64) {
+        guard length > 0 else { return }
+        for g in Int(offset / granularity)...Int((offset + length - 1) / granularity) where g < bits.count { bits[g] = true }
+    }
+
+    mutating func mark(_ c: CrashCommand) {
+        if case .flush = c.op { return }
+        mark(c.offset, c.length)
+    }
+
+    func union(_ o: GranuleSet) -> GranuleSet {
+        var r = self
+        for i in bits.indices where o.bits[i] { r.bits[i] = true }
+        return r
+    }
+
+    /// The first granule set here and not in `o`, as a guest offset.
+    func firstOutside(_ o: GranuleSet) -> UInt64? {
+        bits.indices.first { bits[$0] && !o.bits[$0] }.map { UInt64($0) * granularity }
+    }
+
+    var count: Int { bits.reduce(0) { $0 + ($1 ? 1 : 0) } }
+    var description: String { "\(count) granules of \(granularity)" }
+}
+
+extension CrashTests {
+    /// Kills per bitmap case: 2 cases x 20 = 40 kills per run (a few seconds).
+    static let bitmapKillsPerCase = 20
+    static let bitmapMaxRunsPerCase = 100
+
+    /// flags and granularity of each bitmap `qemu-img info --output=json` lists.
+    static func qemuBitmaps(_ dir: String) throws -> [String: (flags: [String], granularity: UInt64)] {
+        let r = try tool(["qemu-img", "info", "--output=json", "img.qcow2"], cwd: dir)
+        let json = try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any] ?? [:]
+        let data = (json["format-specific"] as? [String: Any])?["data"] as? [String: Any] ?? [:]
+        var out: [String: (flags: [String], granularity: UInt64)] = [:]
+        for b in data["bitmaps"] as? [[String: Any]] ?? [] {
+            guard let name = b["name"] as? String else { continue }
+            out[name] = (b["flags"] as? [String] ?? [], (b["granularity"] as? NSNumber)?.uint64Value ?? 0)
+        }
+        return out
+    }
+
+    /// qimg io is killed at random moments while enabled persistent bitmaps are tracked:
+    /// before its first write (bitmaps untouched), while they are marked in use on disk,
+    /// during the commands (in use), and while they are written back at the end.
+    ///
+    /// After every kill: `qemu-img check` finds no corruption; every enabled bitmap is
+    /// either flagged in-use (then `qimg bitmap --remove` must drop it, the image must stay
+    /// free of corruption, and it is added again, empty) or consistent, holding every granule
+    /// it held before plus those of the commands whose output line was printed, and no
+    /// granule outside those and the command in flight; the disabled bitmap never changes.
+    /// Runs that complete must leave the bitmaps exactly old ∪ written.
+    ///
+    /// A third of the runs are long (killed during the commands); the others are a few
+    /// commands long, killed at a random moment of a duration measured on completed runs,
+    /// half of them only after the last output line, i.e. during the final write-back.
+    @Test(.requiresQEMU, .timeLimit(.minutes(2)), arguments: BitmapCrashCase.all)
+    func killedWriterKeepsBitmapsSound(_ c: BitmapCrashCase) throws {
+        guard BitmapTests.nbdinfo != nil, BitmapTests.qemuNBD != nil else {
+            throw TestFailure("nbdinfo/qemu-nbd not found (install libnbd-bin and qemu-utils)")
+        }
+        let dir = Paths.scratch + "/crash-\(c.name)-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        var keep = false
+        defer { if !keep { try? FileManager.default.removeItem(atPath: dir) } }
+        let enabled: [(name: String, granularity: UInt64)] = [("big", 65536), ("small", 512)]
+        let setup: [[String]] = [
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-o", c.createOptions, "img.qcow2", String(c.size)],
+            ["qemu-img", "bitmap", "--add", "-g", "65536", "img.qcow2", "off"],
+            ["qemu-img", "bitmap", "--add", "-g", "65536", "img.qcow2", "big"],
+            ["qemu-io", "-f", "qcow2", "-c", "write -P 0x31 1M 300k", "-c", "write -z 5M 64k", "-c", "write -P 0x32 9000 3000", "img.qcow2"],
+            ["qemu-img", "bitmap", "--disable", "img.qcow2", "off"],
+            ["qemu-img", "bitmap", "--add", "-g", "512", "img.qcow2", "small"],
+        ]
+        for cmd in setup { _ = try Self.tool(cmd, cwd: dir) }
+        let offBefore = try BitmapTests.qemuExtents("img.qcow2", "off", dir)
+        guard !offBefore.isEmpty else { throw TestFailure("setup: the disabled bitmap has no dirty bits") }
+        var before: [String: GranuleSet] = [:]
+        for b in enabled {
+            before[b.name] = GranuleSet(granularity: b.granularity, size: c.size,
+                                        extents: try BitmapTests.qemuExtents("img.qcow2", b.name, dir))
+        }
+
+        let seed = Self.baseSeed &+ c.seedOffset &* 1_000_003
+        var rng = SeededRNG(state: seed)
+        // Durations of completed runs of each kind (from locking, or from the last output line,
+        // to the exit); the first run of each kind is not killed.
+        var duration: [Double?] = [nil, nil, nil]
+        var kills = 0, completed = 0, runs = 0, inUseKills = 0, consistentChanged = 0, atWriteBack = 0
+
+        func fail(_ run: Int, _ commands: [CrashCommand], _ what: String) {
+            keep = true
+            let file = dir + "/commands-run\(run).txt"
+            try? commands.map(\.description).joined(separator: "\n").write(toFile: file, atomically: true, encoding: .utf8)
+            Issue.record("""
+                \(c.name): run \(run), QIMG_CRASH_SEED=\(Self.baseSeed): \(what)
+                    image and commands in \(dir) (kept with QIMG_KEEP_FIXTURES=1)
+                """)
+        }
+
+        while kills < Self.bitmapKillsPerCase && runs < Self.bitmapMaxRunsPerCase {
+            runs += 1
+            // 0: long, killed during the commands (first 90% of the measured duration);
+            // 1: short, killed from 30% of the duration to past its end;
+            // 2: short, killed after its last output line, during the write-back.
+            let pick = UInt64.random(in: 0..<20, using: &rng)
+            let kind = pick < 7 ? 0 : pick < 12 ? 1 : 2
+            let count = kind == 0 ? 150 : Int.random(in: 1...5, using: &rng)
+            let commands = CrashCommand.list(count, size: c.size, granule: 512, clusterSize: c.clusterSize, rng: &rng)
+            let outputBytes = kind == 2 ? commands.compactMap(\.outputLine).reduce(0) { $0 + $1.utf8.count + 1 } : 0
+            let fraction = Double(UInt64.random(in: 0...1000, using: &rng)) / 1000
+            let delay = duration[kind].map { $0 * [0.9 * fraction, 0.3 + 0.9 * fraction, 1.3 * fraction][kind] } ?? 30
+            let r = try Self.runAndKill(["io"] + commands.flatMap { ["-c", $0.description] } + ["img.qcow2"],
+                                        cwd: dir, after: delay, poll: 100, afterOutputBytes: outputBytes)
+            if !r.killed && r.status != 0 {
+                fail(runs, commands, "qimg io exited with \(r.status): \(r.stderr)")
+                return
+            }
+            let printing = commands.filter { $0.outputLine != nil }
+            let lines = r.completeLines
+            if lines.count > printing.count || zip(lines, printing).contains(where: { $0.0 != $0.1.outputLine }) {
+                fail(runs, commands, "unexpected output:\n\(r.stdout)")
+                return
+            }
+            if !r.killed && lines.count != printing.count {
+                fail(runs, commands, "exit 0 after \(lines.count) of \(printing.count) output lines")
+                return
+            }
+            if !r.killed {
+                duration[kind] = duration[kind].map { 0.7 * $0 + 0.3 * r.elapsed } ?? r.elapsed
+            }
+            let inFlight = r.killed && lines.count < printing.count ? printing[lines.count] : nil
+            let when = r.killed
+                ? "killed \(String(format: "%.2f", r.elapsed * 1000)) ms after \(kind == 2 ? "the last output line" : "locking"), \(lines.count) of \(printing.count) commands done, in flight: \(inFlight.map(\.description) ?? "none")"
+                : "completed"
+
+            if let problem = try Self.checkProblem(dir) {
+                fail(runs, commands, "\(when): qemu-img check: \(problem)")
+                return
+            }
+            let listed = try Self.qemuBitmaps(dir)
+            guard let off = listed["off"], off.flags.isEmpty else {
+                fail(runs, commands, "\(when): disabled bitmap 'off' is \(listed["off"].map { "flagged \($0.flags)" } ?? "missing")")
+                return
+            }
+            let offNow = try BitmapTests.qemuExtents("img.qcow2", "off", dir)
+            if offNow != offBefore {
+                fail(runs, commands, "\(when): disabled bitmap changed: \(offNow), was \(offBefore)")
+                return
+            }
+            var anyInUse = false, anyChanged = false
+            for b in enabled {
+                guard let entry = listed[b.name], entry.granularity == b.granularity else {
+                    fail(runs, commands, "\(when): bitmap \(b.name) missing or with another granularity: \(listed)")
+                    return
+                }
+                let old = before[b.name]!
+                if entry.flags == ["in-use", "auto"] {
+                    if !r.killed {
+                        fail(runs, commands, "\(when): bitmap \(b.name) left in use by a run that exited 0")
+                        return
+                    }
+                    anyInUse = true
+                    let rm = try Qimg.run(["bitmap", "--remove", "img.qcow2", b.name], cwd: dir)
+                    guard rm.exitedNormally, rm.status == 0 else {
+                        fail(runs, commands, "\(when): removing in-use bitmap \(b.name): \(rm.summary): \(rm.err)")
+                        return
+                    }
+                    if let problem = try Self.checkProblem(dir) {
+                        fail(runs, commands, "\(when): after removing in-use bitmap \(b.name): qemu-img check: \(problem)")
+                        return
+                    }
+                    if try Self.qemuBitmaps(dir)[b.name] != nil {
+                        fail(runs, commands, "\(when): bitmap \(b.name) still listed after --remove")
+                        return
+                    }
+                    let add = try Qimg.run(["bitmap", "--add", "-g", String(b.granularity), "img.qcow2", b.name], cwd: dir)
+                    guard add.exitedNormally, add.status == 0 else {
+                        fail(runs, commands, "\(when): re-adding bitmap \(b.name): \(add.summary): \(add.err)")
+                        return
+                    }
+                    before[b.name] = GranuleSet(granularity: b.granularity, size: c.size)
+                    continue
+                }
+                guard entry.flags == ["auto"] else {
+                    fail(runs, commands, "\(when): enabled bitmap \(b.name) has flags \(entry.flags)")
+                    return
+                }
+                var must = old
+                for cmd in printing[0..<lines.count] { must.mark(cmd) }
+                var may = must
+                if let f = inFlight { may.mark(f) }
+                let now = GranuleSet(granularity: b.granularity, size: c.size,
+                                     extents: try BitmapTests.qemuExtents("img.qcow2", b.name, dir))
+                if let g = must.firstOutside(now) {
+                    fail(runs, commands, "\(when): consistent bitmap \(b.name) lacks the granule at \(g) (has \(now), needs \(must))")
+                    return
+                }
+                if let g = now.firstOutside(may) {
+                    fail(runs, commands, "\(when): consistent bitmap \(b.name) has the granule at \(g) dirty, written by no command")
+                    return
+                }
+                if !r.killed && now != must {
+                    fail(runs, commands, "\(when): bitmap \(b.name) is not exactly old ∪ written")
+                    return
+                }
+                if now != old { anyChanged = true }
+                before[b.name] = now
+            }
+            if r.killed {
+                kills += 1
+                if anyInUse { inUseKills += 1 }
+                if anyChanged { consistentChanged += 1 }
+                if inFlight == nil && lines.count == printing.count { atWriteBack += 1 }
+            } else {
+                completed += 1
+            }
+        }
+        print("CrashTests \(c.name): \(kills) kills (\(inUseKills) left bitmaps in use, \(atWriteBack) after the last command, \(consistentChanged) with written-back bitmaps), \(completed) runs completed, QIMG_CRASH_SEED=\(Self.baseSeed)")
+        #expect(kills >= Self.bitmapKillsPerCase, "\(c.name): only \(kills) of \(runs) runs were killed (\(completed) completed first)")
+
+        // The image stays usable: a last run to completion leaves each bitmap exactly old ∪ written,
+        // and qimg reads what QEMU exports.
+        let commands = CrashCommand.list(20, size: c.size, granule: 512, clusterSize: c.clusterSize, rng: &rng)
+        let r = try Qimg.run(["io"] + commands.flatMap { ["-c", $0.description] } + ["img.qcow2"], cwd: dir)
+        guard r.exitedNormally, r.status == 0 else {
+            fail(runs + 1, commands, "final run: \(r.summary): \(r.err)")
+            return
+        }
+        if let problem = try Self.checkProblem(dir) {
+            fail(runs + 1, commands, "after the final run: qemu-img check: \(problem)")
+            return
+        }
+        for b in enabled {
+            var expected = before[b.name]!
+            for cmd in commands { expected.mark(cmd) }
+            let theirs = try BitmapTests.qemuExtents("img.qcow2", b.name, dir)
+            #expect(GranuleSet(granularity: b.granularity, size: c.size, extents: theirs) == expected,
+                    "\(c.name): after the final run, bitmap \(b.name) is not exactly old ∪ written")
+            #expect(try BitmapTests.qimgExtents("img.qcow2", b.name, dir) == theirs, "\(c.name): qimg --dump of \(b.name) differs from QEMU's")
+        }
+        #expect(try BitmapTests.qemuExtents("img.qcow2", "off", dir) == offBefore, "\(c.name): disabled bitmap changed")
     }
 }
