@@ -31,16 +31,25 @@ extension QCow2Image {
         }
     }
 
+    /// Writes the feature-bit fields of the header as they are in `header` (one 8-byte
+    /// write each, then sync): incompatible (72), compatible (80), autoclear (88).
+    func writeFeatureBits(incompatible: Bool = false, compatible: Bool = false, autoclear: Bool = false) throws {
+        for (on, value, offset) in [(incompatible, header.incompatibleFeatures, UInt64(72)),
+                                    (compatible, header.compatibleFeatures, 80), (autoclear, header.autoclearFeatures, 88)] where on {
+            var w = ByteWriter()
+            w.u64(value)
+            try file.write(w.bytes, at: offset)
+            try file.sync()
+        }
+    }
+
     /// Clears the dirty and corrupt bits once a check found the image consistent.
     public func clearDirtyBit() throws {
         guard header.isDirty || header.isCorrupt else { return }
         try allocator?.commit()
         try file.sync()
         header.incompatibleFeatures &= ~(Features.dirty | Features.corrupt)
-        var w = ByteWriter()
-        w.u64(header.incompatibleFeatures)
-        try file.write(w.bytes, at: 72)
-        try file.sync()
+        try writeFeatureBits(incompatible: true)
     }
 
     var isWritable: Bool { allocator != nil }
@@ -71,10 +80,7 @@ extension QCow2Image {
     func clearUnknownAutoclearBits() throws {
         guard header.version >= 3 && header.autoclearFeatures & ~Features.autoclearBitmaps != 0 else { return }
         header.autoclearFeatures &= Features.autoclearBitmaps
-        var w = ByteWriter()
-        w.u64(header.autoclearFeatures)
-        try file.write(w.bytes, at: 88)
-        try file.sync()
+        try writeFeatureBits(autoclear: true)
     }
 
     /// Offset in the file of the payload of the first extension of `type`.
@@ -143,12 +149,7 @@ extension QCow2Image {
             guard case .malformed(_, let field, let detail) = e, allocator != nil else { throw e }
             allocator = nil
             header.incompatibleFeatures |= Features.corrupt
-            if header.version >= 3 {
-                var w = ByteWriter()
-                w.u64(header.incompatibleFeatures)
-                try? file.write(w.bytes, at: 72)
-                try? file.sync()
-            }
+            if header.version >= 3 { try? writeFeatureBits(incompatible: true) }
             throw QCow2Error.malformed(path: path, field: field, detail: detail + "; the image has been marked corrupt, further writes are refused")
         }
     }

@@ -11,11 +11,8 @@ extension QCow2Image {
         let bits = on ? header.compatibleFeatures | Features.lazyRefcounts : header.compatibleFeatures & ~Features.lazyRefcounts
         guard bits != header.compatibleFeatures else { return }
         try clearUnknownAutoclearBits()
-        var w = ByteWriter()
-        w.u64(bits)
-        try file.write(w.bytes, at: 80)
-        try file.sync()
         header.compatibleFeatures = bits
+        try writeFeatureBits(compatible: true)
     }
 
     /// Changes the compatibility level: 2 (0.10) or 3 (1.1). A downgrade is refused

@@ -165,24 +165,15 @@ extension QCow2Image {
             if virtualSize < oldSize, bits % bitsPerCluster != 0, let lastIndex = newTable.indices.last {
                 let w = newTable[lastIndex]
                 let off = w & L2Entry.offsetMask
-                if off != 0 {
-                    var data = try file.read(count: g.clusterSize, at: off)
-                    let keepBits = Int(bits % bitsPerCluster)
-                    for b in keepBits..<Int(bitsPerCluster) { data[b >> 3] &= ~UInt8(1 << (b & 7)) }
+                if off != 0 || w & 1 != 0 {
+                    // A data cluster (or an all-ones one) with bits past the end: a cleared copy.
+                    var data = off != 0 ? try file.read(count: g.clusterSize, at: off) : [UInt8](repeating: 0xFF, count: g.clusterSize)
+                    for b in Int(bits % bitsPerCluster)..<Int(bitsPerCluster) { data[b >> 3] &= ~UInt8(1 << (b & 7)) }
                     let copy = try alloc.allocate(1)
                     try alloc.commit()
                     try file.write(data, at: copy)
                     newTable[lastIndex] = copy
-                    freeing.append(off >> cb)
-                } else if w & 1 != 0 {
-                    // An all-ones cluster: materialize it with the tail cleared.
-                    var data = [UInt8](repeating: 0xFF, count: g.clusterSize)
-                    let keepBits = Int(bits % bitsPerCluster)
-                    for b in keepBits..<Int(bitsPerCluster) { data[b >> 3] &= ~UInt8(1 << (b & 7)) }
-                    let copy = try alloc.allocate(1)
-                    try alloc.commit()
-                    try file.write(data, at: copy)
-                    newTable[lastIndex] = copy
+                    if off != 0 { freeing.append(off >> cb) }
                 }
             }
             let tableClusters = Int(g.clusters(forBytes: UInt64(newCount * 8)))

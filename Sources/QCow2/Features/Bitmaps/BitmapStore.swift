@@ -79,10 +79,7 @@ extension QCow2Image {
         if entries.isEmpty {
             // Autoclear bit first: an extension without the bit is merely ignored.
             header.autoclearFeatures &= ~Features.autoclearBitmaps
-            var w = ByteWriter()
-            w.u64(header.autoclearFeatures)
-            try file.write(w.bytes, at: 88)
-            try file.sync()
+            try writeFeatureBits(autoclear: true)
             try writeHeaderCluster(header, extensions: extensions.filter { if case .bitmaps = $0 { return false } else { return true } })
             bitmapsExtension = nil
         } else {
@@ -105,10 +102,7 @@ extension QCow2Image {
                 if header.autoclearFeatures & Features.autoclearBitmaps == 0 {
                     // The extension was stale (an unaware writer cleared the bit): valid again now.
                     header.autoclearFeatures |= Features.autoclearBitmaps
-                    var a = ByteWriter()
-                    a.u64(header.autoclearFeatures)
-                    try file.write(a.bytes, at: 88)
-                    try file.sync()
+                    try writeFeatureBits(autoclear: true)
                 }
             } else {
                 // First bitmap: the extension goes in with the autoclear bit still clear,
@@ -120,10 +114,7 @@ extension QCow2Image {
                 h.autoclearFeatures &= ~Features.autoclearBitmaps
                 try writeHeaderCluster(h, extensions: exts)
                 header.autoclearFeatures = h.autoclearFeatures | Features.autoclearBitmaps
-                var w = ByteWriter()
-                w.u64(header.autoclearFeatures)
-                try file.write(w.bytes, at: 88)
-                try file.sync()
+                try writeFeatureBits(autoclear: true)
             }
             bitmapsExtension = ext
         }
@@ -136,10 +127,7 @@ extension QCow2Image {
     /// header without the extension. Its clusters are left to the refcount repair.
     func dropBitmapsExtension() throws {
         header.autoclearFeatures &= ~Features.autoclearBitmaps
-        var w = ByteWriter()
-        w.u64(header.autoclearFeatures)
-        try file.write(w.bytes, at: 88)
-        try file.sync()
+        try writeFeatureBits(autoclear: true)
         try writeHeaderCluster(header, extensions: extensions.filter { if case .bitmaps = $0 { return false } else { return true } })
         bitmapsExtension = nil
         bitmaps = []
