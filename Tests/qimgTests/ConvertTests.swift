@@ -1,0 +1,68 @@
+import Foundation
+import Testing
+
+/// `qimg convert` against `qemu-img convert` on the same inputs.
+@Suite struct ConvertTests {
+    static let cases: [(String, [String])] = [
+        ("c64k.qcow2", ["-O", "raw"]), ("zlib.qcow2", ["-O", "qcow2"]), ("xl2-top.qcow2", ["-O", "qcow2"]),
+        ("rel/top.qcow2", ["-O", "qcow2", "-o", "cluster_size=4k"]), ("snap.qcow2", ["-O", "raw"]),
+        ("short-top.qcow2", ["-O", "qcow2", "-c"]), ("c512.qcow2", ["-O", "qcow2", "-c", "-o", "compression_type=zstd"]),
+        ("plain.raw", ["-O", "qcow2", "-o", "compat=0.10"]), ("zero.qcow2", ["-O", "raw"]),
+    ]
+
+    @Test(.requiresQEMU, arguments: 0..<cases.count)
+    func convertMatchesQemuImg(_ i: Int) throws {
+        let (name, args) = Self.cases[i]
+        let f = try Fixtures.get()
+        let dir = Paths.scratch + "/convert-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let src = f.validDir + "/" + name
+        let q = try Runner.qemuImg(["convert"] + args + [src, dir + "/q.img"])
+        let m = try Qimg.run(["convert"] + args + [src, dir + "/m.img"], cwd: dir)
+        #expect(q.status == 0 && m.status == 0, "\(name) \(args): \(m.err)")
+        let cmp = try Runner.qemuImg(["compare", dir + "/q.img", dir + "/m.img"])
+        #expect(cmp.status == 0, "\(name) \(args): \(cmp.out)")
+        let same = try Runner.qemuImg(["compare", src, dir + "/m.img"])
+        #expect(same.status == 0, "\(name) \(args): \(same.out)")
+        if args.contains("qcow2") {
+            #expect(try Runner.qemuImg(["check", dir + "/m.img"]).status == 0)
+            // The same guest map modulo host offsets: zero ranges stayed sparse.
+            func flags(_ s: String) -> [String] {
+                s.split(separator: "\n").compactMap { $0.contains("\"data\": true") ? String($0.split(separator: ",")[0]) : nil }
+            }
+            let qm = try Runner.qemuImg(["map", "--output=json", dir + "/q.img"]).out
+            let mm = try Runner.qemuImg(["map", "--output=json", dir + "/m.img"]).out
+            #expect(flags(mm).count <= flags(qm).count + 2, "\(name): qimg allocated more extents than qemu-img\n\(mm)\n\(qm)")
+        }
+    }
+
+    @Test(.requiresQEMU) func bitmapsAreCopied() throws {
+        let dir = Paths.scratch + "/convert-bitmaps-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for args in [["create", "-q", "-f", "qcow2", "s.qcow2", "32M"], ["bitmap", "--add", "s.qcow2", "on"],
+                     ["bitmap", "--add", "-g", "512", "s.qcow2", "fine"]] {
+            _ = try Runner.qemuImg(args, cwd: dir)
+        }
+        _ = try Runner.qemuIO(["-c", "write -P 1 0 100k", "-c", "write -z 5M 64k", "s.qcow2"], cwd: dir)
+        _ = try Runner.qemuImg(["bitmap", "--disable", "s.qcow2", "fine"], cwd: dir)
+        _ = try Runner.qemuImg(["convert", "-O", "qcow2", "--bitmaps", "s.qcow2", "q.qcow2"], cwd: dir)
+        let m = try Qimg.run(["convert", "-O", "qcow2", "--bitmaps", "s.qcow2", "m.qcow2"], cwd: dir)
+        #expect(m.status == 0, "\(m.err)")
+        func bitmapsInfo(_ f: String) throws -> String {
+            try Runner.qemuImg(["info", "--output=json", f], cwd: dir).out.split(separator: "\n")
+                .filter { !$0.contains("filename") && !$0.contains("actual-size") }.joined(separator: "\n")
+        }
+        #expect(try bitmapsInfo("m.qcow2") == (try bitmapsInfo("q.qcow2")))
+        for b in ["on", "fine"] {
+            #expect(try BitmapTests.qemuExtents("m.qcow2", b, dir) == (try BitmapTests.qemuExtents("q.qcow2", b, dir)), "bitmap \(b)")
+        }
+        // An inconsistent bitmap stops --bitmaps unless --skip-broken-bitmaps.
+        _ = try Runner.qemuIO(["-c", "write 0 4k", "-c", "abort", "s.qcow2"], cwd: dir)
+        let bad = try Qimg.run(["convert", "-O", "qcow2", "--bitmaps", "s.qcow2", "x.qcow2"], cwd: dir)
+        #expect(bad.status == 1 && bad.err.contains("inconsistent") && !FileManager.default.fileExists(atPath: dir + "/x.qcow2"))
+        let skip = try Qimg.run(["convert", "-O", "qcow2", "--bitmaps", "--skip-broken-bitmaps", "s.qcow2", "y.qcow2"], cwd: dir)
+        #expect(skip.status == 0, "\(skip.err)")
+    }
+}
