@@ -79,6 +79,9 @@ public enum BackupOperation {
                     throw invalid("Bitmap '\(name)' is inconsistent and cannot be used; remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
                 }
             } else {
+                guard q.bitmaps.first(where: { $0.name == name })?.inUse != true else {
+                    throw invalid("Bitmap '\(name)' is inconsistent and cannot be used; remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
+                }
                 toCopy = try q.consistentBitmap(name).1
             }
         }

@@ -65,6 +65,12 @@ struct Backup: ParsableCommand {
         o.shouldStop = { backupInterrupted.load(ordering: .relaxed) }
         signal(SIGINT) { _ in backupInterrupted.store(true, ordering: .relaxed) }
         signal(SIGTERM) { _ in backupInterrupted.store(true, ordering: .relaxed) }
+        // A parent may have started us with these signals blocked: they must reach the handlers.
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
 
         let r: BackupResult
         do {
