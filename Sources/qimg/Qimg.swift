@@ -9,7 +9,7 @@ struct Qimg: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qimg",
         abstract: "Inspect and maintain qcow2 disk images (qemu-img compatible).",
-        subcommands: [Create.self, Info.self, Map.self, Check.self, IO.self, Resize.self, Amend.self, Bitmap.self, Convert.self, Backup.self])
+        subcommands: [Create.self, Info.self, Map.self, Check.self, IO.self, Resize.self, Amend.self, Bitmap.self, Convert.self, Backup.self, Compare.self, Commit.self, Rebase.self])
 
     static func main() {
         do {

@@ -78,6 +78,11 @@ struct WorkloadCase: Sendable, CustomTestStringConvertible {
             ["qemu-img", "snapshot", "-c", "s1", "img.qcow2"],
             ["qemu-io", "-f", "qcow2", "-c", "write -P 0x83 1M 64k", "img.qcow2"],
         ], clusterSize: 65536, granule: 65536, seed: 13),
+        WorkloadCase(name: "snapshot-shared-l2", setup: [
+            ["qemu-img", "create", "-q", "-f", "qcow2", "img.qcow2", "16M"],
+            ["qemu-io", "-f", "qcow2", "-c", "write -P 0x84 0 6M", "-c", "write -c -P 0x85 8M 128k", "img.qcow2"],
+            ["qemu-img", "snapshot", "-c", "s1", "img.qcow2"],
+        ], clusterSize: 65536, granule: 65536, seed: 16),
         WorkloadCase(name: "lazy-refcounts", setup: [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "img.qcow2", "16M"]],
                      clusterSize: 65536, granule: 65536, seed: 14),
         WorkloadCase(name: "bitmaps-present", setup: [

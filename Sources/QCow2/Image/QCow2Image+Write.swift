@@ -191,17 +191,14 @@ extension QCow2Image {
         if l1e.isCopied || tableRefcount <= 1 {
             return (table, l2, nil)
         }
-        // Shared with a snapshot: copy it; every cluster it references gains a reference.
+        // Shared with a snapshot: copy it. A data cluster's refcount counts the L2 tables
+        // reaching it per L1, so it is unchanged (the old table now serves the snapshot
+        // alone, the copy the active L1); but every such cluster is shared, so the copy's
+        // COPIED flags are cleared.
         var copy = table
-        let g = geometry
-        for i in 0..<g.l2Entries {
+        for i in 0..<geometry.l2Entries {
             let e = l2Entry(table, i)
-            if e.isCompressed {
-                let r = e.compressedHostRange(clusterBits: g.clusterBits)
-                var c = r.start >> UInt64(g.clusterBits)
-                while c << UInt64(g.clusterBits) < r.end { try alloc.increment(c); c += 1 }
-            } else if e.hostOffset != 0 {
-                try alloc.increment(e.hostOffset >> UInt64(g.clusterBits))
+            if !e.isCompressed && e.hostOffset != 0 && e.isCopied {
                 setL2Entry(&copy, i, L2Entry(e.raw & ~L2Entry.copied, bitmap: e.bitmap))
             }
         }
