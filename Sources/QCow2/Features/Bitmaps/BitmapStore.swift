@@ -34,7 +34,14 @@ extension QCow2Image {
         var table: [UInt64] = []
         let raw = try file.read(count: Int(e.tableSize) * 8, at: e.tableOffset)
         raw.withUnsafeBytes { decodeBigEndianU64($0, into: &table) }
-        for w in table where w & L2Entry.offsetMask != 0 { out.append((w & L2Entry.offsetMask) >> cb) }
+        // Only entries that can be trusted are freed: an inconsistent bitmap's table was
+        // never validated, and freeing a cluster it wrongly names would corrupt the image
+        // (a leak is the safe outcome).
+        for w in table where w & L2Entry.offsetMask != 0 {
+            let off = w & L2Entry.offsetMask
+            guard w & 0xFF00_0000_0000_01FF == 0, geometry.isAligned(off), off < fileSize else { continue }
+            out.append(off >> cb)
+        }
         return out
     }
 
