@@ -4,6 +4,8 @@
 #   make build   swift build (debug): .build/debug/qimg
 #   make test    deps + the full test suite (swift test)
 #   make demo    deps + build + scripts/demo.sh on images generated in ./demo/
+#   make bench   benchmarks against qemu-img (release build; writes Docs/performance.md)
+#   make fuzz    mutation fuzzing of every command on malformed images (FUZZ_MINUTES=10)
 #   make clean   remove build products and ./demo/
 
 SHELL := /bin/bash
@@ -25,7 +27,7 @@ DEPS := \
 	openssl:openssl \
 	python3:python3
 
-.PHONY: all deps build test demo clean
+.PHONY: all deps build test demo bench fuzz clean
 
 all: build
 
@@ -54,6 +56,16 @@ test: deps
 
 demo: deps build
 	QIMG="$(QIMG)" bash scripts/demo.sh
+
+# Benchmarks against qemu-img/QEMU (not part of `make test`): Docs/performance.md.
+bench: deps
+	$(SWIFT) build -c release --static-swift-stdlib --scratch-path .build-release
+	QIMG=.build-release/release/qimg scripts/bench
+
+# A time-boxed mutation fuzzing campaign (default 10 minutes): Docs/reliability.md.
+FUZZ_MINUTES ?= 10
+fuzz: deps build
+	scripts/fuzz --minutes $(FUZZ_MINUTES)
 
 clean:
 	$(SWIFT) package clean

@@ -21,7 +21,7 @@ extension QCow2Image {
         if header.isCorrupt && !allowCorrupt {
             throw QCow2Error.unsupported(path: path, detail: "image is marked corrupt; it can only be opened read-only (repair it with 'qimg check -r all')")
         }
-        allocator = try Allocator(image: self)
+        allocator = try Allocator(image: self, lenient: allowCorrupt)
         if header.isDirty && repairDirty {
             let r = try CheckOperation.repair(self, mode: .all, report: report)
             guard r.corruptions == 0 && r.checkErrors == 0 else {

@@ -23,7 +23,10 @@ final class Allocator {
 
     static let offsetMask: UInt64 = 0xFFFF_FFFF_FFFF_FE00
 
-    init(image: QCow2Image, cacheBytes: Int = 4 * 1024 * 1024) throws {
+    /// `lenient` (only for check -r, which may rebuild the structure): refcount table
+    /// entries that point outside the file are treated as missing blocks instead of
+    /// refusing to write.
+    init(image: QCow2Image, cacheBytes: Int = 4 * 1024 * 1024, lenient: Bool = false) throws {
         self.image = image
         self.g = image.geometry
         let h = image.header
@@ -32,9 +35,10 @@ final class Allocator {
         raw.withUnsafeBytes { decodeBigEndianU64($0, into: &t) }
         for (i, e) in t.enumerated() {
             let off = e & Self.offsetMask
-            guard g.isAligned(off), off < Geometry.maxHostOffset else {
+            guard g.isAligned(off), off < image.fileSize || off == 0 else {
+                if lenient { t[i] = 0; continue }
                 throw QCow2Error.malformed(path: image.path, field: "refcount table entry \(i)",
-                                           detail: "refcount block offset 0x\(hex(off)) is invalid")
+                                           detail: "refcount block offset 0x\(hex(off)) is invalid or beyond the end of the file; repair the image with 'qimg check -r all'")
             }
             t[i] = off
         }

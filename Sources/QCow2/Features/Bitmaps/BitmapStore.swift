@@ -77,7 +77,9 @@ extension QCow2Image {
         let g = geometry
         try file.sync()
         let oldDirectory: [UInt64]
-        if let ext = bitmapsExtension {
+        // A stale extension (autoclear bit clear) or one that failed to load was never
+        // trusted: its clusters are not freed (check -r reclaims them as leaks).
+        if let ext = bitmapsExtension, header.autoclearFeatures & Features.autoclearBitmaps != 0, bitmapsError == nil {
             let first = ext.directoryOffset >> UInt64(g.clusterBits)
             oldDirectory = (0..<g.clusters(forBytes: ext.directorySize)).map { first + $0 }
         } else {
