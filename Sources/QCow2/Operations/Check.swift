@@ -161,6 +161,8 @@ public final class CheckOperation {
     }
 
     func checkL2(offset: UInt64, active: Bool) throws {
+        // A table past the end of the file reads as zeros: nothing in it to count.
+        guard offset < fileLength else { return }
         let g = image.geometry
         let cs = UInt64(g.clusterSize)
         let table = try readL2(offset)
@@ -322,6 +324,7 @@ public final class CheckOperation {
                 result.corruptions += 1
                 wrongL1.append((i, rc == 1 ? raw | L1Entry.copied : raw & ~L1Entry.copied, rc))
             }
+            guard l2 < fileLength else { continue }  // reads as zeros: no entries
             let table = try readL2(l2)
             for j in 0..<g.l2Entries {
                 let e = image.l2Entry(table, j)
