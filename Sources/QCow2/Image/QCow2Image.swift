@@ -7,7 +7,7 @@ public final class QCow2Image: DiskImage {
     public let geometry: Geometry
     public internal(set) var extensions: [HeaderExtension]
     /// The backing file name as stored in the image.
-    public let backingFileName: String?
+    public internal(set) var backingFileName: String?
     /// The backing format from the header extension, if any.
     public let backingFormat: String?
     public internal(set) var backing: (any DiskImage)?

@@ -89,11 +89,19 @@ extension QCow2Image {
 
     /// Rewrites cluster 0 (header, extensions, end marker, backing file name right after it).
     func writeHeaderCluster(_ h: Header, extensions exts: [HeaderExtension]) throws {
+        try writeHeaderCluster(h, extensions: exts, backingName: backingFileName)
+    }
+
+    /// Rewrites cluster 0 with `backingName` (nil: no backing file) placed right after the
+    /// end marker, as QEMU lays it out, in one write, then syncs.
+    func writeHeaderCluster(_ h: Header, extensions exts: [HeaderExtension], backingName: String?) throws {
         var h = h
+        h.backingFileOffset = 0
+        h.backingFileSize = 0
         var bytes: [UInt8] = []
         h.serialize(into: &bytes)
         HeaderExtension.serialize(exts, into: &bytes)
-        if let b = backingFileName {
+        if let b = backingName {
             let name = Array(b.utf8)
             h.backingFileOffset = UInt64(bytes.count)
             h.backingFileSize = UInt32(name.count)
@@ -110,5 +118,6 @@ extension QCow2Image {
         try file.sync()
         header = h
         extensions = exts
+        backingFileName = backingName
     }
 }

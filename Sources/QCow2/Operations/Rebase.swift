@@ -176,54 +176,28 @@ public enum RebaseOperation {
 
     /// Refuses, before anything is written, a header that would not fit in cluster 0.
     static func checkHeaderFits(_ image: QCow2Image, name: String?, format: String?) throws {
-        let bytes = image.headerCluster(backing: name, format: format).bytes
-        guard bytes.count <= image.geometry.clusterSize else {
+        var bytes: [UInt8] = []
+        image.header.serialize(into: &bytes)
+        var exts = image.extensions.filter { if case .backingFormat = $0 { return false } else { return true } }
+        if name != nil, let f = format { exts.insert(.backingFormat(f), at: 0) }
+        HeaderExtension.serialize(exts, into: &bytes)
+        guard bytes.count + (name?.utf8.count ?? 0) <= image.geometry.clusterSize else {
             throw QCow2Error.unsupported(path: image.path, detail: "the header with the new backing file name does not fit in one cluster")
         }
     }
 }
 
 extension QCow2Image {
-    /// Cluster 0 as QEMU lays it out: header, extensions (the backing format first),
-    /// end marker, then the backing file name. Unknown autoclear bits are cleared
-    /// (this is a change of the image).
-    func headerCluster(backing name: String?, format: String?) -> (bytes: [UInt8], header: Header, extensions: [HeaderExtension]) {
-        var h = header
-        if h.version >= 3 { h.autoclearFeatures &= Features.autoclearBitmaps }
-        var exts = extensions.filter { if case .backingFormat = $0 { return false } else { return true } }
-        if name != nil, let f = format { exts.insert(.backingFormat(f), at: 0) }
-        h.backingFileOffset = 0
-        h.backingFileSize = 0
-        var bytes: [UInt8] = []
-        h.serialize(into: &bytes)
-        HeaderExtension.serialize(exts, into: &bytes)
-        if let name {
-            let nameBytes = Array(name.utf8)
-            h.backingFileOffset = UInt64(bytes.count)
-            h.backingFileSize = UInt32(nameBytes.count)
-            bytes += nameBytes
-            var again: [UInt8] = []
-            h.serialize(into: &again)
-            bytes.replaceSubrange(0..<again.count, with: again)
-        }
-        return (bytes, h, exts)
-    }
-
     /// Points the header at a new backing file (or none): cluster 0 rewritten with one
-    /// write, then synced. Call it last in a session: the image's `backingFileName`
-    /// still names the old file afterwards.
+    /// write, then synced.
     func rewriteBacking(name: String?, format: String?) throws {
         guard file.writable else {
             throw QCow2Error.invalidArgument(path: path, detail: "the image was opened read-only")
         }
-        var (bytes, h, exts) = headerCluster(backing: name, format: format)
-        guard bytes.count <= geometry.clusterSize else {
-            throw QCow2Error.unsupported(path: path, detail: "the header with the new backing file name does not fit in one cluster")
-        }
-        bytes += [UInt8](repeating: 0, count: geometry.clusterSize - bytes.count)
-        try file.write(bytes, at: 0)
-        try file.sync()
-        header = h
-        extensions = exts
+        var h = header
+        if h.version >= 3 { h.autoclearFeatures &= Features.autoclearBitmaps }
+        var exts = extensions.filter { if case .backingFormat = $0 { return false } else { return true } }
+        if name != nil, let f = format { exts.insert(.backingFormat(f), at: 0) }
+        try writeHeaderCluster(h, extensions: exts, backingName: name)
     }
 }
