@@ -1,5 +1,6 @@
 import CZlib
 import CZstd
+import Dispatch
 
 /// Decompression of one compressed cluster (spec "Compressed Clusters Descriptor").
 public enum CompressionType: UInt8, Sendable {
@@ -10,6 +11,34 @@ public enum CompressionType: UInt8, Sendable {
 }
 
 enum Codec {
+    /// Compresses one cluster; a final partial cluster is zero-padded to a whole one first.
+    static func compressCluster(_ type: CompressionType, _ data: UnsafeRawBufferPointer, clusterSize cs: Int) -> [UInt8]? {
+        if data.count == cs { return compress(type, input: data) }
+        var cluster = [UInt8](repeating: 0, count: cs)
+        cluster.withUnsafeMutableBytes { $0.copyMemory(from: data) }
+        return cluster.withUnsafeBytes { compress(type, input: $0) }
+    }
+
+    /// Compresses the consecutive clusters of `data` on every core (nil: does not compress).
+    static func compressClusters(_ type: CompressionType, data: UnsafeRawBufferPointer, clusterSize cs: Int) -> [[UInt8]?] {
+        let count = (data.count + cs - 1) / cs
+        var out = [[UInt8]?](repeating: nil, count: count)
+        if count == 1 {
+            out[0] = compressCluster(type, data, clusterSize: cs)
+            return out
+        }
+        out.withUnsafeMutableBufferPointer { results in
+            // Each iteration writes its own slot only.
+            let shared = UncheckedSendable((results, data))
+            DispatchQueue.concurrentPerform(iterations: count) { i in
+                let (results, data) = shared.value
+                let part = UnsafeRawBufferPointer(rebasing: data[(i * cs)..<min(data.count, (i + 1) * cs)])
+                results[i] = compressCluster(type, part, clusterSize: cs)
+            }
+        }
+        return out
+    }
+
     /// Compresses one cluster the way QEMU does: raw deflate with a 4 KiB window
     /// (windowBits -12, memLevel 9, default level), or one zstd frame with the content
     /// size and no checksum. Returns nil when the result would not be smaller than the input.
@@ -84,4 +113,10 @@ enum Codec {
         }
         return outb.pos == outb.size
     }
+}
+
+/// Hands values to worker threads that touch disjoint parts of them.
+struct UncheckedSendable<T>: @unchecked Sendable {
+    let value: T
+    init(_ value: T) { self.value = value }
 }

@@ -7,10 +7,30 @@ extension QCow2Image {
     /// whole cluster, or the rest of the disk for a final partial cluster. Data that
     /// does not compress is stored as a normal cluster, as QEMU does.
     public func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try guardingMetadata { try writeCompressedUnguarded(data, at: offset) }
+        try guardingMetadata { try writeCompressedUnguarded(data, at: offset, stream: nil) }
     }
 
-    private func writeCompressedUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    /// Writes consecutive clusters compressed from `data` (at a cluster-aligned `offset`;
+    /// whole clusters, or ending at the end of the disk). The clusters are compressed on
+    /// every core, then written in order, one by one, as `writeCompressed` does.
+    public func writeCompressedClusters(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        let cs = geometry.clusterSize
+        guard geometry.isAligned(offset), !data.isEmpty else {
+            throw QCow2Error.invalidArgument(path: path, detail: "compressed writes must start on a cluster boundary (offset \(offset))")
+        }
+        let count = (data.count + cs - 1) / cs
+        let streams = Codec.compressClusters(compressionType, data: data, clusterSize: cs)
+        try guardingMetadata {
+            for i in 0..<count {
+                let part = UnsafeRawBufferPointer(rebasing: data[(i * cs)..<min(data.count, (i + 1) * cs)])
+                try writeCompressedUnguarded(part, at: offset + UInt64(i * cs), stream: .some(streams[i]))
+            }
+        }
+    }
+
+    /// `stream`: the compressed cluster when the caller made it already (nil inside: it
+    /// does not compress); nil: compress here.
+    private func writeCompressedUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64, stream given: [UInt8]??) throws {
         let g = geometry
         let cs = g.clusterSize
         guard g.isAligned(offset), data.count == min(cs, Int(virtualSize - min(offset, virtualSize))), data.count > 0 else {
@@ -20,10 +40,8 @@ extension QCow2Image {
         let alloc = try requireAllocator()
         try prepareForWrite()
         trackWrite(offset, UInt64(data.count))
-        var cluster = [UInt8](repeating: 0, count: cs)
-        cluster.withUnsafeMutableBytes { $0.copyMemory(from: data) }
-        guard let stream = cluster.withUnsafeBytes({ Codec.compress(compressionType, input: $0) }) else {
-            try write(data, at: offset)
+        guard let stream = given ?? Codec.compressCluster(compressionType, data, clusterSize: cs) else {
+            try writeUnguarded(data, at: offset)
             return
         }
         let l1i = g.l1Index(offset)
@@ -37,8 +55,17 @@ extension QCow2Image {
         let len = UInt64(stream.count)
         var start: UInt64
         let packRefcount = try compressedPacking.map { try alloc.refcount($0.host >> UInt64(g.clusterBits)) } ?? 0
-        // Share the packing cluster while it has room and its refcount can take one more.
-        if let p = compressedPacking, p.used + len <= UInt64(cs), packRefcount > 0, packRefcount < alloc.maxRefcount {
+        // Share the packing cluster while its refcount can take one more: the stream
+        // goes right after the previous one, and runs on into the next host cluster
+        // when that one is free (as QEMU packs them).
+        let packing = compressedPacking.flatMap { p -> (host: UInt64, used: UInt64)? in
+            guard p.used < UInt64(cs), packRefcount > 0, packRefcount < alloc.maxRefcount else { return nil }
+            return p
+        }
+        if let p = packing, p.used + len <= UInt64(cs) {
+            start = p.host + p.used
+            try alloc.increment(p.host >> UInt64(g.clusterBits))
+        } else if let p = packing, try alloc.allocateIfFree((p.host >> UInt64(g.clusterBits)) + 1) {
             start = p.host + p.used
             try alloc.increment(p.host >> UInt64(g.clusterBits))
         } else {

@@ -159,7 +159,7 @@ extension QCow2Image {
         try guardingMetadata { try writeUnguarded(data, at: offset) }
     }
 
-    private func writeUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    func writeUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, data.count)
         _ = try requireAllocator()
         try prepareForWrite()
@@ -311,6 +311,21 @@ extension QCow2Image {
         let scBits = UInt64(g.subclusterBits)
         var updates: [(Int, L2Entry)] = []
         var frees: [UInt64] = []
+        // Pieces of `data` going to consecutive host offsets are written with one pwrite.
+        var runHost: UInt64 = 0, runStart = 0, runEnd = 0
+        func flushRun() throws {
+            guard runEnd > runStart else { return }
+            try file.write(UnsafeRawBufferPointer(rebasing: data[runStart..<runEnd]), at: runHost)
+            runEnd = runStart
+        }
+        func writeDirect(_ host: UInt64, _ a: Int, _ b: Int) throws {
+            if runEnd > runStart && runEnd == a && runHost + UInt64(runEnd - runStart) == host {
+                runEnd = b
+                return
+            }
+            try flushRun()
+            runHost = host; runStart = a; runEnd = b
+        }
         for (i, plan, old) in plans {
             let cg = rangeBase + UInt64(i) * cs
             let s = max(off, cg), e = min(end, cg + cs)
@@ -323,7 +338,7 @@ extension QCow2Image {
             let oldZero = UInt32(truncatingIfNeeded: old.bitmap >> 32)
             switch plan {
             case .inPlace(let host):
-                try file.write(src, at: host + (s - cg))
+                try writeDirect(host + (s - cg), Int(s - off), Int(e - off))
             case .fill(let host):
                 if !g.extendedL2 {
                     // A zero cluster with its own host cluster: fill it, then drop the zero flag.
@@ -350,13 +365,17 @@ extension QCow2Image {
             case .fresh:
                 let host = nextFresh
                 nextFresh += cs
-                var content: [UInt8]
                 if whole {
-                    content = Array(src)
-                } else {
-                    content = try clusterContent(cg)
-                    content.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: Int(s - cg)).copyMemory(from: src.baseAddress!, byteCount: src.count) }
+                    // A whole new cluster straight from the caller's buffer (with extended
+                    // L2, every subcluster becomes allocated and none reads as zero).
+                    try writeDirect(host, Int(s - off), Int(e - off))
+                    updates.append((i, g.extendedL2 ? L2Entry(host | L2Entry.copied, bitmap: UInt64(UInt32.max))
+                                                     : L2Entry(host | L2Entry.copied)))
+                    frees += referencedClusters(old)
+                    continue
                 }
+                var content = try clusterContent(cg)
+                content.withUnsafeMutableBytes { $0.baseAddress!.advanced(by: Int(s - cg)).copyMemory(from: src.baseAddress!, byteCount: src.count) }
                 if !g.extendedL2 {
                     try file.write(content, at: host)
                     updates.append((i, L2Entry(host | L2Entry.copied)))
@@ -373,6 +392,8 @@ extension QCow2Image {
                 frees += referencedClusters(old)
             }
         }
+
+        try flushRun()
 
         // 3. Metadata: a new table is written whole before the L1 entry points at it.
         for (i, e) in updates { setL2Entry(&table, i, e) }

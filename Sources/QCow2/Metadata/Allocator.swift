@@ -12,7 +12,8 @@ final class Allocator {
     /// The refcount table (authoritative in memory; at most 8 MiB).
     private(set) var table: [UInt64]
     private var blocks: [UInt64: [UInt8]] = [:]
-    private var dirty: Set<UInt64> = []
+    /// Dirty refcount blocks and the byte range of each that changed.
+    private var dirty: [UInt64: Range<Int>] = [:]
     private var pendingTableEntries: [Int: UInt64] = [:]
     private var pendingFrees: [UInt64] = []
     private var reserved: [Range<UInt64>] = []
@@ -68,7 +69,7 @@ final class Allocator {
 
     private func evict() throws {
         // Clean blocks first; dirty ones are written (an early increment leaks at worst).
-        if let clean = blocks.keys.first(where: { !dirty.contains($0) }) {
+        if let clean = blocks.keys.first(where: { dirty[$0] == nil }) {
             blocks[clean] = nil
             return
         }
@@ -91,10 +92,26 @@ final class Allocator {
             throw QCow2Error.unsupported(path: image.path,
                                          detail: "refcount of cluster \(c) would exceed the maximum (\(maxRefcount)) of \(g.refcountBits)-bit refcounts")
         }
-        var b = try loadBlock(off)
-        Self.store(&b, Int(c & (entriesPerBlock - 1)), v, order: g.refcountOrder)
-        blocks[off] = b
-        dirty.insert(off)
+        if blocks[off] == nil { _ = try loadBlock(off) }
+        let i = Int(c & (entriesPerBlock - 1))
+        // In place: a copy of the 64 KiB block per update would dominate bulk allocation.
+        Self.store(&blocks[off]!, i, v, order: g.refcountOrder)
+        let bytes = Self.byteRange(i, order: g.refcountOrder)
+        if let r = dirty[off] {
+            dirty[off] = min(r.lowerBound, bytes.lowerBound)..<max(r.upperBound, bytes.upperBound)
+        } else {
+            dirty[off] = bytes
+        }
+    }
+
+    /// The bytes of a refcount block that hold entry `i`.
+    static func byteRange(_ i: Int, order: Int) -> Range<Int> {
+        if order < 3 {
+            let byte = (i << order) >> 3
+            return byte..<(byte + 1)
+        }
+        let width = 1 << (order - 3)
+        return (i * width)..<((i + 1) * width)
     }
 
     static func store(_ block: inout [UInt8], _ i: Int, _ v: UInt64, order: Int) {
@@ -147,6 +164,7 @@ final class Allocator {
         let off = b << UInt64(g.clusterBits)
         if blocks.count >= blockCap { try evict() }
         blocks[off] = [UInt8](repeating: 0, count: g.clusterSize)
+        dirty[off] = 0..<g.clusterSize  // a new block is written whole
         table[Int(ti)] = off
         pendingTableEntries[Int(ti)] = off
     }
@@ -246,6 +264,22 @@ final class Allocator {
         return start << UInt64(g.clusterBits)
     }
 
+    /// Allocates cluster `c` itself when it is free (refcount 1, not yet durable); returns
+    /// false, changing nothing, when it is in use, reserved or out of range.
+    func allocateIfFree(_ c: UInt64) throws -> Bool {
+        guard c > 0, c < Geometry.maxHostOffset >> UInt64(g.clusterBits), !isReserved(c) else { return false }
+        let ti = c >> UInt64(g.refblockBits)
+        if ti < UInt64(table.count), table[Int(ti)] != 0, try refcount(c) != 0 { return false }
+        let run = c..<(c + 1)
+        reserved.append(run)
+        defer { reserved.removeAll { $0 == run } }
+        try ensureBlock(ti)
+        guard try refcount(c) == 0 else { return false }
+        try set(c, 1)
+        if freeHint == c { freeHint = c + 1 }
+        return true
+    }
+
     /// Adds a reference to an allocated cluster (sharing, e.g. a copied L2 table).
     func increment(_ c: UInt64) throws {
         let v = try refcount(c)
@@ -267,8 +301,11 @@ final class Allocator {
     // MARK: Durability
 
     private func writeDirtyBlocks() throws {
-        for off in dirty.sorted() {
-            if let b = blocks[off] { try image.file.write(b, at: off) }
+        for (off, r) in dirty.sorted(by: { $0.key < $1.key }) {
+            guard let b = blocks[off] else { continue }
+            // Only the changed bytes, rounded to 512 (a block written whole when new).
+            let lo = r.lowerBound & ~511, hi = min(b.count, (r.upperBound + 511) & ~511)
+            try b.withUnsafeBytes { try image.file.write(UnsafeRawBufferPointer(rebasing: $0[lo..<hi]), at: off + UInt64(lo)) }
         }
         dirty.removeAll()
     }

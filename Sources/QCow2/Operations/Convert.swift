@@ -36,7 +36,7 @@ public struct CopyEngine {
     /// written as zero clusters so that it hides what the target's backing file holds.
     public mutating func copy(_ offset: UInt64, _ length: UInt64, maskZeros: Bool) throws {
         let size = source.virtualSize
-        let chunk = max(unit, 1 << 20) / unit * unit
+        let chunk = max(unit, 2 << 20) / unit * unit
         var pos = offset
         let end = min(size, offset + length)
         var buf = [UInt8](repeating: 0, count: Int(chunk))
@@ -45,25 +45,32 @@ public struct CopyEngine {
             if shouldStop() { throw QCow2Error.io(path: target.path, operation: "backup", errno: 4 /* EINTR */) }
             let n = Int(min(chunk, end - pos))
             try buf.withUnsafeMutableBytes { try source.read(into: UnsafeRawBufferPointer(rebasing: $0[0..<n]).mutable, at: pos) }
-            // Split the chunk into units: all-zero units are skipped or masked.
+            // Split the chunk into units: all-zero units are skipped or masked; runs of
+            // data units are written with one request (compressed: one per cluster).
             var u = 0
+            var runStart = 0
+            func flushData(upTo end: Int) throws {
+                guard end > runStart else { return }
+                let guest = pos + UInt64(runStart)
+                try buf.withUnsafeBytes { try writeData(UnsafeRawBufferPointer(rebasing: $0[runStart..<end]), at: guest) }
+                bytesCopied += UInt64(end - runStart)
+                copied?.set(guest, UInt64(end - runStart))
+            }
             while u < n {
                 let len = min(Int(unit), n - u)
-                let isZero = Self.allZero(buf, u, len)
-                let guest = pos + UInt64(u)
-                if isZero {
+                if Self.allZero(buf, u, len) {
+                    try flushData(upTo: u)
+                    runStart = u + len
+                    let guest = pos + UInt64(u)
                     let hidden = try maskZeros || backingHasData(guest, len, &backingBuf)
                     if hidden {
                         try writeZeros(guest, UInt64(len))
                         copied?.set(guest, UInt64(len))
                     }
-                } else {
-                    try buf.withUnsafeBytes { try writeData(UnsafeRawBufferPointer(rebasing: $0[u..<(u + len)]), at: guest) }
-                    bytesCopied += UInt64(len)
-                    copied?.set(guest, UInt64(len))
                 }
                 u += len
             }
+            try flushData(upTo: n)
             pos += UInt64(n)
             bytesDone += UInt64(n)
             progress?(bytesDone)
@@ -102,8 +109,10 @@ public struct CopyEngine {
 
     private func writeData(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws {
         if let q = target as? QCow2Image {
-            if compressed && q.geometry.isAligned(guest) && (data.count == q.geometry.clusterSize || guest + UInt64(data.count) == q.virtualSize) {
-                try q.writeCompressed(data, at: guest)
+            if compressed && q.geometry.isAligned(guest)
+                && (data.count % q.geometry.clusterSize == 0 || guest + UInt64(data.count) == q.virtualSize) {
+                // Whole clusters (or up to the end of the disk), compressed on every core.
+                try q.writeCompressedClusters(data, at: guest)
             } else {
                 try q.write(data, at: guest)
             }
