@@ -29,13 +29,20 @@ final class RefcountReader {
             throw QCow2Error.malformed(path: image.path, field: "refcount table entry \(ti)",
                                        detail: "refcount block offset 0x\(hex(blockOffset)) is invalid")
         }
+        let i = Int(index & ((1 << UInt64(g.refblockBits)) - 1))
+        // Most lookups hit the block of the previous one (sequential scans).
+        if blockOffset == lastOffset { return Self.entry(lastBlock, i, order: g.refcountOrder) }
         let f = image.file
         let block = try cache.table(at: blockOffset) { (buf: inout [UInt8]) throws in
             try buf.withUnsafeMutableBytes { try f.read(into: $0, at: blockOffset) }
         }
-        let i = Int(index & ((1 << UInt64(g.refblockBits)) - 1))
+        lastOffset = blockOffset
+        lastBlock = block
         return Self.entry(block, i, order: g.refcountOrder)
     }
+
+    private var lastOffset: UInt64 = 0
+    private var lastBlock: [UInt8] = []
 
     /// Decodes entry `i` of a refcount block (sub-byte entries are LSB first).
     static func entry(_ block: [UInt8], _ i: Int, order: Int) -> UInt64 {

@@ -139,7 +139,7 @@ public final class CheckOperation {
             let raw = try image.file.read(count: Int(bytes), at: offset)
             raw.withUnsafeBytes { decodeBigEndianU64($0, into: &l1) }
         }
-        for raw in l1 {
+        for (l1Index, raw) in l1.enumerated() {
             let e = L1Entry(raw)
             if e.hasReservedBits {
                 report("ERROR found L1 entry with reserved bits set: \(hex(raw))")
@@ -152,7 +152,7 @@ public final class CheckOperation {
                 report("ERROR l2_offset=\(hex(l2)): Table is not cluster aligned; L1 entry corrupted")
                 result.corruptions += 1
             }
-            try checkL2(offset: l2, active: active)
+            try checkL2(offset: l2, active: active, l1Index: l1Index)
         }
     }
 
@@ -160,7 +160,10 @@ public final class CheckOperation {
         try image.file.read(count: image.geometry.clusterSize, at: offset)
     }
 
-    func checkL2(offset: UInt64, active: Bool) throws {
+    /// Reads an L2 table once: counts its references, gathers statistics, and (for the
+    /// active L1) notes the entries whose COPIED flag disagrees with the stored refcount,
+    /// reported later by `checkCopiedFlags` in qemu-img's order.
+    func checkL2(offset: UInt64, active: Bool, l1Index: Int) throws {
         // A table past the end of the file reads as zeros: nothing in it to count.
         guard offset < fileLength else { return }
         let g = image.geometry
@@ -221,6 +224,9 @@ public final class CheckOperation {
                 result.allocatedClusters += 1
                 if nextContiguous != 0 && host != nextContiguous { result.fragmentedClusters += 1 }
                 nextContiguous = host &+ cs
+                if let rc = try? refcounts.refcount(ofCluster: host >> UInt64(g.clusterBits)), (rc == 1) != e.isCopied {
+                    wrongCopiedByL1[l1Index, default: []].append((offset, i, rc == 1 ? e.raw | L2Entry.copied : e.raw & ~L2Entry.copied, rc))
+                }
             }
             count(host, cs)
         }
@@ -312,6 +318,8 @@ public final class CheckOperation {
     /// Entries whose COPIED flag disagrees with the refcount: (index, corrected value, refcount).
     var wrongL1: [(Int, UInt64, UInt64)] = []
     var wrongL2: [(UInt64, Int, UInt64, UInt64)] = []
+    /// Per active L1 index: (table, entry index, corrected entry, refcount) found by checkL2.
+    var wrongCopiedByL1: [Int: [(UInt64, Int, UInt64, UInt64)]] = [:]
 
     func checkCopiedFlags() throws {
         let g = image.geometry
@@ -324,17 +332,11 @@ public final class CheckOperation {
                 result.corruptions += 1
                 wrongL1.append((i, rc == 1 ? raw | L1Entry.copied : raw & ~L1Entry.copied, rc))
             }
-            guard l2 < fileLength else { continue }  // reads as zeros: no entries
-            let table = try readL2(l2)
-            for j in 0..<g.l2Entries {
-                let e = image.l2Entry(table, j)
-                if e.isCompressed || e.hostOffset == 0 { continue }
-                guard let rc = try? refcounts.refcount(ofCluster: e.hostOffset >> UInt64(g.clusterBits)) else { continue }
-                if (rc == 1) != e.isCopied {
-                    if reportCopied { report("ERROR OFLAG_COPIED data cluster: l2_entry=\(hex(e.raw)) refcount=\(rc)") }
-                    result.corruptions += 1
-                    wrongL2.append((l2, j, rc == 1 ? e.raw | L2Entry.copied : e.raw & ~L2Entry.copied, rc))
-                }
+            // The table's entries were compared with their refcounts by checkL2.
+            for (table, j, corrected, rc) in wrongCopiedByL1[i] ?? [] {
+                if reportCopied { report("ERROR OFLAG_COPIED data cluster: l2_entry=\(hex(corrected ^ L2Entry.copied)) refcount=\(rc)") }
+                result.corruptions += 1
+                wrongL2.append((table, j, corrected, rc))
             }
         }
     }

@@ -3,6 +3,7 @@ import QCow2
 
 struct Amend: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "amend",
         abstract: "Change image options in place (qemu-img amend).",
         discussion: "Supported: compat=0.10|v2|1.1|v3, lazy_refcounts=on|off, size=SIZE.")
 

@@ -10,6 +10,7 @@ let backupInterrupted = Atomic<Bool>(false)
 
 struct Backup: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "backup",
         abstract: "Back up an image into a new qcow2 overlay (full, top, or the clusters a dirty bitmap marks).",
         discussion: """
             sync=full: every allocated byte (chain flattened); with --bitmap, the bitmap is created if missing

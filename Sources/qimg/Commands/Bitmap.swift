@@ -4,6 +4,7 @@ import QCow2
 /// `qimg bitmap`: qemu-img's actions (in command-line order, all-or-nothing) and `--dump`.
 struct Bitmap: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "bitmap",
         abstract: "Manage persistent dirty bitmaps (qemu-img bitmap), or show one (--dump).",
         discussion: """
             qimg bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE)... \

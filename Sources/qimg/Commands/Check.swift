@@ -2,7 +2,8 @@ import ArgumentParser
 import QCow2
 
 struct Check: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Check an image for consistency (qemu-img check).")
+    static let configuration = CommandConfiguration(
+        commandName: "check",abstract: "Check an image for consistency (qemu-img check).")
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
     @Option(help: "Output format: human or json.") var output: OutputFormat = .human

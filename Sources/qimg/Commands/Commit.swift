@@ -3,6 +3,7 @@ import QCow2
 
 struct Commit: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "commit",
         abstract: "Write an image's changes into its backing file (qemu-img commit).",
         discussion: """
             Every cluster the image allocates (data and zero clusters) is written into the \

@@ -3,6 +3,7 @@ import QCow2
 
 struct Compare: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "compare",
         abstract: "Check whether two images have the same guest content (qemu-img compare).",
         discussion: """
             Exit status: 0 identical, 1 different, 2 an image could not be opened, \

@@ -3,6 +3,7 @@ import QCow2
 
 struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "convert",
         abstract: "Copy an image (through its backing chain) into a new one (qemu-img convert).")
 
     @OptionGroup var format: FormatOption

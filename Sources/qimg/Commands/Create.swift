@@ -3,6 +3,7 @@ import QCow2
 
 struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "create",
         abstract: "Create a new disk image (qemu-img create).",
         discussion: "Options for -o: see 'qimg create -f qcow2 -o help'.")
 

@@ -2,7 +2,8 @@ import ArgumentParser
 import QCow2
 
 struct Info: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show information about an image (qemu-img info).")
+    static let configuration = CommandConfiguration(
+        commandName: "info",abstract: "Show information about an image (qemu-img info).")
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption

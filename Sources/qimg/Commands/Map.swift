@@ -2,7 +2,8 @@ import ArgumentParser
 import QCow2
 
 struct Map: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Show the allocation map of an image (qemu-img map).")
+    static let configuration = CommandConfiguration(
+        commandName: "map",abstract: "Show the allocation map of an image (qemu-img map).")
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption

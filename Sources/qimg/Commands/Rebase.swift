@@ -3,6 +3,7 @@ import QCow2
 
 struct Rebase: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "rebase",
         abstract: "Change the backing file of an image (qemu-img rebase).",
         discussion: """
             Safe mode (default) first copies into the image every range it does not allocate \

@@ -3,6 +3,7 @@ import QCow2
 
 struct Resize: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "resize",
         abstract: "Change the virtual size of an image (qemu-img resize).",
         discussion: "SIZE is absolute, or relative with + or - (use -- before a negative size).")
 

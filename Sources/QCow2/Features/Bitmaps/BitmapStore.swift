@@ -53,16 +53,18 @@ extension QCow2Image {
         let cs = g.clusterSize
         let entries = Int(BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: bitmap.granularity.trailingZeroBitCount, clusterSize: cs))
         var table = [UInt64](repeating: 0, count: entries)
-        for k in 0..<entries {
-            guard let bytes = bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) else { continue }
-            let c = try alloc.allocate(1)
-            try alloc.commit()
-            try file.write(bytes, at: c)
-            table[k] = c
-        }
+        // All clusters are allocated first (one refcount barrier), then filled; the
+        // caller syncs before anything points at them.
+        var used: [Int] = []
+        for k in 0..<entries where bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) != nil { used.append(k) }
         let tableClusters = max(1, Int(g.clusters(forBytes: UInt64(entries) * 8)))
         let t = try alloc.allocate(tableClusters)
+        for k in used { table[k] = try alloc.allocate(1) }
         try alloc.commit()
+        for k in used {
+            guard let bytes = bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) else { continue }
+            try file.write(bytes, at: table[k])
+        }
         var w = ByteWriter()
         for e in table { w.u64(e) }
         try file.write(w.bytes, at: t)

@@ -155,43 +155,70 @@ public struct DirtyBitmap: Equatable, Sendable {
     public mutating func load(bytes: UnsafeRawBufferPointer, atByte byteOffset: UInt64) {
         precondition(byteOffset % 8 == 0 && bytes.count % 8 == 0)
         let firstWord = byteOffset / 8
-        for i in 0..<(bytes.count / 8) {
-            var v = UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self))
-            if v == 0 { continue }
+        let n = bytes.count / 8
+        let bitCount = self.bitCount
+        var i = 0
+        // One chunk at a time: a lookup per chunk, words updated in place.
+        while i < n {
             let wordIndex = firstWord + UInt64(i)
-            let firstBit = wordIndex * 64
-            guard firstBit < bitCount else { break }
-            if bitCount - firstBit < 64 { v &= (1 << (bitCount - firstBit)) - 1 }
-            let ci = firstBit >> Self.chunkBitsLog2
-            var words = chunks[ci] ?? [UInt64](repeating: 0, count: Self.wordsPerChunk)
-            words[Int(wordIndex & UInt64(Self.wordsPerChunk - 1))] |= v
-            chunks[ci] = words
+            guard wordIndex * 64 < bitCount else { break }
+            let ci = (wordIndex * 64) >> Self.chunkBitsLog2
+            let chunkEnd = ((ci + 1) << Self.chunkBitsLog2) / 64
+            let m = min(n, i + Int(chunkEnd - wordIndex))
+            var j = i
+            while j < m && bytes.loadUnaligned(fromByteOffset: j * 8, as: UInt64.self) == 0 { j += 1 }
+            if j < m {
+                Self.update(&chunks[ci, default: Self.emptyChunk]) { words in
+                    for k in j..<m {
+                        var v = UInt64(littleEndian: bytes.loadUnaligned(fromByteOffset: k * 8, as: UInt64.self))
+                        if v == 0 { continue }
+                        let firstBit = (firstWord + UInt64(k)) * 64
+                        guard firstBit < bitCount else { break }
+                        if bitCount - firstBit < 64 { v &= (1 << (bitCount - firstBit)) - 1 }
+                        words[Int((firstWord + UInt64(k)) & UInt64(Self.wordsPerChunk - 1))] |= v
+                    }
+                }
+            }
+            i = m
+        }
+        // A chunk made only of bits past the end stays all zero: drop it.
+        if let last = chunks[(bitCount &- 1) >> Self.chunkBitsLog2], last.allSatisfy({ $0 == 0 }) {
+            chunks[(bitCount &- 1) >> Self.chunkBitsLog2] = nil
         }
     }
+
+    static let emptyChunk = [UInt64](repeating: 0, count: wordsPerChunk)
+
+    private static func update(_ words: inout [UInt64], _ body: (inout [UInt64]) -> Void) { body(&words) }
 
     /// The serialized bytes [byteOffset, byteOffset + count) (multiples of 8); nil when all zero.
     public func bytes(atByte byteOffset: UInt64, count: Int) -> [UInt8]? {
         precondition(byteOffset % 8 == 0 && count % 8 == 0)
+        let firstWord = byteOffset / 8
+        let n = count / 8
+        // Cheap emptiness test first: most clusters of a sparse bitmap have no chunk.
+        var i = 0
+        var present: [(Int, Int, [UInt64])] = []
+        while i < n {
+            let wordIndex = firstWord + UInt64(i)
+            let ci = (wordIndex * 64) >> Self.chunkBitsLog2
+            let chunkEnd = ((ci + 1) << Self.chunkBitsLog2) / 64
+            let m = min(n, i + Int(chunkEnd - wordIndex))
+            if let words = chunks[ci] { present.append((i, m, words)) }
+            i = m
+        }
+        guard !present.isEmpty else { return nil }
         var out = [UInt8](repeating: 0, count: count)
         var any = false
-        let firstWord = byteOffset / 8
         out.withUnsafeMutableBytes { o in
-            var i = 0
-            while i < count / 8 {
-                let wordIndex = firstWord + UInt64(i)
-                let ci = (wordIndex * 64) >> Self.chunkBitsLog2
-                guard let words = chunks[ci] else {
-                    // Skip to the next chunk.
-                    let next = ((ci + 1) << Self.chunkBitsLog2) / 64
-                    i += Int(next - wordIndex)
-                    continue
+            for (a, b, words) in present {
+                for k in a..<b {
+                    let w = words[Int((firstWord + UInt64(k)) & UInt64(Self.wordsPerChunk - 1))]
+                    if w != 0 {
+                        o.storeBytes(of: w.littleEndian, toByteOffset: k * 8, as: UInt64.self)
+                        any = true
+                    }
                 }
-                let w = words[Int(wordIndex & UInt64(Self.wordsPerChunk - 1))]
-                if w != 0 {
-                    o.storeBytes(of: w.littleEndian, toByteOffset: i * 8, as: UInt64.self)
-                    any = true
-                }
-                i += 1
             }
         }
         return any ? out : nil
