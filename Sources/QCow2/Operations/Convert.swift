@@ -31,6 +31,9 @@ public struct CopyEngine {
     public var unit: UInt64 { UInt64((target as? QCow2Image)?.geometry.clusterSize ?? 65536) }
 
     private var started: UInt64 = 0
+    private var writebackMark: UInt64 = 0
+    /// Data written between two early-writeback requests (see BlockFile.startWriteback).
+    static let writebackInterval: UInt64 = 16 << 20
 
     /// Copies [offset, offset+length) (whole units); with `maskZeros`, zero data is
     /// written as zero clusters so that it hides what the target's backing file holds.
@@ -73,6 +76,10 @@ public struct CopyEngine {
             try flushData(upTo: n)
             pos += UInt64(n)
             bytesDone += UInt64(n)
+            if bytesCopied - writebackMark >= Self.writebackInterval {
+                writebackMark = bytesCopied
+                target.file.startWriteback()
+            }
             progress?(bytesDone)
             try throttle()
         }
