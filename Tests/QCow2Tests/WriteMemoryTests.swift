@@ -22,7 +22,7 @@ import Glibc
     static let isChild = environment["QIMG_MEMORY_CHILD"] == "1"
     static let chunk = 8 << 20
     static let cacheCap = 1 << 20
-    static let bound = 64 << 20 + cacheCap
+    static let bound = (64 << 20 + cacheCap) * Env.memoryBoundScale
 
     @Test(.timeLimit(.minutes(5)))
     func writingGibibytesKeepsMemoryBounded() throws {

@@ -7,7 +7,7 @@ import Testing
     /// Each bitmap command on the 4 TiB disk, in this debug build.
     static let maxSeconds = 5.0
     /// Peak RSS of each such command (GNU time's %M, KiB).
-    static let maxRSSKiB = 64 * 1024
+    static let maxRSSKiB = 64 * 1024 * Env.memoryBoundScale
     static let gnuTime = "/usr/bin/time"
 
     static func scratch(_ name: String) throws -> String {

@@ -1,10 +1,13 @@
 import Foundation
 import Testing
 
-/// The qimg binary under test: `.build/debug/qimg` in the package root.
+/// The qimg binary under test: `.build/debug/qimg` in the package root, or
+/// $QIMG_BINARY (the sanitizer runs point it at their own build).
 /// `swift build` (or `swift test`, which builds every product) creates it.
 enum Qimg {
-    static let path = Paths.packageRoot + "/.build/debug/qimg"
+    static let path = ProcessInfo.processInfo.environment["QIMG_BINARY"].map {
+        $0.hasPrefix("/") ? $0 : Paths.packageRoot + "/" + $0
+    } ?? Paths.packageRoot + "/.build/debug/qimg"
 
     /// Runs qimg; throws (failing the test) when the binary is missing.
     static func run(_ args: [String], cwd: String, timeout: Double = 60) throws -> RunResult {

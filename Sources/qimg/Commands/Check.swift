@@ -3,7 +3,8 @@ import QCow2
 
 struct Check: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "check",abstract: "Check an image for consistency (qemu-img check).")
+        commandName: "check",
+        abstract: "Check an image for consistency (qemu-img check).")
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
     @Option(help: "Output format: human or json.") var output: OutputFormat = .human
@@ -25,12 +26,16 @@ struct Check: ParsableCommand {
             throw CommandFailure(message: "\(file): This image format does not support checks", exitCode: 63)
         }
         let r: CheckResult
+        let lines = ReportLines()
+        defer { lines.flush() }
         if let repair {
-            r = try CheckOperation.repair(q, mode: repair == .all ? .all : .leaks) { Output.error($0) }
+            r = try CheckOperation.repair(q, mode: repair == .all ? .all : .leaks) { lines.add($0) }
+            lines.flush()
             if repair == .all && r.corruptions == 0 && r.checkErrors == 0 { try q.clearDirtyBit() }
         } else {
-            r = try CheckOperation.run(q) { Output.error($0) }
+            r = try CheckOperation.run(q) { lines.add($0) }
         }
+        lines.flush()
         if !quiet {
             var text = ""
             if output == .human && (r.leaksFixed > 0 || r.corruptionsFixed > 0) {

@@ -3,7 +3,8 @@ import QCow2
 
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "info",abstract: "Show information about an image (qemu-img info).")
+        commandName: "info",
+        abstract: "Show information about an image (qemu-img info).")
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption

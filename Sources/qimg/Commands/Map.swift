@@ -3,7 +3,8 @@ import QCow2
 
 struct Map: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "map",abstract: "Show the allocation map of an image (qemu-img map).")
+        commandName: "map",
+        abstract: "Show the allocation map of an image (qemu-img map).")
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
