@@ -13,6 +13,9 @@ struct Qimg: ParsableCommand {
 
     static func main() {
         do {
+            // Testing aid: QIMG_FAULTS arms fault injection below the library
+            // (FaultPlan(specification:)); unset in normal use.
+            try FaultInjector.armFromEnvironment()
             var command = try parseAsRoot()
             try command.run()
         } catch let e as QCow2Error {

@@ -5,7 +5,9 @@ import Darwin
 #endif
 
 /// An open file with positional I/O. Reads past the end of the file return
-/// zeros (qcow2 files need not end on a cluster boundary).
+/// zeros (qcow2 files need not end on a cluster boundary). Short transfers and
+/// EINTR are retried. Every call consults the armed `FaultInjector`s, if any
+/// (a testing aid; see FaultInjection.swift).
 public final class BlockFile {
     public let path: String
     public let fd: Int32
@@ -46,10 +48,42 @@ public final class BlockFile {
 
     /// Makes the file's data and metadata durable (fsync).
     public func fullSync() throws {
-        while fsync(fd) != 0 {
+        if FaultInjector.isArmed, let e = FaultInjector.beforeSync(path) {
+            throw QCow2Error.io(path: path, operation: "fsync", errno: e)
+        }
+        while syncCall(full: true) != 0 {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "fsync", errno: errno)
         }
+    }
+
+    /// One fsync/fdatasync system call (interrupted once first under fault injection).
+    @inline(__always) private func syncCall(full: Bool) -> Int32 {
+        if FaultInjector.isArmed, FaultInjector.syscall(.sync, path, count: 1).interrupt {
+            errno = EINTR
+            return -1
+        }
+        return full ? fsync(fd) : fdatasync(fd)
+    }
+
+    /// The bytes one system call may transfer: `count`, or less (short transfer), or nil
+    /// (interrupted) under fault injection.
+    @inline(__always) private func allowedCount(_ kind: FaultInjector.Transfer, _ count: Int) -> Int? {
+        guard FaultInjector.isArmed else { return count }
+        let t = FaultInjector.syscall(kind, path, count: count)
+        return t.interrupt ? nil : t.count
+    }
+
+    /// One pread system call (short or interrupted under fault injection).
+    @inline(__always) private func preadCall(_ p: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64) -> Int {
+        guard let n = allowedCount(.read, count) else { errno = EINTR; return -1 }
+        return pread(fd, p, n, off_t(offset))
+    }
+
+    /// One pwrite system call (short or interrupted under fault injection).
+    @inline(__always) private func pwriteCall(_ p: UnsafeRawPointer, _ count: Int, _ offset: UInt64) -> Int {
+        guard let n = allowedCount(.write, count) else { errno = EINTR; return -1 }
+        return pwrite(fd, p, n, off_t(offset))
     }
 
     deinit { close(fd) }
@@ -88,8 +122,11 @@ public final class BlockFile {
         guard offset <= UInt64(Int64.max) - UInt64(total) else {
             throw QCow2Error.io(path: path, operation: "read", errno: EINVAL)
         }
+        if FaultInjector.isArmed, let e = FaultInjector.beforeRead(path) {
+            throw QCow2Error.io(path: path, operation: "read", errno: e)
+        }
         while done < total {
-            let n = pread(fd, base + done, total - done, off_t(offset + UInt64(done)))
+            let n = preadCall(base + done, total - done, offset + UInt64(done))
             if n < 0 {
                 if errno == EINTR { continue }
                 throw QCow2Error.io(path: path, operation: "read", errno: errno)
@@ -120,15 +157,25 @@ public final class BlockFile {
         guard offset <= UInt64(Int64.max) - UInt64(buffer.count) else {
             throw QCow2Error.io(path: path, operation: "write", errno: EINVAL)
         }
+        var total = buffer.count
+        var injected: Int32?
+        if FaultInjector.isArmed, let f = FaultInjector.beforeWrite(path, offset: offset, count: total) {
+            // An injected failure: the leading whole blocks it lets through, then the error.
+            injected = f.errno
+            total = f.prefix
+        }
         var done = 0
-        while done < buffer.count {
-            let n = pwrite(fd, base + done, buffer.count - done, off_t(offset + UInt64(done)))
+        while done < total {
+            let n = pwriteCall(base + done, total - done, offset + UInt64(done))
             if n < 0 {
                 if errno == EINTR { continue }
                 throw QCow2Error.io(path: path, operation: "write", errno: errno)
             }
+            // pwrite of a regular file makes progress or fails; never spin on 0.
+            if n == 0 { throw QCow2Error.io(path: path, operation: "write", errno: EIO) }
             done += n
         }
+        if let e = injected { throw QCow2Error.io(path: path, operation: "write", errno: e) }
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws {
@@ -143,7 +190,10 @@ public final class BlockFile {
     /// Makes written data durable (fdatasync).
     public func sync() throws {
         if deferSync { return }
-        while fdatasync(fd) != 0 {
+        if FaultInjector.isArmed, let e = FaultInjector.beforeSync(path) {
+            throw QCow2Error.io(path: path, operation: "fdatasync", errno: e)
+        }
+        while syncCall(full: false) != 0 {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "fdatasync", errno: errno)
         }
@@ -151,6 +201,9 @@ public final class BlockFile {
 
     /// Sets the file length.
     public func truncate(to length: UInt64) throws {
+        if FaultInjector.isArmed, let f = FaultInjector.beforeWrite(path, offset: length, count: 0) {
+            throw QCow2Error.io(path: path, operation: "truncate", errno: f.errno)
+        }
         while ftruncate(fd, off_t(length)) != 0 {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "truncate", errno: errno)

@@ -104,9 +104,9 @@ extension QCow2Image {
             try file.sync()
             l2Cache.update(t, table)
         }
-        for c in frees { alloc.queueFree(c) }
-        try alloc.commitFrees()
         decompressedKey = .max
         fileSize = try file.size()
+        for c in frees { alloc.queueFree(c) }
+        try alloc.commitFrees()
     }
 }

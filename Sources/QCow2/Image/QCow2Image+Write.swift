@@ -129,13 +129,15 @@ extension QCow2Image {
         try file.write(w.bytes, at: UInt64(payload + 16))
         try file.sync()
         let old = ext.directoryOffset >> UInt64(geometry.clusterBits)
-        for c in 0..<UInt64(n) { alloc.queueFree(old + c) }
-        for c in freeing { alloc.queueFree(c) }
-        try alloc.commitFrees()
+        // The header names the new directory now: so must memory, before the old one is
+        // freed (a failed free must not leave the old directory in use here).
         ext.directoryOffset = newOffset
         bitmapsExtension = ext
         bitmaps = entries
         extensions = extensions.map { if case .bitmaps = $0 { return .bitmaps(ext) } else { return $0 } }
+        for c in 0..<UInt64(n) { alloc.queueFree(old + c) }
+        for c in freeing { alloc.queueFree(c) }
+        try alloc.commitFrees()
     }
 
     // MARK: - Data writes
@@ -412,10 +414,13 @@ extension QCow2Image {
             l2Cache.update(t, table)
         }
 
+        // The file grew: later requests must see their new clusters inside it even if
+        // the frees below fail.
+        fileSize = try file.size()
+
         // 4. Frees.
         for c in frees { alloc.queueFree(c) }
         try alloc.commitFrees()
-        fileSize = try file.size()
     }
 
     /// Points L1 entry `i` at `value` (one 8-byte write, then sync).

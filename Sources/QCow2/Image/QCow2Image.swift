@@ -345,12 +345,23 @@ public final class QCow2Image: DiskImage {
 
     // MARK: - Mapping
 
+    /// Whether host `offset` lies inside the file. A writer refreshes `fileSize` before
+    /// saying no: a write request that failed after growing the file (an I/O error while
+    /// freeing, after its new L2 table was already in use) leaves it stale, and the next
+    /// request must not take its own new table for corruption.
+    func isInsideFile(_ offset: UInt64) throws -> Bool {
+        if offset < fileSize { return true }
+        guard file.writable else { return false }
+        fileSize = try file.size()
+        return offset < fileSize
+    }
+
     /// Loads the L2 table at `offset` through the cache.
     func l2Table(at offset: UInt64, l1Index: Int) throws -> [UInt8] {
         guard geometry.isAligned(offset) else {
             throw QCow2Error.malformed(path: path, field: "L1 entry \(l1Index)", detail: "L2 table offset 0x\(hex(offset)) is not cluster-aligned")
         }
-        guard offset < fileSize else {
+        guard try isInsideFile(offset) else {
             throw QCow2Error.malformed(path: path, field: "L1 entry \(l1Index)", detail: "L2 table offset 0x\(hex(offset)) lies beyond the end of the file")
         }
         let f = file
@@ -470,7 +481,7 @@ public final class QCow2Image: DiskImage {
 
     private func decompress(guestCluster key: UInt64, offset: UInt64, length: Int) throws {
         if decompressedKey == key { return }
-        guard offset < fileSize else {
+        guard try isInsideFile(offset) else {
             throw QCow2Error.malformed(path: path, field: "compressed cluster at guest offset 0x\(hex(key))",
                              detail: "data offset 0x\(hex(offset)) lies beyond the end of the file")
         }

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// Options of a new image (qemu-img create -o ...), already validated by `validate()`.
 public struct CreateOptions: Sendable, Equatable {
     public enum Preallocation: String, Sendable, CaseIterable { case off, metadata, falloc, full }
@@ -82,17 +88,28 @@ public enum ImageCreator {
 
     static func createRaw(_ path: String, _ o: CreateOptions) throws {
         let f = try BlockFile(creating: path)
-        let size = o.roundedSize
-        try f.truncate(to: size)
-        // qemu-img writes the first 4 KiB of a new raw image (its alignment probe);
-        // doing the same keeps `map` output identical.
-        if size > 0 { try writeZeros(f, at: 0, length: min(size, 4096)) }
-        switch o.preallocation {
-        case .falloc: _ = f.preallocate(at: 0, length: size)
-        case .full: try writeZeros(f, at: 0, length: size)
-        default: break
+        try removingOnFailure(path) {
+            let size = o.roundedSize
+            try f.truncate(to: size)
+            // qemu-img writes the first 4 KiB of a new raw image (its alignment probe);
+            // doing the same keeps `map` output identical.
+            if size > 0 { try writeZeros(f, at: 0, length: min(size, 4096)) }
+            switch o.preallocation {
+            case .falloc: _ = f.preallocate(at: 0, length: size)
+            case .full: try writeZeros(f, at: 0, length: size)
+            default: break
+            }
+            try f.fullSync()
         }
-        try f.fullSync()
+    }
+
+    /// Runs `body` on a file this creator has just created; when it fails, the half-made
+    /// file is removed (a failed create leaves no image that looks usable).
+    static func removingOnFailure(_ path: String, _ body: () throws -> Void) throws {
+        do { try body() } catch {
+            unlink(path)
+            throw error
+        }
     }
 
     public static func writeZeros(_ f: BlockFile, at offset: UInt64, length: UInt64) throws {
@@ -163,45 +180,47 @@ public enum ImageCreator {
         }
         // 1. Header (no L1 yet), refcount table, refcount block 0 describing clusters 0..2.
         let f = try BlockFile(creating: path)
-        var table = [UInt8](repeating: 0, count: g.clusterSize)
-        table.withUnsafeMutableBytes { $0.storeBytes(of: (2 * cs).bigEndian, toByteOffset: 0, as: UInt64.self) }
-        var block = [UInt8](repeating: 0, count: g.clusterSize)
-        for c in 0..<3 { Allocator.store(&block, c, 1, order: g.refcountOrder) }
-        try f.write(header, at: 0)
-        try f.write(table, at: cs)
-        try f.write(block, at: 2 * cs)
-        try f.sync()
+        try removingOnFailure(path) {
+            var table = [UInt8](repeating: 0, count: g.clusterSize)
+            table.withUnsafeMutableBytes { $0.storeBytes(of: (2 * cs).bigEndian, toByteOffset: 0, as: UInt64.self) }
+            var block = [UInt8](repeating: 0, count: g.clusterSize)
+            for c in 0..<3 { Allocator.store(&block, c, 1, order: g.refcountOrder) }
+            try f.write(header, at: 0)
+            try f.write(table, at: cs)
+            try f.write(block, at: 2 * cs)
+            try f.sync()
 
-        // 2. The L1 table, allocated through the allocator, then published in the header.
-        let image = try QCow2Image(path: path, file: f)
-        try image.enableWriting()
-        let alloc = try image.requireAllocator()
-        let l1Entries = g.l1EntriesNeeded(size: o.roundedSize)
-        if l1Entries > 0 {
-            let clusters = Int(g.clusters(forBytes: l1Entries * 8))
-            let l1Offset = try alloc.allocate(clusters)
-            try alloc.commit()
-            try f.write([UInt8](repeating: 0, count: Int(l1Entries) * 8), at: l1Offset)
-            try f.sync()
+            // 2. The L1 table, allocated through the allocator, then published in the header.
+            let image = try QCow2Image(path: path, file: f)
+            try image.enableWriting()
+            let alloc = try image.requireAllocator()
+            let l1Entries = g.l1EntriesNeeded(size: o.roundedSize)
+            if l1Entries > 0 {
+                let clusters = Int(g.clusters(forBytes: l1Entries * 8))
+                let l1Offset = try alloc.allocate(clusters)
+                try alloc.commit()
+                try f.write([UInt8](repeating: 0, count: Int(l1Entries) * 8), at: l1Offset)
+                try f.sync()
+                var w = ByteWriter()
+                w.u32(UInt32(l1Entries))
+                w.u64(l1Offset)
+                try f.write(w.bytes, at: 36)
+                try f.sync()
+                image.header.l1Size = UInt32(l1Entries)
+                image.header.l1TableOffset = l1Offset
+                image.l1Table = [UInt64](repeating: 0, count: Int(l1Entries))
+            }
             var w = ByteWriter()
-            w.u32(UInt32(l1Entries))
-            w.u64(l1Offset)
-            try f.write(w.bytes, at: 36)
+            w.u64(o.roundedSize)
+            try f.write(w.bytes, at: 24)
             try f.sync()
-            image.header.l1Size = UInt32(l1Entries)
-            image.header.l1TableOffset = l1Offset
-            image.l1Table = [UInt64](repeating: 0, count: Int(l1Entries))
+            image.header.size = o.roundedSize
+            // 3. Preallocation: L2 tables and data clusters.
+            if o.preallocation != .off {
+                try image.preallocate(o.preallocation)
+            }
+            try f.fullSync()
         }
-        var w = ByteWriter()
-        w.u64(o.roundedSize)
-        try f.write(w.bytes, at: 24)
-        try f.sync()
-        image.header.size = o.roundedSize
-        // 3. Preallocation: L2 tables and data clusters.
-        if o.preallocation != .off {
-            try image.preallocate(o.preallocation)
-        }
-        try f.fullSync()
     }
 }
 
