@@ -165,15 +165,20 @@ public enum BackupOperation {
 
         // Only now, with the target durable, does the bitmap change.
         if let name = o.bitmap, let q = qsource {
-            switch (o.sync, o.bitmapMode) {
-            case (.full, _):
-                let exists = q.bitmaps.contains { $0.name == name }
-                try q.applyBitmapActions(exists ? [.clear] : [.add(granularity: nil, disabled: false)], to: name)
-            case (_, .never): break
-            default:
-                try q.applyBitmapActions([.clear], to: name)
+            do {
+                switch (o.sync, o.bitmapMode) {
+                case (.full, _):
+                    let exists = q.bitmaps.contains { $0.name == name }
+                    try q.applyBitmapActions(exists ? [.clear] : [.add(granularity: nil, disabled: false)], to: name)
+                case (_, .never): break
+                default:
+                    try q.applyBitmapActions([.clear], to: name)
+                }
+                try q.close()
+            } catch let e as QCow2Error {
+                // The backup itself is done: say so, so that nobody retries it blindly.
+                throw QCow2Error.unsupported(path: q.path, detail: "the backup \(target) is complete, but bitmap '\(name)' was not updated (\(e.message)); its bits stay set, so the next incremental backup copies those clusters again")
             }
-            try q.close()
         }
         let seconds = Double(monotonicNanoseconds() - started) / 1e9
         return BackupResult(bytesToCopy: total, bytesWritten: engine.bytesCopied, clusters: total / unit, seconds: seconds, partialTarget: nil)
