@@ -38,11 +38,11 @@ enum Paths {
 enum Env {
     static let isCI = ProcessInfo.processInfo.environment["CI"] == "true"
 
-    /// Set by `make sanitize` (address, undefined). AddressSanitizer keeps freed
-    /// memory in quarantine and adds shadow memory, so peak-RSS bounds are scaled
+    /// Set by `make sanitize` (address, thread). AddressSanitizer keeps freed
+    /// memory in quarantine and both add shadow memory, so peak-RSS bounds are scaled
     /// (they are checked unscaled by `make test`).
     static let sanitizer = ProcessInfo.processInfo.environment["QIMG_SANITIZER"]
-    static let memoryBoundScale = sanitizer == "address" ? 8 : 1
+    static let memoryBoundScale = sanitizer == "address" || sanitizer == "thread" ? 8 : 1
 
     static func which(_ name: String) -> String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"

@@ -217,17 +217,27 @@ public enum ConvertOperation {
                 throw QCow2Error.unsupported(path: path, detail: "bitmaps can only be copied into qcow2 version 3 images")
             }
         }
+        // A new target is written under a temporary name in the same directory and renamed
+        // into place once durable: an interrupted convert never leaves a partial image under
+        // the target's name (qemu-img does). -n and non-regular targets (block devices) are
+        // written in place.
+        var st = stat()
+        let inPlace = o.skipCreate || (stat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG)
+        let work = inPlace ? path : BackupOperation.temporaryName(path)
+        var renamed = false
+        if !inPlace { unlink(work) }  // a leftover of an interrupted run
+        defer { if !inPlace && !renamed { unlink(work) } }
         if !o.skipCreate {
             var c = o.create
             c.size = source.virtualSize
             c.backingFile = o.backingFile
             c.backingFormat = o.backingFormat?.rawValue
-            try ImageCreator.create(path, options: c)
+            try ImageCreator.create(work, options: c)
         }
         var opener = ImageOpener()
         opener.writable = true
         opener.openBacking = false
-        let target = try opener.open(path, format: o.skipCreate ? nil : o.create.format)
+        let target = try opener.open(work, format: o.skipCreate ? nil : o.create.format)
         target.file.deferSync = true
         var engine = CopyEngine(source: source, target: target)
         engine.compressed = o.compressed
@@ -258,5 +268,10 @@ public enum ConvertOperation {
         }
         target.file.deferSync = false
         try target.file.fullSync()
+        if !inPlace {
+            guard rename(work, path) == 0 else { throw QCow2Error.io(path: path, operation: "rename", errno: errno) }
+            renamed = true
+            try BackupOperation.syncDirectory(of: path)
+        }
     }
 }
