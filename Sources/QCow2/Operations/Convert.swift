@@ -223,8 +223,17 @@ public enum ConvertOperation {
         // written in place.
         var st = stat()
         let inPlace = o.skipCreate || (stat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG)
-        let work = inPlace ? path : BackupOperation.temporaryName(path)
+        // An existing symlink keeps pointing where it did: the file it names is replaced.
+        var final = path
+        if !inPlace, lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFLNK, let real = realpath(path, nil) {
+            final = String(cString: real)
+            free(real)
+        }
+        let work = inPlace ? path : BackupOperation.temporaryName(final)
         var renamed = false
+        // An existing target's permissions (and owner, where allowed) carry over to its replacement.
+        var replaced = stat()
+        let replacing = !inPlace && stat(final, &replaced) == 0
         if !inPlace { unlink(work) }  // a leftover of an interrupted run
         defer { if !inPlace && !renamed { unlink(work) } }
         if !o.skipCreate {
@@ -238,6 +247,10 @@ public enum ConvertOperation {
         opener.writable = true
         opener.openBacking = false
         let target = try opener.open(work, format: o.skipCreate ? nil : o.create.format)
+        if replacing {
+            _ = fchmod(target.file.fd, replaced.st_mode & 0o7777)
+            _ = fchown(target.file.fd, replaced.st_uid, replaced.st_gid)
+        }
         target.file.deferSync = true
         var engine = CopyEngine(source: source, target: target)
         engine.compressed = o.compressed
@@ -269,9 +282,9 @@ public enum ConvertOperation {
         target.file.deferSync = false
         try target.file.fullSync()
         if !inPlace {
-            guard rename(work, path) == 0 else { throw QCow2Error.io(path: path, operation: "rename", errno: errno) }
+            guard rename(work, final) == 0 else { throw QCow2Error.io(path: final, operation: "rename", errno: errno) }
             renamed = true
-            try BackupOperation.syncDirectory(of: path)
+            try BackupOperation.syncDirectory(of: final)
         }
     }
 }

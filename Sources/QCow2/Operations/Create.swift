@@ -88,9 +88,12 @@ public enum ImageCreator {
 
     static func createRaw(_ path: String, _ o: CreateOptions) throws {
         let f = try BlockFile(creating: path)
-        try removingOnFailure(path) {
+        try removingOnFailure(path, file: f) {
             let size = o.roundedSize
-            try f.truncate(to: size)
+            // A block device (convert -O raw onto a disk) has its size already.
+            var st = stat()
+            let regular = fstat(f.fd, &st) != 0 || (st.st_mode & S_IFMT) == S_IFREG
+            if regular { try f.truncate(to: size) }
             // qemu-img writes the first 4 KiB of a new raw image (its alignment probe);
             // doing the same keeps `map` output identical.
             if size > 0 { try writeZeros(f, at: 0, length: min(size, 4096)) }
@@ -103,11 +106,13 @@ public enum ImageCreator {
         }
     }
 
-    /// Runs `body` on a file this creator has just created; when it fails, the half-made
-    /// file is removed (a failed create leaves no image that looks usable).
-    static func removingOnFailure(_ path: String, _ body: () throws -> Void) throws {
+    /// Runs `body` on a file this creator has just created (or truncated); when it fails,
+    /// the half-made file is removed (a failed create leaves no image that looks usable).
+    /// Only a regular file is removed: a device node or other special file stays.
+    static func removingOnFailure(_ path: String, file: BlockFile, _ body: () throws -> Void) throws {
         do { try body() } catch {
-            unlink(path)
+            var st = stat()
+            if fstat(file.fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG { unlink(path) }
             throw error
         }
     }
@@ -180,7 +185,7 @@ public enum ImageCreator {
         }
         // 1. Header (no L1 yet), refcount table, refcount block 0 describing clusters 0..2.
         let f = try BlockFile(creating: path)
-        try removingOnFailure(path) {
+        try removingOnFailure(path, file: f) {
             var table = [UInt8](repeating: 0, count: g.clusterSize)
             table.withUnsafeMutableBytes { $0.storeBytes(of: (2 * cs).bigEndian, toByteOffset: 0, as: UInt64.self) }
             var block = [UInt8](repeating: 0, count: g.clusterSize)
@@ -277,5 +282,7 @@ extension QCow2Image {
             }
         }
         fileSize = try file.size()
+        // Refcount tables replaced while growing are freed only now.
+        try alloc.commitFrees()
     }
 }
