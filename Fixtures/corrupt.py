@@ -191,6 +191,21 @@ def main():
     # 6. reserved bit 1 set in an L2 entry (bits 1-8 and 56-61 are reserved)
     make("l2-reserved.qcow2", lambda im: im.put_u64(off1, e1 | 0x2))
 
+    # 7. COPIED cleared on the L1 entry and on an L2 entry, plus a leak: -r leaks
+    #    fixes the leak and then (nothing else being wrong) the COPIED flags, L1 first
+    def copied_and_leak(im):
+        im.put_u64(im.l1_entry_off(0), first_l1 & ~COPIED)
+        im.put_u64(off2, e2 & ~COPIED)
+        im.set_refcount(free[0], 1)
+    make("copied-and-leak.qcow2", copied_and_leak)
+
+    # 8. COPIED cleared on the L1 entry, and two L2 entries sharing one cluster of
+    #    refcount 1 (a corruption -r leaks does not fix): -r leaks leaves the flags
+    def copied_and_shared(im):
+        im.put_u64(im.l1_entry_off(0), first_l1 & ~COPIED)
+        im.put_u64(off1, e0)
+    make("copied-and-shared.qcow2", copied_and_shared)
+
     assert first_l1 & COPIED
     os.unlink(base)
 

@@ -318,6 +318,12 @@ public final class CheckOperation {
     /// Entries whose COPIED flag disagrees with the refcount: (index, corrected value, refcount).
     var wrongL1: [(Int, UInt64, UInt64)] = []
     var wrongL2: [(UInt64, Int, UInt64, UInt64)] = []
+    /// The same, in qemu-img's order: each L1 entry, then the entries of its table.
+    enum WrongCopied {
+        case l1(index: Int, corrected: UInt64, refcount: UInt64)
+        case l2(table: UInt64, index: Int, corrected: UInt64, refcount: UInt64)
+    }
+    var wrongCopied: [WrongCopied] = []
     /// Per active L1 index: (table, entry index, corrected entry, refcount) found by checkL2.
     var wrongCopiedByL1: [Int: [(UInt64, Int, UInt64, UInt64)]] = [:]
 
@@ -331,12 +337,14 @@ public final class CheckOperation {
                 if reportCopied { report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(raw)) refcount=\(rc)") }
                 result.corruptions += 1
                 wrongL1.append((i, rc == 1 ? raw | L1Entry.copied : raw & ~L1Entry.copied, rc))
+                wrongCopied.append(.l1(index: i, corrected: rc == 1 ? raw | L1Entry.copied : raw & ~L1Entry.copied, refcount: rc))
             }
             // The table's entries were compared with their refcounts by checkL2.
             for (table, j, corrected, rc) in wrongCopiedByL1[i] ?? [] {
                 if reportCopied { report("ERROR OFLAG_COPIED data cluster: l2_entry=\(hex(corrected ^ L2Entry.copied)) refcount=\(rc)") }
                 result.corruptions += 1
                 wrongL2.append((table, j, corrected, rc))
+                wrongCopied.append(.l2(table: table, index: j, corrected: corrected, refcount: rc))
             }
         }
     }
@@ -400,30 +408,35 @@ extension CheckOperation {
             }
         }
         if mode != .none && (leaksFixed + corruptionsFixed > 0 || !first.wrongL1.isEmpty || !first.wrongL2.isEmpty) {
-            // Refcounts are right now: make the COPIED flags follow them.
+            // Refcounts are right now: make the COPIED flags follow them, as qemu-img does:
+            // -r all always; -r leaks only when nothing else is left wrong (no refcount
+            // corruption, leak or check error); each L1 entry, then its table's entries.
             let again = try CheckOperation(image, report: { _ in })
-            _ = try again.run()
-            for (l2, j, value, rc) in again.wrongL2 {
-                var w = ByteWriter()
-                w.u64(value)
-                try image.file.write(w.bytes, at: l2 + UInt64(j * image.geometry.l2EntrySize))
-                image.l2Cache.invalidate(l2)
-                let old = value ^ L2Entry.copied
-                report("Repairing OFLAG_COPIED data cluster: l2_entry=\(hex(old)) refcount=\(rc)")
+            let r = try again.run()
+            let otherCorruptions = r.corruptions - again.wrongCopied.count
+            let fix = mode == .all || (r.checkErrors == 0 && r.leaks == 0 && otherCorruptions == 0)
+            var wroteL2 = false
+            for event in again.wrongCopied {
+                switch event {
+                case .l1(let i, let value, let rc):
+                    let line = "OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(value ^ L1Entry.copied)) refcount=\(rc)"
+                    guard fix else { report("ERROR " + line); continue }
+                    if wroteL2 { try image.file.sync(); wroteL2 = false }
+                    try image.setL1Entry(i, value)
+                    report("Repairing " + line)
+                case .l2(let l2, let j, let value, let rc):
+                    let line = "OFLAG_COPIED data cluster: l2_entry=\(hex(value ^ L2Entry.copied)) refcount=\(rc)"
+                    guard fix else { report("ERROR " + line); continue }
+                    var w = ByteWriter()
+                    w.u64(value)
+                    try image.file.write(w.bytes, at: l2 + UInt64(j * image.geometry.l2EntrySize))
+                    image.l2Cache.invalidate(l2)
+                    wroteL2 = true
+                    report("Repairing " + line)
+                }
                 corruptionsFixed += 1
             }
             try image.file.sync()
-            for (i, value, rc) in again.wrongL1 {
-                let old = value ^ L1Entry.copied
-                // qemu-img repairs L1 flags only with -r all.
-                guard mode == .all else {
-                    report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(old)) refcount=\(rc)")
-                    continue
-                }
-                try image.setL1Entry(i, value)
-                report("Repairing OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(old)) refcount=\(rc)")
-                corruptionsFixed += 1
-            }
         }
         corruptionsFixed += bitmapFixes
         guard leaksFixed > 0 || corruptionsFixed > 0 else { return r1 }
