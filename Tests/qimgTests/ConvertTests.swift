@@ -37,6 +37,33 @@ import Testing
         }
     }
 
+    /// The target appears only complete: written as TARGET.qimg-tmp, renamed when done;
+    /// an existing target's mode carries over; a symlink keeps pointing at the file it
+    /// named; `-t unsafe` gives the same image; a bad -t value is one error line.
+    @Test(.requiresQEMU) func targetReplacedWhole() throws {
+        let dir = Paths.scratch + "/convert-target-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir + "/real", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        _ = try Runner.qemuImg(["create", "-q", "-f", "qcow2", "s.qcow2", "8M"], cwd: dir)
+        _ = try Runner.qemuIO(["-c", "write -P 7 0 3M", "s.qcow2"], cwd: dir)
+        _ = try Runner.qemuImg(["create", "-q", "-f", "qcow2", "real/t.qcow2", "1M"], cwd: dir)
+        #expect(chmod(dir + "/real/t.qcow2", 0o600) == 0)
+        #expect(symlink("real/t.qcow2", dir + "/link.qcow2") == 0)
+        for (target, extra) in [("link.qcow2", [String]()), ("u.qcow2", ["-t", "unsafe"])] {
+            let m = try Qimg.run(["convert", "-O", "qcow2"] + extra + ["s.qcow2", target], cwd: dir)
+            #expect(m.status == 0, "\(target): \(m.err)")
+            #expect(try Runner.qemuImg(["compare", "s.qcow2", target], cwd: dir).status == 0, "\(target)")
+            #expect(!FileManager.default.fileExists(atPath: dir + "/" + target + ".qimg-tmp"))
+        }
+        let link = try FileManager.default.destinationOfSymbolicLink(atPath: dir + "/link.qcow2")
+        #expect(link == "real/t.qcow2", "the symlink was replaced")
+        let mode = try FileManager.default.attributesOfItem(atPath: dir + "/real/t.qcow2")[.posixPermissions] as? Int
+        #expect(mode == 0o600, "mode \(String(mode ?? 0, radix: 8))")
+        let bad = try Qimg.run(["convert", "-t", "bogus", "-O", "qcow2", "s.qcow2", "b.qcow2"], cwd: dir)
+        #expect(bad.status == 1 && bad.err == "qimg: Invalid cache option: bogus\n", "\(bad.err)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/b.qcow2"))
+    }
+
     @Test(.requiresQEMU) func bitmapsAreCopied() throws {
         let dir = Paths.scratch + "/convert-bitmaps-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)

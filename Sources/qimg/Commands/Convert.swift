@@ -15,6 +15,7 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("F"), help: "Format of the -B backing file.") var backingFormat: String?
     @Flag(name: .customShort("n"), help: "Write into an existing output image (no create).") var noCreate = false
     @Option(name: .customShort("S"), help: "Minimum run of zeros kept sparse (default 4k).") var sparse: SizeArgument?
+    @Option(name: .customShort("t"), help: "Target cache mode (qemu-img's): unsafe skips the final fsync; the others (default writeback) make the target durable before it appears.") var cache: String?
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Flag(name: .customLong("bitmaps"), help: "Copy the source's persistent bitmaps.") var bitmaps = false
@@ -29,6 +30,12 @@ struct Convert: ParsableCommand {
         }
         let list = try OptionList(options)
         var o = ConvertOptions()
+        if let c = cache {
+            guard ["none", "writeback", "writethrough", "directsync", "unsafe"].contains(c) else {
+                throw CommandFailure(message: "Invalid cache option: \(c)")
+            }
+            o.durable = c != "unsafe"
+        }
         o.create.format = outFmt
         if outFmt == .qcow2 {
             for (k, _) in list.values where !["cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type", "preallocation"].contains(k) {
