@@ -95,6 +95,17 @@ extension QCow2Image {
     /// Rewrites cluster 0 with `backingName` (nil: no backing file) placed right after the
     /// end marker, as QEMU lays it out, in one write, then syncs.
     func writeHeaderCluster(_ h: Header, extensions exts: [HeaderExtension], backingName: String?) throws {
+        let (bytes, h) = try headerCluster(h, extensions: exts, backingName: backingName)
+        try file.write(bytes, at: 0)
+        try file.sync()
+        header = h
+        extensions = exts
+        backingFileName = backingName
+    }
+
+    /// Cluster 0 as `writeHeaderCluster` lays it out, and the header with its backing
+    /// file fields set; throws when it does not fit in one cluster.
+    func headerCluster(_ h: Header, extensions exts: [HeaderExtension], backingName: String?) throws -> ([UInt8], Header) {
         var h = h
         h.backingFileOffset = 0
         h.backingFileSize = 0
@@ -114,10 +125,6 @@ extension QCow2Image {
             throw QCow2Error.unsupported(path: path, detail: "the header does not fit in one cluster")
         }
         bytes += [UInt8](repeating: 0, count: geometry.clusterSize - bytes.count)
-        try file.write(bytes, at: 0)
-        try file.sync()
-        header = h
-        extensions = exts
-        backingFileName = backingName
+        return (bytes, h)
     }
 }

@@ -110,7 +110,13 @@ extension QCow2Image {
                 data[name] = target
             }
         }
-        // Commit: new data and tables, then the directory switch, then frees.
+        // Commit: new data and tables, then the directory switch, then frees. A first
+        // bitmap whose extension cannot fit in the header is refused before any write.
+        if !entries.isEmpty {
+            do { try checkBitmapsExtensionFits() } catch let e as QCow2Error {
+                throw BitmapActionError(action: actions.last?.name ?? "add", bitmap: name, reason: e.message)
+            }
+        }
         try clearUnknownAutoclearBits()
         var freeing: [UInt64] = []
         for r in removed { freeing += try bitmapClusters(r) }

@@ -74,6 +74,23 @@ extension QCow2Image {
     /// Replaces the whole set of bitmaps with `entries` (their tables already written and
     /// durable, or unchanged), then frees `freeing`. Handles the extension appearing
     /// (first bitmap) and disappearing (last bitmap removed).
+    /// The extension list with a bitmaps extension `ext` in place of any other: where
+    /// QEMU puts it (before the unknown extensions).
+    func extensionsWithBitmaps(_ ext: BitmapsExtension) -> [HeaderExtension] {
+        var exts = extensions.filter { if case .bitmaps = $0 { return false } else { return true } }
+        let insertAt = exts.firstIndex { if case .unknown = $0 { return true } else { return false } } ?? exts.count
+        exts.insert(.bitmaps(ext), at: insertAt)
+        return exts
+    }
+
+    /// Throws, before anything is written, when the first bitmap's extension would not
+    /// fit in the header cluster.
+    func checkBitmapsExtensionFits() throws {
+        guard bitmapsExtension == nil else { return }
+        let ext = BitmapsExtension(nbBitmaps: 1, reserved: 0, directorySize: 0, directoryOffset: 0)
+        _ = try headerCluster(header, extensions: extensionsWithBitmaps(ext), backingName: backingFileName)
+    }
+
     func commitBitmapSet(_ entries: [BitmapDirectoryEntry], freeing: [UInt64]) throws {
         let alloc = try requireAllocator()
         let g = geometry
@@ -118,9 +135,7 @@ extension QCow2Image {
             } else {
                 // First bitmap: the extension goes in with the autoclear bit still clear,
                 // then the bit is set (the spec's order: never the bit without the extension).
-                var exts = extensions.filter { if case .bitmaps = $0 { return false } else { return true } }
-                let insertAt = exts.firstIndex { if case .unknown = $0 { return true } else { return false } } ?? exts.count
-                exts.insert(.bitmaps(ext), at: insertAt)
+                let exts = extensionsWithBitmaps(ext)
                 var h = header
                 h.autoclearFeatures &= ~Features.autoclearBitmaps
                 try writeHeaderCluster(h, extensions: exts)
