@@ -153,8 +153,7 @@ import Glibc
     /// are identical to those read without faults.
     @Test func shortReadsGiveIdenticalResults() throws {
         let f = try Fixtures.get()
-        let dir = Paths.scratch + "/faults-shortreads-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("faults-shortreads")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         // Hard links: the same bytes under a path only this test injects into.
         for name in try FileManager.default.contentsOfDirectory(atPath: f.validDir) where !name.hasPrefix(".") {

@@ -33,6 +33,13 @@ enum Paths {
     }()
     static let capture = work + "/capture"
     static let scratch = work + "/scratch"
+
+    /// A new, empty directory under `scratch`, named `name-XXXXXXXX`.
+    static func newScratch(_ name: String) throws -> String {
+        let dir = scratch + "/\(name)-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
+    }
 }
 
 enum Env {
@@ -188,6 +195,16 @@ enum Runner {
     static func qemuIO(_ args: [String], cwd: String? = nil, timeout: Double = 120) throws -> RunResult {
         guard let exe = Env.qemuIO else { throw TestFailure(Env.missingQEMUMessage) }
         return try run(exe, args, cwd: cwd, timeout: timeout)
+    }
+
+    /// Runs a setup step, `["qemu-img", ...]` or `["qemu-io", ...]`, in `dir`; throws
+    /// unless it exits 0.
+    @discardableResult
+    static func qemuStep(_ args: [String], in dir: String) throws -> RunResult {
+        let r = args[0] == "qemu-io" ? try qemuIO(Array(args.dropFirst()), cwd: dir)
+                                     : try qemuImg(Array(args.dropFirst()), cwd: dir)
+        guard r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
+        return r
     }
 }
 

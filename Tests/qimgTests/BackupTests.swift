@@ -212,11 +212,7 @@ private final class QMPClient {
 @Suite struct BackupTests {
     static let mib: UInt64 = 1 << 20
 
-    static func scratch(_ name: String) throws -> String {
-        let dir = Paths.scratch + "/backup-\(name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        return dir
-    }
+    static func scratch(_ name: String) throws -> String { try Paths.newScratch("backup-\(name)") }
 
     /// Runs qemu-img or qemu-io (first word), which must succeed.
     @discardableResult

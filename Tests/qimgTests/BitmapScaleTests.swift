@@ -10,11 +10,7 @@ import Testing
     static let maxRSSKiB = 64 * 1024 * Env.memoryBoundScale
     static let gnuTime = "/usr/bin/time"
 
-    static func scratch(_ name: String) throws -> String {
-        let dir = Paths.scratch + "/bitmap-scale-\(name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        return dir
-    }
+    static func scratch(_ name: String) throws -> String { try Paths.newScratch("bitmap-scale-\(name)") }
 
     static func ok(_ r: RunResult) throws -> RunResult {
         guard r.exitedNormally, r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }

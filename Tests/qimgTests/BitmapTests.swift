@@ -5,18 +5,9 @@ import Testing
 /// through NBD, what qimg writes QEMU reads back exactly, and qimg's `bitmap`
 /// actions leave the same image metadata as qemu-img's.
 @Suite struct BitmapTests {
-    static func scratch(_ name: String) throws -> String {
-        let dir = Paths.scratch + "/bitmap-\(name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        return dir
-    }
+    static func scratch(_ name: String) throws -> String { try Paths.newScratch("bitmap-\(name)") }
 
-    static func sh(_ args: [String], _ dir: String) throws -> RunResult {
-        let r = args[0] == "qemu-io" ? try Runner.qemuIO(Array(args.dropFirst()), cwd: dir)
-                                      : try Runner.qemuImg(Array(args.dropFirst()), cwd: dir)
-        guard r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
-        return r
-    }
+    static func sh(_ args: [String], _ dir: String) throws -> RunResult { try Runner.qemuStep(args, in: dir) }
 
     static var nbdinfo: String? { Env.which("nbdinfo") }
     static var qemuNBD: String? { Env.which("qemu-nbd") }

@@ -6,17 +6,12 @@ import Testing
 /// and by qimg on another, must leave images with the same guest content, the same
 /// `qemu-img info` (apart from file names and sizes), and a clean `qemu-img check`.
 @Suite struct CompareCommitRebaseTests {
-    static func scratch(_ name: String) throws -> String {
-        let dir = Paths.scratch + "/\(name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        return dir
-    }
+    static func scratch(_ name: String) throws -> String { try Paths.newScratch("\(name)") }
 
     /// Runs a setup step (`qemu-img ...` or `qemu-io ...`), which must succeed.
     static func sh(_ args: [String], _ dir: String) throws {
-        let r = args[0] == "qemu-io" ? try Runner.qemuIO(Array(args.dropFirst()), cwd: dir)
-                                      : try Runner.qemuImg(Array(args.dropFirst()), cwd: dir)
-        guard r.status == 0, !r.out.contains("failed") else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
+        let r = try Runner.qemuStep(args, in: dir)
+        guard !r.out.contains("failed") else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
     }
 
     static func create(_ name: String, _ size: String? = nil, _ opts: [String] = []) -> [String] {

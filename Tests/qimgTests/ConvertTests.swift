@@ -14,8 +14,7 @@ import Testing
     func convertMatchesQemuImg(_ i: Int) throws {
         let (name, args) = Self.cases[i]
         let f = try Fixtures.get()
-        let dir = Paths.scratch + "/convert-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("convert")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let src = f.validDir + "/" + name
         let q = try Runner.qemuImg(["convert"] + args + [src, dir + "/q.img"])
@@ -41,7 +40,7 @@ import Testing
     /// an existing target's mode carries over; a symlink keeps pointing at the file it
     /// named; `-t unsafe` gives the same image; a bad -t value is one error line.
     @Test(.requiresQEMU) func targetReplacedWhole() throws {
-        let dir = Paths.scratch + "/convert-target-\(UUID().uuidString.prefix(8))"
+        let dir = try Paths.newScratch("convert-target")
         try FileManager.default.createDirectory(atPath: dir + "/real", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: dir) }
         _ = try Runner.qemuImg(["create", "-q", "-f", "qcow2", "s.qcow2", "8M"], cwd: dir)
@@ -65,8 +64,7 @@ import Testing
     }
 
     @Test(.requiresQEMU) func bitmapsAreCopied() throws {
-        let dir = Paths.scratch + "/convert-bitmaps-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("convert-bitmaps")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for args in [["create", "-q", "-f", "qcow2", "s.qcow2", "32M"], ["bitmap", "--add", "s.qcow2", "on"],
                      ["bitmap", "--add", "-g", "512", "s.qcow2", "fine"]] {

@@ -20,8 +20,7 @@ import Testing
         guard FileManager.default.isExecutableFile(atPath: Qimg.path) else {
             throw TestFailure("qimg binary not found at \(Qimg.path): run `swift build` first")
         }
-        let work = Paths.scratch + "/crashtest-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: work, withIntermediateDirectories: true)
+        let work = try Paths.newScratch("crashtest")
         defer { try? FileManager.default.removeItem(atPath: work) }
 
         let started = Date()

@@ -276,8 +276,7 @@ struct KilledRun {
 
     @Test(.requiresQEMU, .timeLimit(.minutes(3)), arguments: CrashCase.all)
     func killedWriterLeavesConsistentImage(_ c: CrashCase) throws {
-        let dir = Paths.scratch + "/crash-\(c.name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("crash-\(c.name)")
         var keep = false
         defer { if !keep { try? FileManager.default.removeItem(atPath: dir) } }
         for cmd in c.setup { _ = try Self.tool(cmd, cwd: dir) }
@@ -496,8 +495,7 @@ extension CrashTests {
         guard BitmapTests.nbdinfo != nil, BitmapTests.qemuNBD != nil else {
             throw TestFailure("nbdinfo/qemu-nbd not found (install libnbd-bin and qemu-utils)")
         }
-        let dir = Paths.scratch + "/crash-\(c.name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("crash-\(c.name)")
         var keep = false
         defer { if !keep { try? FileManager.default.removeItem(atPath: dir) } }
         let enabled: [(name: String, granularity: UInt64)] = [("big", 65536), ("small", 512)]

@@ -65,8 +65,7 @@ struct CreateCase: Sendable, CustomTestStringConvertible {
 
 @Suite struct CreateTests {
     static func scratch(_ name: String) throws -> String {
-        let dir = Paths.scratch + "/create-\(name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("create-\(name)")
         for (args, ok) in [(["create", "-q", "-f", "qcow2", "base.qcow2", "12M"], true),
                            (["create", "-q", "-f", "raw", "base.raw", "3000000"], true)] {
             let r = try Runner.qemuImg(args, cwd: dir)

@@ -49,8 +49,7 @@ func lockHeld(inode: UInt64, byte: Int) -> Bool {
 
 @Suite(.timeLimit(.minutes(2))) struct LockingTests {
     static func makeDir(_ name: String) throws -> String {
-        let dir = Paths.scratch + "/\(name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("\(name)")
         return dir
     }
 

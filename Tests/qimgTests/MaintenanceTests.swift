@@ -3,18 +3,9 @@ import Testing
 
 /// check -r, resize and amend, against qemu-img doing the same to a copy.
 @Suite struct MaintenanceTests {
-    static func scratch(_ name: String) throws -> String {
-        let dir = Paths.scratch + "/\(name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        return dir
-    }
+    static func scratch(_ name: String) throws -> String { try Paths.newScratch("\(name)") }
 
-    static func sh(_ args: [String], _ dir: String) throws -> RunResult {
-        let r = args[0] == "qemu-io" ? try Runner.qemuIO(Array(args.dropFirst()), cwd: dir)
-                                      : try Runner.qemuImg(Array(args.dropFirst()), cwd: dir)
-        guard r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
-        return r
-    }
+    static func sh(_ args: [String], _ dir: String) throws -> RunResult { try Runner.qemuStep(args, in: dir) }
 
     /// The lines of a check report that do not depend on where a rebuilt refcount structure went.
     static func portable(_ s: String) -> String {

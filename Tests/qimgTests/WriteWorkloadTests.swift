@@ -110,8 +110,7 @@ struct WorkloadCase: Sendable, CustomTestStringConvertible {
 
     @Test(.requiresQEMU, arguments: WorkloadCase.all)
     func randomWorkloadKeepsImageConsistent(_ w: WorkloadCase) throws {
-        let dir = Paths.scratch + "/workload-\(w.name)-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("workload-\(w.name)")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for cmd in w.setup { _ = try Self.tool(cmd, cwd: dir) }
         var shadow = try Self.rawContent(dir)
@@ -177,8 +176,7 @@ struct WorkloadCase: Sendable, CustomTestStringConvertible {
     /// Enabled bitmaps record a qimg write and stay consistent after a clean close;
     /// disabled ones stay as they are.
     @Test(.requiresQEMU) func writeKeepsEnabledBitmapsConsistent() throws {
-        let dir = Paths.scratch + "/bitmap-inuse-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try Paths.newScratch("bitmap-inuse")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for cmd in WorkloadCase.all.first(where: { $0.name == "bitmaps-present" })!.setup { _ = try Self.tool(cmd, cwd: dir) }
         let r = try Qimg.run(["io", "-c", "write -P 1 0 4k", "img.qcow2"], cwd: dir)
