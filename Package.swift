@@ -15,7 +15,8 @@ let package = Package(
                        providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
-        .target(name: "QCow2", dependencies: ["CZlib", "CZstd"]),
+        .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
+        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CLinux"]),
         .executableTarget(name: "qimg", dependencies: [
             "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -13,11 +13,16 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidArgument(path: String, detail: String)
     /// Guest data did not match what was expected (qimg io read -P).
     case mismatch(path: String, detail: String)
+    /// Another process holds the image's locks; `hint` says what still works.
+    case inUse(path: String, holder: LockHolder, hint: String?)
+    /// An operation stopped part way: `cause` says why, `kept` what was kept and how to use it.
+    case incomplete(path: String, cause: String, kept: String)
 
     public var path: String {
         switch self {
         case .io(let p, _, _), .malformed(let p, _, _), .unsupported(let p, _),
-             .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _):
+             .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _),
+             .inUse(let p, _, _), .incomplete(let p, _, _):
             return p
         }
     }
@@ -26,9 +31,28 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     public var message: String {
         switch self {
         case .io(_, let op, let e): return op == "open" ? errnoDescription(e) : "\(op) failed: \(errnoDescription(e))"
-        case .malformed(_, let field, let detail): return "invalid \(field): \(detail)"
+        case .malformed(_, let field, let detail): return field.isEmpty ? detail : "invalid \(field): \(detail)"
         case .unsupported(_, let d), .backing(_, let d), .invalidArgument(_, let d), .mismatch(_, let d):
             return d
+        case .incomplete(_, let cause, let kept):
+            return cause + "; " + kept
+        case .inUse(_, let holder, let hint):
+            return "image is in use by \(holder)" + (hint.map { "; " + $0 } ?? "")
+        }
+    }
+
+    /// The same error about another file (e.g. a temporary file's error reported
+    /// under the name the user gave).
+    public func withPath(_ p: String) -> QCow2Error {
+        switch self {
+        case .io(_, let op, let e): return .io(path: p, operation: op, errno: e)
+        case .malformed(_, let f, let d): return .malformed(path: p, field: f, detail: d)
+        case .unsupported(_, let d): return .unsupported(path: p, detail: d)
+        case .backing(_, let d): return .backing(path: p, detail: d)
+        case .invalidArgument(_, let d): return .invalidArgument(path: p, detail: d)
+        case .mismatch(_, let d): return .mismatch(path: p, detail: d)
+        case .inUse(_, let h, let hint): return .inUse(path: p, holder: h, hint: hint)
+        case .incomplete(_, let c, let k): return .incomplete(path: p, cause: c, kept: k)
         }
     }
 

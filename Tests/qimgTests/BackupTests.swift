@@ -33,7 +33,7 @@ private struct GuestOp {
 /// Started with posix_spawn, an empty signal mask and default signal dispositions: test
 /// threads (and Foundation's Process, which passes their mask on) block SIGINT and SIGTERM,
 /// and a child that inherits that mask would never see the signals the tests send.
-private final class Spawned {
+final class Spawned {
     let pid: pid_t
     private let outPath: String
     private let errPath: String
@@ -397,7 +397,7 @@ private final class QMPClient {
                                   "-b", previous, "-F", "qcow2", "src.qcow2", overlay], cwd: dir)
             #expect(r.status == 0, "round \(round): \(r.summary): \(r.err)")
             guard r.status == 0 else { return }
-            #expect(!Self.exists(dir, overlay + ".qimg-tmp"), "round \(round): temporary file left behind")
+            #expect(!Self.hasTemporary(dir, of: overlay), "round \(round): temporary file left behind")
             images.append(overlay)
             let allowed = Self.touchedClusters(ops, granularity: before.granularity, cluster: cluster, size: size)
             try Self.checkRound("round \(round)\(byQEMU ? " (qemu-io writes)" : "")", dir: dir, source: "src.qcow2",
@@ -580,10 +580,19 @@ private final class QMPClient {
     }
 
     /// Starts qimg, waits until the temporary target exists and `extra` seconds more, then sends `sig`.
-    fileprivate static func interrupt(_ args: [String], _ dir: String, tmp: String, extra: Double, signal sig: Int32) throws -> Spawned {
+    /// The temporary files of runs writing `target` (TARGET.PID-TOKEN.qimg-tmp).
+    static func temporaryFiles(_ dir: String, of target: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter {
+            $0.hasPrefix(target + ".") && $0.hasSuffix(".qimg-tmp")
+        }
+    }
+
+    static func hasTemporary(_ dir: String, of target: String) -> Bool { !temporaryFiles(dir, of: target).isEmpty }
+
+    static func interrupt(_ args: [String], _ dir: String, tmp target: String, extra: Double, signal sig: Int32) throws -> Spawned {
         let p = try Spawned(Qimg.path, args, cwd: dir)
         let deadline = Date().addingTimeInterval(20)
-        while !exists(dir, tmp) && Date() < deadline && !p.wait(timeout: 0.005) {}
+        while !hasTemporary(dir, of: target) && Date() < deadline && !p.wait(timeout: 0.005) {}
         usleep(useconds_t(extra * 1e6))
         p.send(sig)
         guard p.wait(timeout: 30) else { throw TestFailure("qimg did not stop after signal \(sig)") }
@@ -600,7 +609,7 @@ private final class QMPClient {
         #expect(before.dirty == 208 * Self.mib)
         // At 256 MiB/s the copy takes at least ~0.8 s; every kill lands before 0.75 s from the
         // start, or 0.6 s after the temporary target appeared.
-        let modes: [[String]] = [["--sync=incremental"], ["--sync=full"], ["--sync=bitmap", "--bitmap-mode=on-success"]]
+        let modes: [[String]] = [["--sync=incremental", "--no-backing"], ["--sync=full"], ["--sync=bitmap", "--bitmap-mode=on-success", "--no-backing"]]
         var rng = SeededRNG(state: 0x5EED)
         var leftovers = 0
         for attempt in 0..<10 {
@@ -608,11 +617,11 @@ private final class QMPClient {
             // Even attempts: a random moment after the start, with the previous attempt's
             // leftover still there. Odd attempts: a random moment after the copy began.
             let fromStart = attempt % 2 == 0
-            if !fromStart { unlink(dir + "/t.qcow2.qimg-tmp") }
+            if !fromStart { for t in Self.temporaryFiles(dir, of: "t.qcow2") { unlink(dir + "/" + t) } }
             let p = try Spawned(Qimg.path, args, cwd: dir)
             if !fromStart {
                 let deadline = Date().addingTimeInterval(20)
-                while !Self.exists(dir, "t.qcow2.qimg-tmp") && Date() < deadline && !p.wait(timeout: 0.002) {}
+                while !Self.hasTemporary(dir, of: "t.qcow2") && Date() < deadline && !p.wait(timeout: 0.002) {}
             }
             usleep(useconds_t(UInt64.random(in: fromStart ? 20_000...750_000 : 0...600_000, using: &rng)))
             p.send(SIGKILL)
@@ -621,35 +630,45 @@ private final class QMPClient {
             #expect(p.signaled && p.status == SIGKILL, "\(label): finished before the kill: \(p.summary) \(p.err)")
             #expect(!Self.exists(dir, "t.qcow2"), "\(label): TARGET exists after SIGKILL")
             #expect(!Self.exists(dir, "t.qcow2.partial"), "\(label): a .partial appeared")
-            if Self.exists(dir, "t.qcow2.qimg-tmp") { leftovers += 1 }
+            if Self.hasTemporary(dir, of: "t.qcow2") { leftovers += 1 }
             let now = try Self.dump("src.qcow2", "b", dir)
             #expect(now.text == before.text, "\(label): bitmap changed:\n\(now.text)")
             try Self.expectCheckClean("src.qcow2", dir, label)
         }
         #expect(leftovers >= 5, "only \(leftovers) of 10 kills landed mid-copy (the test is not testing much)")
         // The next run succeeds and removes the leftover.
-        let r = try Qimg.run(["backup", "--sync=incremental", "--bitmap=b", "src.qcow2", "t.qcow2"], cwd: dir)
+        let r = try Qimg.run(["backup", "--sync=incremental", "--no-backing", "--bitmap=b", "src.qcow2", "t.qcow2"], cwd: dir)
         #expect(r.status == 0, "\(r.summary): \(r.err)")
-        #expect(Self.exists(dir, "t.qcow2") && !Self.exists(dir, "t.qcow2.qimg-tmp"))
+        #expect(Self.exists(dir, "t.qcow2") && !Self.hasTemporary(dir, of: "t.qcow2"))
         try Self.expectIdentical("src.qcow2", "t.qcow2", dir, "after the kills")
         try Self.expectCheckClean("t.qcow2", dir, "after the kills")
         #expect(try Self.dump("src.qcow2", "b", dir).dirty == 0)
     }
 
-    /// SIGTERM/SIGINT mid-copy: exit 130, one message, no TARGET, no temporary file, bitmap unchanged.
+    /// SIGTERM/SIGINT mid-copy: exit 128+signal (143, 130), one message, no TARGET, no
+    /// temporary file, bitmap unchanged.
     @Test(.requiresQEMU, arguments: [SIGTERM, SIGINT])
-    func signalMidCopyExits130(_ sig: Int32) throws {
+    func signalMidCopyExits128PlusSignal(_ sig: Int32) throws {
         let dir = try Self.scratch("term")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try Self.makeDirtySource(dir, size: "64M", dirtyMiB: 40)
         let before = try Self.dump("src.qcow2", "b", dir)
-        let p = try Self.interrupt(["backup", "--sync=incremental", "--bitmap=b", "--speed=16M", "src.qcow2", "t.qcow2"],
-                                   dir, tmp: "t.qcow2.qimg-tmp", extra: 0.5, signal: sig)
-        #expect(!p.signaled && p.status == 130, "\(p.summary): \(p.err)")
+        let p = try Self.interrupt(["backup", "--sync=incremental", "--no-backing", "--bitmap=b", "--speed=16M", "src.qcow2", "t.qcow2"],
+                                   dir, tmp: "t.qcow2", extra: 0.5, signal: sig)
+        #expect(!p.signaled && p.status == 128 + sig, "\(p.summary): \(p.err)")
+        #expect(p.err.contains(sig == SIGTERM ? "SIGTERM" : "SIGINT"), "stderr: \(p.err)")
         #expect(p.stderrLines.count == 1 && p.err.hasPrefix("qimg: "), "stderr: \(p.err)")
-        #expect(!Self.exists(dir, "t.qcow2") && !Self.exists(dir, "t.qcow2.qimg-tmp") && !Self.exists(dir, "t.qcow2.partial"))
+        #expect(!Self.exists(dir, "t.qcow2") && !Self.hasTemporary(dir, of: "t.qcow2") && !Self.exists(dir, "t.qcow2.partial"))
         #expect(try Self.dump("src.qcow2", "b", dir).text == before.text, "bitmap changed")
         try Self.expectCheckClean("src.qcow2", dir, "after signal \(sig)")
+    }
+
+    /// A tmpfs of `size` at DIR/small (root only); false, saying so, where mounting is not allowed.
+    static func mountSmallTmpfs(_ dir: String, size: String, test: String, otherwise: String) throws -> Bool {
+        try FileManager.default.createDirectory(atPath: dir + "/small", withIntermediateDirectories: true)
+        if mount(["-t", "tmpfs", "-o", "size=\(size)", "tmpfs", "small"], dir) { return true }
+        print("BackupTests.\(test)(tmpfs): cannot mount a tmpfs here; covered by '\(otherwise)'")
+        return false
     }
 
     /// Tries to mount (root only); false when this environment does not allow it.
@@ -693,10 +712,10 @@ private final class QMPClient {
         defer { if kind == "readonly" { Self.umount(dir + "/ro") } }
         let before = try Self.dump("src.qcow2", "b", dir)
         let src = try Self.bytes(dir, "src.qcow2")
-        for args in [["--sync=incremental"], ["--sync=full"]] {
+        for args in [["--sync=incremental", "--no-backing"], ["--sync=full"]] {
             let r = try Qimg.run(["backup"] + args + ["--bitmap=b", "src.qcow2", target], cwd: dir)
             expectCleanFailure("\(kind): \(args)", r)
-            #expect(!Self.exists(dir, target) && !Self.exists(dir, target + ".qimg-tmp"), "\(kind): a target appeared")
+            #expect(!Self.exists(dir, target) && !Self.hasTemporary(dir, of: target), "\(kind): a target appeared")
             #expect(try Self.dump("src.qcow2", "b", dir).text == before.text, "\(kind): bitmap changed")
             #expect(try Self.bytes(dir, "src.qcow2") == src, "\(kind): SOURCE changed")
         }
@@ -717,23 +736,19 @@ private final class QMPClient {
         let r: RunResult
         let target: String
         if kind == "tmpfs" {
-            try FileManager.default.createDirectory(atPath: dir + "/small", withIntermediateDirectories: true)
-            guard Self.mount(["-t", "tmpfs", "-o", "size=4m", "tmpfs", "small"], dir) else {
-                print("BackupTests.diskFullKeepsBitmap(tmpfs): cannot mount a tmpfs here; covered by 'rlimit'")
-                return
-            }
+            guard try Self.mountSmallTmpfs(dir, size: "4m", test: "diskFullKeepsBitmap", otherwise: "rlimit") else { return }
             target = "small/t.qcow2"
             defer { Self.umount(dir + "/small") }
-            r = try Qimg.run(["backup", "--sync=incremental", "--bitmap=b", "src.qcow2", target], cwd: dir)
+            r = try Qimg.run(["backup", "--sync=incremental", "--no-backing", "--bitmap=b", "src.qcow2", target], cwd: dir)
             #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/small").isEmpty, "tmpfs not left empty")
         } else {
             target = "t.qcow2"
             // 2048 blocks: 1 or 2 MiB depending on the shell's block unit; the copy needs 16.
             r = try Runner.run("/bin/sh", ["-c", "ulimit -f 2048 && trap '' XFSZ && exec \"$0\" \"$@\"", Qimg.path,
-                                           "backup", "--sync=incremental", "--bitmap=b", "src.qcow2", target], cwd: dir)
+                                           "backup", "--sync=incremental", "--no-backing", "--bitmap=b", "src.qcow2", target], cwd: dir)
         }
         expectCleanFailure(kind, r)
-        #expect(!Self.exists(dir, target) && !Self.exists(dir, target + ".qimg-tmp"), "\(kind): a target was left")
+        #expect(!Self.exists(dir, target) && !Self.hasTemporary(dir, of: target), "\(kind): a target was left")
         #expect(try Self.dump("src.qcow2", "b", dir).text == before.text, "\(kind): bitmap changed")
         #expect(try Self.bytes(dir, "src.qcow2") == src, "\(kind): SOURCE changed")
         try Self.expectCheckClean("src.qcow2", dir, kind)
@@ -746,23 +761,45 @@ private final class QMPClient {
         var args: [String]
         var source = "src.qcow2"
         var target = "t.qcow2"
+        /// Text stderr must contain (the reason, not just any failure).
+        var reason: String? = nil
         var testDescription: String { name }
     }
 
+    /// Files the validation test makes before each call (the target may be one of them).
+    static let preexisting: Set<String> = ["src.qcow2", "exists.qcow2", "small.qcow2", "inuse.qcow2", "mid.qcow2",
+                                           "top.qcow2", "link.qcow2", "./src.qcow2", "adir"]
+
     static let badCalls: [BadCall] = [
-        BadCall(name: "incremental without --bitmap", args: ["--sync=incremental"]),
-        BadCall(name: "sync=bitmap without --bitmap", args: ["--sync=bitmap"]),
-        BadCall(name: "missing bitmap", args: ["--sync=incremental", "--bitmap=nope"]),
-        BadCall(name: "in-use bitmap (incremental)", args: ["--sync=incremental", "--bitmap=b"], source: "inuse.qcow2"),
+        BadCall(name: "incremental without --bitmap", args: ["--sync=incremental", "--no-backing"]),
+        BadCall(name: "sync=bitmap without --bitmap", args: ["--sync=bitmap", "--no-backing"]),
+        BadCall(name: "missing bitmap", args: ["--sync=incremental", "--no-backing", "--bitmap=nope"]),
+        BadCall(name: "in-use bitmap (incremental)", args: ["--sync=incremental", "--no-backing", "--bitmap=b"], source: "inuse.qcow2"),
         BadCall(name: "in-use bitmap (full)", args: ["--sync=full", "--bitmap=b"], source: "inuse.qcow2"),
         BadCall(name: "--bitmap with sync=top", args: ["--sync=top", "--bitmap=b"]),
         BadCall(name: "backing of another size", args: ["--sync=incremental", "--bitmap=b", "-b", "small.qcow2", "-F", "qcow2"]),
         BadCall(name: "missing backing", args: ["--sync=incremental", "--bitmap=b", "-b", "absent.qcow2", "-F", "qcow2"]),
         BadCall(name: "target exists", args: ["--sync=full"], target: "exists.qcow2"),
-        BadCall(name: "target exists (incremental)", args: ["--sync=incremental", "--bitmap=b"], target: "exists.qcow2"),
+        BadCall(name: "target exists (incremental)", args: ["--sync=incremental", "--no-backing", "--bitmap=b"], target: "exists.qcow2"),
         BadCall(name: "bad sync", args: ["--sync=bogus", "--bitmap=b"]),
-        BadCall(name: "bad bitmap-mode", args: ["--sync=bitmap", "--bitmap=b", "--bitmap-mode=bogus"]),
-        BadCall(name: "bitmap-mode with sync=incremental", args: ["--sync=incremental", "--bitmap=b", "--bitmap-mode=never"]),
+        BadCall(name: "bad bitmap-mode", args: ["--sync=bitmap", "--no-backing", "--bitmap=b", "--bitmap-mode=bogus"]),
+        BadCall(name: "bitmap-mode with sync=incremental", args: ["--sync=incremental", "--no-backing", "--bitmap=b", "--bitmap-mode=never"]),
+        // An incremental delta needs its backing file unless asked for explicitly.
+        BadCall(name: "incremental without -b", args: ["--sync=incremental", "--bitmap=b"], reason: "needs -b"),
+        BadCall(name: "sync=bitmap without -b", args: ["--sync=bitmap", "--bitmap=b"], reason: "needs -b"),
+        BadCall(name: "--no-backing with -b", args: ["--sync=incremental", "--bitmap=b", "--no-backing", "-b", "exists.qcow2"], reason: "cannot be used together"),
+        // --force never replaces a file the backup is made of, whatever the spelling.
+        BadCall(name: "--force onto the source", args: ["--sync=full", "--bitmap=b", "--force"], target: "src.qcow2", reason: "is the image being backed up"),
+        BadCall(name: "--force onto ./source", args: ["--sync=full", "--force"], target: "./src.qcow2", reason: "is the image being backed up"),
+        BadCall(name: "--force onto a symlink to the source", args: ["--sync=full", "--force"], target: "link.qcow2", reason: "is the image being backed up"),
+        BadCall(name: "--force onto the -b file", args: ["--sync=incremental", "--bitmap=b", "--force", "-b", "exists.qcow2", "-F", "qcow2"],
+                target: "exists.qcow2", reason: "is the backup's backing file"),
+        BadCall(name: "--force onto a file of -b's chain", args: ["--sync=incremental", "--bitmap=b", "--force", "-b", "mid.qcow2", "-F", "qcow2"],
+                target: "exists.qcow2", reason: "in the backing chain of the backup's backing file"),
+        BadCall(name: "--force onto a file of the source's chain", args: ["--sync=full", "--force"], source: "top.qcow2",
+                target: "exists.qcow2", reason: "in the backing chain of the image being backed up"),
+        BadCall(name: "directory target", args: ["--sync=full"], target: "adir", reason: "adir: is a directory"),
+        BadCall(name: "directory target (--force)", args: ["--sync=full", "--force"], target: "adir", reason: "adir: is a directory"),
     ]
 
     @Test(.requiresQEMU, arguments: badCalls)
@@ -778,16 +815,22 @@ private final class QMPClient {
         try Self.tool(["qemu-img", "bitmap", "--add", "inuse.qcow2", "b"], dir)
         _ = try Runner.qemuIO(["-c", "write 0 4k", "-c", "abort", "inuse.qcow2"], cwd: dir)
         #expect(try Self.tool(["qemu-img", "info", "inuse.qcow2"], dir).out.contains("in-use"))
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "exists.qcow2", "-F", "qcow2", "mid.qcow2"], dir)
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "exists.qcow2", "-F", "qcow2", "top.qcow2"], dir)
+        #expect(symlink("src.qcow2", dir + "/link.qcow2") == 0)
+        try FileManager.default.createDirectory(atPath: dir + "/adir", withIntermediateDirectories: false)
 
-        let watched = [c.source, "src.qcow2", "exists.qcow2", "small.qcow2"]
+        let watched = [c.source, "src.qcow2", "exists.qcow2", "small.qcow2", "mid.qcow2", "top.qcow2"]
         let before = try watched.map { try Self.bytes(dir, $0) }
         let r = try Qimg.run(["backup"] + c.args + [c.source, c.target], cwd: dir)
         expectCleanFailure(c.name, r)
+        if let reason = c.reason { #expect(r.err.contains(reason), "\(c.name): stderr: \(r.err)") }
         for (name, data) in zip(watched, before) {
             #expect(try Self.bytes(dir, name) == data, "\(c.name): \(name) changed")
         }
-        if c.target != "exists.qcow2" { #expect(!Self.exists(dir, c.target), "\(c.name): TARGET created") }
-        #expect(!Self.exists(dir, c.target + ".qimg-tmp") && !Self.exists(dir, c.target + ".partial"), "\(c.name): leftovers")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/adir").isEmpty, "\(c.name): adir changed")
+        if !Self.preexisting.contains(c.target) { #expect(!Self.exists(dir, c.target), "\(c.name): TARGET created") }
+        #expect(!Self.hasTemporary(dir, of: c.target) && !Self.exists(dir, c.target + ".partial"), "\(c.name): leftovers")
     }
 
     // MARK: 6. bitmap-mode
@@ -838,10 +881,13 @@ private final class QMPClient {
         let d0 = try Self.dump("src.qcow2", "b", dir)
         let p = try Self.interrupt(["backup", "--sync=bitmap", "--bitmap=b", "--bitmap-mode=always", "--speed=16M",
                                     "-b", "full.qcow2", "-F", "qcow2", "src.qcow2", "t.qcow2"],
-                                   dir, tmp: "t.qcow2.qimg-tmp", extra: 0.6, signal: SIGTERM)
-        #expect(!p.signaled && p.status == 130, "\(p.summary): \(p.err)")
+                                   dir, tmp: "t.qcow2", extra: 0.6, signal: SIGTERM)
+        #expect(!p.signaled && p.status == 143, "\(p.summary): \(p.err)")
         #expect(p.stderrLines.count == 1 && p.err.hasPrefix("qimg: "), "stderr: \(p.err)")
-        #expect(!Self.exists(dir, "t.qcow2") && !Self.exists(dir, "t.qcow2.qimg-tmp"))
+        // The message says where the partial backup is and how to use it.
+        #expect(p.err.contains("interrupted by SIGTERM") && p.err.contains("kept in t.qcow2.partial")
+                && p.err.contains("backing file of the next backup"), "stderr: \(p.err)")
+        #expect(!Self.exists(dir, "t.qcow2") && !Self.hasTemporary(dir, of: "t.qcow2"))
         guard Self.exists(dir, "t.qcow2.partial") else {
             Issue.record("bitmap-mode=always: no t.qcow2.partial after SIGTERM")
             return
@@ -884,6 +930,43 @@ private final class QMPClient {
         let t2 = try Self.topLayer("t2.qcow2", dir)
         #expect(Self.clusters(of: t2, cluster: 65536) == Self.clusters(of: d1.extents, cluster: 65536),
                 "the next backup should copy exactly the remaining bits")
+    }
+
+    /// bitmap-mode=always on a full disk: the kept partial checks clean with qemu-img (no
+    /// leaked clusters: the failed copy had raised refcounts for clusters it never linked),
+    /// the message says where it is and how to use it, and the next backup on top of it
+    /// completes the chain. The disk fills up in a 12 MiB tmpfs (where mounting is allowed),
+    /// or by fault injection (ENOSPC on the 20th write to the target, part of it written).
+    @Test(.requiresQEMU, arguments: ["enospc", "tmpfs"])
+    func bitmapModeAlwaysOnFullDiskKeepsCleanPartial(_ kind: String) throws {
+        let dir = try Self.scratch("always-full")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.makeDirtySource(dir, size: "64M", dirtyMiB: 4)
+        var t = "t.qcow2"
+        if kind == "tmpfs" {
+            guard try Self.mountSmallTmpfs(dir, size: "12m", test: "bitmapModeAlwaysOnFullDiskKeepsCleanPartial", otherwise: "enospc") else { return }
+            t = "small/t.qcow2"
+        }
+        defer { if kind == "tmpfs" { Self.umount(dir + "/small") } }
+        try Self.qimg(["backup", "--sync=full", "--bitmap=b", "src.qcow2", "full.qcow2"], dir)
+        try Self.qimg(["io", "-c", "write -P 0x62 8M 24M", "src.qcow2"], dir)
+        let d0 = try Self.dump("src.qcow2", "b", dir)
+        let backing = kind == "tmpfs" ? "../full.qcow2" : "full.qcow2"
+        let env = kind == "tmpfs" ? [] : ["QIMG_FAULTS=write:20:ENOSPC:partial,prefix:t.qcow2."]
+        let r = try Runner.run("/usr/bin/env", env + [Qimg.path, "backup", "--sync=bitmap", "--bitmap=b", "--bitmap-mode=always",
+                                                      "-b", backing, "-F", "qcow2", "src.qcow2", t], cwd: dir)
+        expectCleanFailure("always on a full disk (\(kind))", r)
+        #expect(r.err.contains("No space left on device") && r.err.contains("kept in \(t).partial")
+                && r.err.contains("backing file of the next backup"), "stderr: \(r.err)")
+        #expect(!Self.exists(dir, t) && !Self.hasTemporary(dir, of: t))
+        let check = try Runner.qemuImg(["check", t + ".partial"], cwd: dir)
+        #expect(check.status == 0, "the partial does not check clean: \(check.out)\(check.err)")
+        try Self.expectCheckClean("src.qcow2", dir, "always on a full disk")
+        let d1 = try Self.dump("src.qcow2", "b", dir)
+        #expect(d1.dirty > 0 && d1.dirty < d0.dirty, "the partial should hold part of the dirty data (\(d1.dirty) of \(d0.dirty))")
+        try Self.qimg(["backup", "--sync=bitmap", "--bitmap=b", "-b", t + ".partial", "-F", "qcow2", "src.qcow2", "t2.qcow2"], dir)
+        try Self.expectIdentical("src.qcow2", "t2.qcow2", dir, "chain full <- partial <- next")
+        #expect(try Self.dump("src.qcow2", "b", dir).dirty == 0)
     }
 
     // MARK: 7. sync=full and sync=top against qemu-img convert

@@ -60,7 +60,7 @@ public struct Header: Equatable, Sendable {
         refcountOrder = try r.u32(96, "refcount_order")
         headerLength = try r.u32(100, "header_length")
         guard headerLength >= UInt32(Header.v3MinLength) else {
-            throw FormatError("header_length", "\(headerLength) is too short (at least 104)")
+            throw FormatError("", "qcow2 header too short (header_length \(headerLength), at least 104)")
         }
         guard headerLength % 8 == 0 else {
             throw FormatError("header_length", "\(headerLength) is not a multiple of 8")

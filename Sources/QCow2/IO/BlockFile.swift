@@ -19,7 +19,7 @@ public final class BlockFile {
         var st = stat()
         let flags = (writable ? O_RDWR : O_RDONLY) | O_CLOEXEC
         var fd: Int32
-        repeat { fd = open(path, flags) } while fd < 0 && errno == EINTR
+        repeat { fd = Sys.open(path, flags) } while fd < 0 && errno == EINTR
         guard fd >= 0 else {
             let e = errno
             throw QCow2Error.io(path: path, operation: "open", errno: e)
@@ -41,7 +41,7 @@ public final class BlockFile {
         self.path = path
         self.writable = true
         var fd: Int32
-        repeat { fd = open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, mode) } while fd < 0 && errno == EINTR
+        repeat { fd = Sys.open(path, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, mode) } while fd < 0 && errno == EINTR
         guard fd >= 0 else { throw QCow2Error.io(path: path, operation: "create", errno: errno) }
         self.fd = fd
     }
@@ -49,6 +49,7 @@ public final class BlockFile {
     /// Makes the file's data and metadata durable (fsync).
     public func fullSync() throws {
         if FaultInjector.isArmed, let e = FaultInjector.beforeSync(path) {
+            if e == FaultPlan.kill { raise(SIGKILL) }
             throw QCow2Error.io(path: path, operation: "fsync", errno: e)
         }
         while syncCall(full: true) != 0 {
@@ -175,7 +176,10 @@ public final class BlockFile {
             if n == 0 { throw QCow2Error.io(path: path, operation: "write", errno: EIO) }
             done += n
         }
-        if let e = injected { throw QCow2Error.io(path: path, operation: "write", errno: e) }
+        if let e = injected {
+            if e == FaultPlan.kill { raise(SIGKILL) }
+            throw QCow2Error.io(path: path, operation: "write", errno: e)
+        }
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws {
@@ -191,6 +195,7 @@ public final class BlockFile {
     public func sync() throws {
         if deferSync { return }
         if FaultInjector.isArmed, let e = FaultInjector.beforeSync(path) {
+            if e == FaultPlan.kill { raise(SIGKILL) }
             throw QCow2Error.io(path: path, operation: "fdatasync", errno: e)
         }
         while syncCall(full: false) != 0 {
@@ -202,6 +207,7 @@ public final class BlockFile {
     /// Sets the file length.
     public func truncate(to length: UInt64) throws {
         if FaultInjector.isArmed, let f = FaultInjector.beforeWrite(path, offset: length, count: 0) {
+            if f.errno == FaultPlan.kill { raise(SIGKILL) }
             throw QCow2Error.io(path: path, operation: "truncate", errno: f.errno)
         }
         while ftruncate(fd, off_t(length)) != 0 {

@@ -28,6 +28,8 @@ public struct FaultPlan: Sendable, Equatable {
     /// it runs out of space), never a part of a block.
     public struct Failure: Sendable, Equatable {
         public var nth: Int
+        /// The errno, or `FaultPlan.kill`: the process kills itself with SIGKILL at that
+        /// call (after the leading blocks of a `partial` write): a crash at an exact point.
         public var errno: Int32
         public var sticky: Bool
         public var partial: Bool
@@ -39,6 +41,9 @@ public struct FaultPlan: Sendable, Equatable {
             self.partial = partial
         }
     }
+
+    /// The "errno" of a failure that is a SIGKILL of the process instead.
+    public static let kill: Int32 = -9
 
     /// Only files whose path starts with this (empty: every file).
     public var pathPrefix: String
@@ -70,6 +75,7 @@ public struct FaultPlan: Sendable, Equatable {
     /// Parses the QIMG_FAULTS syntax: comma-separated items
     ///
     ///     write:N[:ERRNO][:sticky][:partial]   fail the Nth write (ERRNO: EIO, ENOSPC, EDQUOT, EROFS or a number; default EIO)
+    ///                                          (ERRNO `kill`: SIGKILL the process there, after a partial write's blocks)
     ///     sync:N[:ERRNO][:sticky]              fail the Nth fsync/fdatasync
     ///     read:N[:ERRNO][:sticky]              fail the Nth read
     ///     short-reads:A-B   short-writes:A-B   transfer A..B bytes per pread/pwrite (or a single number)
@@ -96,6 +102,7 @@ public struct FaultPlan: Sendable, Equatable {
                     case "ENOSPC": f.errno = ENOSPC
                     case "EDQUOT": f.errno = EDQUOT
                     case "EROFS": f.errno = EROFS
+                    case "kill": f.errno = FaultPlan.kill
                     default:
                         guard let e = Int32(p), e > 0 else { throw bad(item) }
                         f.errno = e

@@ -47,6 +47,9 @@ public final class ImageLock {
     static let rangeEnd: Int64 = 203
     /// Every byte QEMU (7.2) may lock.
     static let allBytes: [Int64] = [100, 101, 102, 103, 200, 201, 202, 203]
+    /// qimg's own mark, outside QEMU's bytes: "a qimg holds this image" (shared lock), so
+    /// that a refused opener can say whether the holder is another qimg or QEMU.
+    static let qimgMark: Int64 = 1025
 
     private init() {}
 
@@ -102,6 +105,7 @@ public final class ImageLock {
             }
         }
         unlock(fd: fd, bytes: allBytes.filter { !bytes.contains($0) })
+        _ = try? setRange(fd: fd, path: path, type: F_RDLCK, start: qimgMark, length: 1)
 
         // 3. Test again, now that others can see our locks.
         if case .held(let byte) = try firstHeld(fd: fd, path: path, bytes: mustBeFree) {
@@ -115,6 +119,7 @@ public final class ImageLock {
     public static func release(fd: Int32) {
         _ = try? setRange(fd: fd, path: "", type: F_UNLCK, start: rangeStart,
                           length: rangeEnd - rangeStart + 1)
+        _ = try? setRange(fd: fd, path: "", type: F_UNLCK, start: qimgMark, length: 1)
     }
 
     // MARK: - fcntl
@@ -176,14 +181,107 @@ public final class ImageLock {
     static let forceShareHint = "use -U for read-only inspection"
 
     static func conflict(path: String, mode: LockMode, fd: Int32, firstByte: Int64) -> QCow2Error {
+        let holder = LockHolder.find(fd: fd, bytes: allBytes)
         switch mode {
         case .write:
             // A QEMU writer holds the "write" byte: reading with -U still works.
             let writer = firstByte == haveWrite || heldByOthers(fd: fd, byte: haveWrite)
-            return .unsupported(path: path, detail: "image is in use by another process"
-                                + (writer ? "; " + forceShareHint : ""))
+            return .inUse(path: path, holder: holder, hint: writer ? forceShareHint : nil)
         case .read, .none:
-            return .unsupported(path: path, detail: "image is in use by another process; " + forceShareHint)
+            return .inUse(path: path, holder: holder, hint: forceShareHint)
         }
+    }
+}
+
+/// Who holds an image's locks, as far as this process can tell: another qimg (it holds
+/// qimg's mark byte), a VM (qemu-system-*), a QEMU tool, or an unknown process; with
+/// its pid and program name when /proc shows them (the lock lines of /proc/PID/fdinfo).
+public struct LockHolder: Equatable, Sendable, CustomStringConvertible {
+    public var isQimg: Bool
+    public var pid: Int32?
+    public var program: String?
+
+    public var isVM: Bool { program?.hasPrefix("qemu-system") == true }
+
+    public var description: String {
+        let pidText = pid.map { "pid \($0)" }
+        if isQimg { return "another qimg" + (pidText.map { " (\($0))" } ?? "") }
+        guard let program else { return "another process (a VM or a QEMU tool?)" }
+        let withPid = program + (pidText.map { " (\($0))" } ?? "")
+        return isVM ? "a running VM (\(program)" + (pidText.map { ", \($0)" } ?? "") + ")" : withPid
+    }
+
+    static func find(fd: Int32, bytes: [Int64]) -> LockHolder {
+        let isQimg = ImageLock.heldByOthers(fd: fd, byte: ImageLock.qimgMark)
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { return LockHolder(isQimg: isQimg) }
+        let pid = holderPid(device: UInt64(st.st_dev), inode: UInt64(st.st_ino), bytes: bytes)
+        return LockHolder(isQimg: isQimg, pid: pid, program: pid.flatMap(programName))
+    }
+
+    init(isQimg: Bool, pid: Int32? = nil, program: String? = nil) {
+        self.isQimg = isQimg
+        self.pid = pid
+        self.program = program
+    }
+
+    /// The first other process whose open file holds a lock on one of `bytes` of the file.
+    static func holderPid(device: UInt64, inode: UInt64, bytes: [Int64]) -> Int32? {
+        let major = ((device >> 8) & 0xfff) | ((device >> 32) & ~UInt64(0xfff))
+        let minor = (device & 0xff) | ((device >> 12) & ~UInt64(0xff))
+        let key = " " + hex2(major) + ":" + hex2(minor) + ":\(inode) "
+        let me = getpid()
+        for pid in numericEntries("/proc") where pid != me {
+            for fdNumber in numericEntries("/proc/\(pid)/fdinfo") {
+                guard let text = readSmallFile("/proc/\(pid)/fdinfo/\(fdNumber)"), text.contains(key) else { continue }
+                for line in text.split(separator: "\n") where line.hasPrefix("lock:") && line.contains(key) {
+                    let f = line.split(separator: " ", omittingEmptySubsequences: true)
+                    guard f.count >= 2, let lo = Int64(f[f.count - 2]) else { continue }
+                    let hi = f.last == "EOF" ? Int64.max : Int64(f[f.count - 1]) ?? lo
+                    if bytes.contains(where: { (lo...hi).contains($0) }) { return pid }
+                }
+            }
+        }
+        return nil
+    }
+
+    static func hex2(_ v: UInt64) -> String {
+        let s = String(v, radix: 16)
+        return s.count < 2 ? "0" + s : s
+    }
+
+    static func programName(_ pid: Int32) -> String? {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/\(pid)/exe", &buf, buf.count - 1)
+        if n > 0 {
+            let full = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            return String(full.split(separator: "/").last ?? Substring(full))
+        }
+        return readSmallFile("/proc/\(pid)/comm").map { String($0.split(separator: "\n").first ?? "") }
+    }
+
+    static func numericEntries(_ dir: String) -> [Int32] {
+        guard let d = opendir(dir) else { return [] }
+        defer { closedir(d) }
+        var out: [Int32] = []
+        while let e = readdir(d) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if let n = Int32(name) { out.append(n) }
+        }
+        return out
+    }
+
+    static func readSmallFile(_ path: String) -> String? {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 8192)
+        var total = 0
+        while total < buf.count {
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress! + total, $0.count - total) }
+            if n <= 0 { break }
+            total += n
+        }
+        return String(decoding: buf[0..<total], as: UTF8.self)
     }
 }

@@ -39,11 +39,12 @@ public struct ImageOpener: Sendable {
 
     public init() {}
 
-    /// The format of the file at `path`, by magic: qcow2, else raw.
+    /// The format of the file at `path` as QEMU probes it: the qcow2 magic and a version
+    /// of at least 2 (bytes past the end of the file read as zeros), else raw.
     public static func probe(_ file: BlockFile) throws -> ImageFormat {
-        let head = try file.read(count: 4, at: 0)
-        let size = try file.size()
-        return head == [0x51, 0x46, 0x49, 0xFB] && size >= 4 ? .qcow2 : .raw
+        let head = try file.read(count: 8, at: 0)
+        let version = head[4...].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        return head[0..<4] == [0x51, 0x46, 0x49, 0xFB] && version >= 2 ? .qcow2 : .raw
     }
 
     /// Opens `path` (format given or probed) and, unless disabled, its backing chain.

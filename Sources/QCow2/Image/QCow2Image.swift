@@ -54,7 +54,7 @@ public final class QCow2Image: DiskImage {
         func bad(_ e: FormatError) -> QCow2Error { e.at(path) }
 
         guard fileSize >= UInt64(Header.v2Length) else {
-            throw QCow2Error.malformed(path: path, field: "header", detail: "file is too short for a qcow2 header (\(fileSize) bytes)")
+            throw QCow2Error.malformed(path: path, field: "", detail: "qcow2 header too short (the file has \(fileSize) bytes)")
         }
         // The cluster size first (the header may be longer than 512 bytes), then
         // the whole header cluster.
@@ -73,7 +73,7 @@ public final class QCow2Image: DiskImage {
         } catch { throw bad(error) }
         self.geometry = g
         guard UInt64(h.length) <= fileSize else {
-            throw QCow2Error.malformed(path: path, field: "header", detail: "file is too short for its header (\(fileSize) bytes)")
+            throw QCow2Error.malformed(path: path, field: "", detail: "qcow2 header too short (header_length \(h.length), the file has \(fileSize) bytes)")
         }
         self.header = h
 
@@ -163,7 +163,7 @@ public final class QCow2Image: DiskImage {
             }
             let o = Int(h.backingFileOffset)
             let nameBytes = cluster0[o..<(o + Int(h.backingFileSize))]
-            self.backingFileName = nameBytes.isEmpty ? nil : String(decoding: nameBytes, as: UTF8.self)
+            self.backingFileName = nameBytes.isEmpty ? nil : PathCodec.decode(nameBytes)
         } else {
             self.backingFileName = nil
         }

@@ -113,7 +113,7 @@ extension QCow2Image {
         h.serialize(into: &bytes)
         HeaderExtension.serialize(exts, into: &bytes)
         if let b = backingName {
-            let name = Array(b.utf8)
+            let name = PathCodec.encode(b)
             h.backingFileOffset = UInt64(bytes.count)
             h.backingFileSize = UInt32(name.count)
             bytes += name

@@ -18,6 +18,8 @@ public struct BackupOptions {
     public var compressed = false
     public var speed: UInt64 = 0
     public var force = false
+    /// Allow an incremental or bitmap backup without a backing file (a standalone delta).
+    public var allowNoBacking = false
     public var sourceFormat: ImageFormat?
     public var progress: ((UInt64, UInt64) -> Void)?
     public var shouldStop: () -> Bool = { false }
@@ -29,14 +31,9 @@ public struct BackupResult: Sendable {
     public var bytesWritten: UInt64
     public var clusters: UInt64
     public var seconds: Double
-    /// For bitmap-mode=always after a failure: where the partial target was kept.
-    public var partialTarget: String?
 }
 
 public enum BackupOperation {
-    /// Name of the temporary file a backup writes before renaming it into place.
-    public static func temporaryName(_ target: String) -> String { target + ".qimg-tmp" }
-
     public static func run(source sourcePath: String, target: String, options o: BackupOptions) throws -> BackupResult {
         let started = monotonicNanoseconds()
         func invalid(_ m: String) -> QCow2Error { .invalidArgument(path: sourcePath, detail: m) }
@@ -44,6 +41,10 @@ public enum BackupOperation {
         switch o.sync {
         case .incremental, .bitmap:
             guard o.bitmap != nil else { throw invalid("sync=\(o.sync.rawValue) needs --bitmap") }
+            // A delta without its backing file reads as zeros wherever nothing changed.
+            guard o.backingFile != nil || o.allowNoBacking else {
+                throw invalid("an incremental backup needs the previous backup as its backing file (or an explicit request for a standalone delta)")
+            }
         case .top:
             guard o.bitmap == nil else { throw invalid("--bitmap cannot be used with sync=top") }
         case .full: break
@@ -52,39 +53,25 @@ public enum BackupOperation {
             throw invalid("--bitmap-mode only applies to sync=bitmap")
         }
         var st = stat()
-        if stat(target, &st) == 0 && !o.force {
+        let targetExists = Sys.stat(target, &st) == 0
+        if targetExists && (st.st_mode & S_IFMT) == S_IFDIR {
+            throw QCow2Error.invalidArgument(path: target, detail: "is a directory")
+        }
+        if targetExists && !o.force {
             throw QCow2Error.invalidArgument(path: target, detail: "the target exists (use --force to replace it)")
         }
-        let tmp = temporaryName(target)
-        if stat(tmp, &st) == 0 { unlink(tmp) }  // a leftover of an interrupted run
 
-        // The source: QEMU-compatible write locks when a bitmap will change, else read locks.
+        // Locks before any file changes: the source (write locks when a bitmap will
+        // change, else read locks), then the target's backing file.
         var opener = ImageOpener()
         opener.writable = o.bitmap != nil && !(o.sync == .bitmap && o.bitmapMode == .never)
         let source: any DiskImage
         do {
             source = try opener.open(sourcePath, format: o.sourceFormat)
-        } catch let e as QCow2Error {
-            if e.message.contains("in use") {
-                throw QCow2Error.unsupported(path: sourcePath, detail: "image is in use by another process; back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)")
-            }
-            throw e
+        } catch QCow2Error.inUse(let p, let holder, _) where !holder.isQimg {
+            throw QCow2Error.inUse(path: p, holder: holder, hint: "back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)")
         }
         let qsource = source as? QCow2Image
-        var toCopy: DirtyBitmap?
-        if let name = o.bitmap {
-            guard let q = qsource else { throw invalid("bitmaps need a qcow2 source") }
-            if o.sync == .full {
-                if let e = q.bitmaps.first(where: { $0.name == name }), e.inUse {
-                    throw invalid("Bitmap '\(name)' is inconsistent and cannot be used; remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
-                }
-            } else {
-                guard q.bitmaps.first(where: { $0.name == name })?.inUse != true else {
-                    throw invalid("Bitmap '\(name)' is inconsistent and cannot be used; remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
-                }
-                toCopy = try q.consistentBitmap(name).1
-            }
-        }
         var backing: (any DiskImage)?
         if let b = o.backingFile {
             backing = try ImageOpener().open(ImageOpener.resolveBacking(b, relativeTo: target), format: o.backingFormat)
@@ -92,21 +79,43 @@ public enum BackupOperation {
                 throw QCow2Error.invalidArgument(path: b, detail: "the backing file's size (\(backing!.virtualSize)) differs from the source's (\(source.virtualSize))")
             }
         }
+        // Replacing the source, the backing file or any file of their chains would
+        // destroy what the backup is made of.
+        if targetExists {
+            try refuseTargetInChains(target, source: source, backing: backing)
+        }
+        var toCopy: DirtyBitmap?
+        if let name = o.bitmap {
+            guard let q = qsource else { throw invalid("bitmaps need a qcow2 source") }
+            if q.bitmaps.first(where: { $0.name == name })?.inUse == true {
+                throw invalid("Bitmap '\(name)' is inconsistent and cannot be used; remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
+            }
+            if o.sync != .full { toCopy = try q.consistentBitmap(name).1 }
+        }
 
-        // The target, under its temporary name.
+        // The target, under a temporary name of this run's.
+        let staged = try StagedFile(final: target)
+        defer { staged.discard() }
+        func named(_ e: Error) -> Error {
+            // Errors about the temporary file name the target the user gave.
+            if let q = e as? QCow2Error, q.path == staged.temporaryPath { return q.withPath(target) }
+            return e
+        }
         var c = o.create
         c.format = .qcow2
         c.size = source.virtualSize
         c.backingFile = o.backingFile
         let probedBacking = try backing.map { try ImageOpener.probe($0.file) }
         c.backingFormat = (o.backingFormat ?? probedBacking)?.rawValue
-        try ImageCreator.create(tmp, options: c)
-        var done = false
-        defer { if !done { unlink(tmp) } }
-        var topener = ImageOpener()
-        topener.writable = true
-        topener.openBacking = false
-        guard let t = try topener.open(tmp, format: .qcow2) as? QCow2Image else { throw invalid("cannot open the target") }
+        let t: QCow2Image
+        do {
+            try ImageCreator.create(staged.temporaryPath, options: c)
+            var topener = ImageOpener()
+            topener.writable = true
+            topener.openBacking = false
+            guard let q = try topener.open(staged.temporaryPath, format: .qcow2) as? QCow2Image else { throw invalid("cannot open the target") }
+            t = q
+        } catch { throw named(error) }
         t.file.deferSync = true
         var engine = CopyEngine(source: source, target: t)
         engine.compressed = o.compressed
@@ -145,34 +154,23 @@ public enum BackupOperation {
             try t.file.fullSync()
         } catch {
             // bitmap-mode=always keeps what was copied and gives back only the rest.
-            if o.sync == .bitmap && o.bitmapMode == .always, let q = qsource, let name = o.bitmap, let copied = engine.copied {
-                let partial = target + ".partial"
-                try? t.close()
-                t.file.deferSync = false
-                try t.file.fullSync()
-                guard rename(tmp, partial) == 0 else { throw error }
-                done = true
-                try syncDirectory(of: partial)
-                try clearCopied(q, bitmap: name, copied: copied)
+            if o.sync == .bitmap && o.bitmapMode == .always, let q = qsource, let name = o.bitmap,
+               let copied = engine.copied, engine.bytesCopied > 0 {
+                throw keepPartial(staged, t, source: q, bitmap: name, copied: copied, failure: named(error))
             }
-            throw error
+            throw named(error)
         }
-        guard rename(tmp, target) == 0 else {
-            throw QCow2Error.io(path: target, operation: "rename", errno: errno)
-        }
-        done = true
-        try syncDirectory(of: target)
+        try staged.commit(replacing: o.force, durable: true)
 
         // Only now, with the target durable, does the bitmap change.
         if let name = o.bitmap, let q = qsource {
             do {
-                switch (o.sync, o.bitmapMode) {
-                case (.full, _):
-                    let exists = q.bitmaps.contains { $0.name == name }
-                    try q.applyBitmapActions(exists ? [.clear] : [.add(granularity: nil, disabled: false)], to: name)
-                case (_, .never): break
-                default:
-                    try q.applyBitmapActions([.clear], to: name)
+                if o.bitmapMode != .never {
+                    if let e = q.bitmaps.first(where: { $0.name == name }) {
+                        try lower(q, bitmap: name, to: DirtyBitmap(granularity: e.granularity, size: q.virtualSize))
+                    } else {
+                        try q.applyBitmapActions([.add(granularity: nil, disabled: false)], to: name)
+                    }
                 }
                 try q.close()
             } catch let e as QCow2Error {
@@ -181,7 +179,78 @@ public enum BackupOperation {
             }
         }
         let seconds = Double(monotonicNanoseconds() - started) / 1e9
-        return BackupResult(bytesToCopy: total, bytesWritten: engine.bytesCopied, clusters: total / unit, seconds: seconds, partialTarget: nil)
+        return BackupResult(bytesToCopy: total, bytesWritten: engine.bytesCopied, clusters: total / unit, seconds: seconds)
+    }
+
+    /// Refuses a target that is the source, the target's backing file or any file of
+    /// their backing chains (by device and inode, whatever the spelling).
+    static func refuseTargetInChains(_ target: String, source: any DiskImage, backing: (any DiskImage)?) throws {
+        guard let id = try? BlockFile(path: target).identity() else { return }
+        var layer: (any DiskImage)? = source
+        var role = "the image being backed up"
+        while let l = layer {
+            if try l.file.identity() == id {
+                throw QCow2Error.invalidArgument(path: target, detail: "the target is \(role) ('\(l.path)'); it cannot be replaced by its backup")
+            }
+            role = "in the backing chain of the image being backed up"
+            layer = l.backing
+        }
+        layer = backing
+        role = "the backup's backing file"
+        while let l = layer {
+            if try l.file.identity() == id {
+                throw QCow2Error.invalidArgument(path: target, detail: "the target is \(role) ('\(l.path)'); replacing it would break the backup chain")
+            }
+            role = "in the backing chain of the backup's backing file"
+            layer = l.backing
+        }
+    }
+
+    /// Lowers bitmap `name` to `lowered` in place where possible (no allocation: a crash
+    /// leaves no leak), else with the ordered commit.
+    static func lower(_ q: QCow2Image, bitmap name: String, to lowered: DirtyBitmap) throws {
+        if try q.lowerBitmapInPlace(name, to: lowered) { return }
+        try q.applyBitmapActions([.clear, .merge(source: name)], to: name, mergeSource: { _ in lowered })
+    }
+
+    /// bitmap-mode=always after a failure: the target so far, its leaked clusters released
+    /// (the copy raises refcounts before it writes), made durable and renamed to
+    /// TARGET.partial (or .partial.N: an earlier partial is never replaced); then the bits
+    /// of what it holds are cleared. Returns the error to report: the failure, and where
+    /// the partial backup is and how to use it.
+    static func keepPartial(_ staged: StagedFile, _ t: QCow2Image, source q: QCow2Image, bitmap name: String,
+                            copied: DirtyBitmap, failure: Error) -> Error {
+        let why = (failure as? QCow2Error)?.description ?? "\(failure)"
+        func incomplete(_ kept: String) -> QCow2Error { .incomplete(path: q.path, cause: why, kept: kept) }
+        do {
+            // A fresh open: the failed session's caches may not match the disk. Its locks
+            // go first (it is never used again).
+            ImageLock.release(fd: t.file.fd)
+            var topener = ImageOpener()
+            topener.writable = true
+            topener.openBacking = false
+            guard let p = try topener.open(staged.temporaryPath, format: .qcow2) as? QCow2Image else { return failure }
+            let r = try CheckOperation.repair(p, mode: .leaks, report: { _ in })
+            guard r.corruptions == 0, r.leaks == 0 else { return failure }
+            try p.flush()
+            try p.file.fullSync()
+            var kept: String?
+            for n in 0..<100 {
+                let name = staged.finalPath + ".partial" + (n == 0 ? "" : ".\(n)")
+                var st = stat()
+                if Sys.lstat(name, &st) == 0 { continue }
+                do { try staged.commit(replacing: false, durable: true, as: name); kept = name; break } catch QCow2Error.invalidArgument {
+                    continue  // appeared meanwhile
+                }
+            }
+            guard let partial = kept else { return failure }
+            do { try clearCopied(q, bitmap: name, copied: copied) } catch let e as QCow2Error {
+                return incomplete("what was copied is kept in \(partial), but bitmap '\(name)' was not updated (\(e.message)): the next backup copies those clusters again, so \(partial) may be removed")
+            }
+            return incomplete("what was copied is kept in \(partial) (a clean qcow2 overlay, backed like the target would have been) and its bits were cleared from bitmap '\(name)': keep it, and give it as the backing file of the next backup, which copies the rest")
+        } catch {
+            return failure
+        }
     }
 
     /// Clears the granules of `bitmap` wholly covered by what was copied.
@@ -200,16 +269,7 @@ public enum BackupOperation {
             }
         }
         for (a, n) in clear { bm.reset(a, n) }
-        try q.applyBitmapActions([.clear, .merge(source: name)], to: name, mergeSource: { _ in bm })
+        try lower(q, bitmap: name, to: bm)
         try q.close()
-    }
-
-    static func syncDirectory(of path: String) throws {
-        let dir: String
-        if let slash = path.lastIndex(of: "/") { dir = slash == path.startIndex ? "/" : String(path[..<slash]) } else { dir = "." }
-        let fd = open(dir, O_RDONLY | O_DIRECTORY)
-        guard fd >= 0 else { throw QCow2Error.io(path: dir, operation: "open", errno: errno) }
-        defer { close(fd) }
-        guard fsync(fd) == 0 else { throw QCow2Error.io(path: dir, operation: "fsync", errno: errno) }
     }
 }

@@ -20,6 +20,8 @@ public struct ConvertOptions: Sendable {
     /// false is qemu-img's `-t unsafe`: the data may still be in the page cache when
     /// the target appears, and a power loss can lose it.
     public var durable = true
+    /// Checked between chunks (SIGINT/SIGTERM): true stops the copy; nothing is left behind.
+    public var shouldStop: @Sendable () -> Bool = { false }
     public init() {}
 }
 
@@ -45,20 +47,54 @@ public enum ConvertOperation {
         // the target's name (qemu-img does). -n and non-regular targets (block devices) are
         // written in place.
         var st = stat()
-        let inPlace = o.skipCreate || (stat(path, &st) == 0 && (st.st_mode & S_IFMT) != S_IFREG)
+        let exists = Sys.stat(path, &st) == 0
+        if exists && (st.st_mode & S_IFMT) == S_IFDIR {
+            throw QCow2Error.invalidArgument(path: path, detail: "is a directory")
+        }
+        let inPlace = o.skipCreate || (exists && (st.st_mode & S_IFMT) != S_IFREG)
         // An existing symlink keeps pointing where it did: the file it names is replaced.
         var final = path
-        if !inPlace, lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFLNK, let real = realpath(path, nil) {
-            final = String(cString: real)
-            free(real)
+        if !inPlace, Sys.lstat(path, &st) == 0, (st.st_mode & S_IFMT) == S_IFLNK, let real = Sys.realpath(path) {
+            final = real
         }
-        let work = inPlace ? path : BackupOperation.temporaryName(final)
-        var renamed = false
+        // The target's backing file, and a refusal to overwrite a file the copy reads.
+        var targetBacking: (any DiskImage)?
+        if let b = o.backingFile {
+            targetBacking = try ImageOpener().open(ImageOpener.resolveBacking(b, relativeTo: path), format: o.backingFormat)
+        }
+        if exists { try refuseTargetInChains(path, source: source, backing: targetBacking) }
         // An existing target's permissions (and owner, where allowed) carry over to its replacement.
         var replaced = stat()
-        let replacing = !inPlace && stat(final, &replaced) == 0
-        if !inPlace { unlink(work) }  // a leftover of an interrupted run
-        defer { if !inPlace && !renamed { unlink(work) } }
+        let replacing = !inPlace && Sys.stat(final, &replaced) == 0
+        let staged = inPlace ? nil : try StagedFile(final: final)
+        defer { staged?.discard() }
+        let work = staged?.temporaryPath ?? path
+        do {
+            try write(source: source, work: work, backing: targetBacking, bitmaps: bitmaps, options: o,
+                      keeping: replacing ? replaced : nil, progress: progress)
+            try staged?.commit(replacing: true, durable: o.durable)
+        } catch let e as QCow2Error where e.path == work && work != path {
+            throw e.withPath(path)
+        }
+    }
+
+    /// Refuses a target that is a file of the source's chain or of the target's backing chain.
+    static func refuseTargetInChains(_ target: String, source: any DiskImage, backing: (any DiskImage)?) throws {
+        guard let id = try? BlockFile(path: target).identity() else { return }
+        for (chain, role) in [(Optional(source), "the source image or in its backing chain"), (backing, "the output's backing file or in its backing chain")] {
+            var layer = chain
+            while let l = layer {
+                if try l.file.identity() == id {
+                    throw QCow2Error.invalidArgument(path: target, detail: "the output is \(role) ('\(l.path)'); it cannot be overwritten by the copy")
+                }
+                layer = l.backing
+            }
+        }
+    }
+
+    /// Creates (unless -n) and fills `work`, and makes it durable when asked.
+    static func write(source: any DiskImage, work: String, backing: (any DiskImage)?, bitmaps: [(BitmapDirectoryEntry, DirtyBitmap)],
+                      options o: ConvertOptions, keeping replaced: stat?, progress: ((UInt64, UInt64) -> Void)?) throws {
         if !o.skipCreate {
             var c = o.create
             c.size = source.virtualSize
@@ -70,7 +106,7 @@ public enum ConvertOperation {
         opener.writable = true
         opener.openBacking = false
         let target = try opener.open(work, format: o.skipCreate ? nil : o.create.format)
-        if replacing {
+        if let replaced {
             _ = fchmod(target.file.fd, replaced.st_mode & 0o7777)
             _ = fchown(target.file.fd, replaced.st_uid, replaced.st_gid)
         }
@@ -79,23 +115,22 @@ public enum ConvertOperation {
         engine.compressed = o.compressed
         engine.minSparse = o.minSparse
         engine.earlyWriteback = o.durable
-        if let b = o.backingFile {
-            engine.targetBacking = try ImageOpener().open(ImageOpener.resolveBacking(b, relativeTo: path), format: o.backingFormat)
-        }
-        let total = source.virtualSize
-        engine.progress = { progress?($0, total) }
+        engine.shouldStop = o.shouldStop
+        engine.targetBacking = backing
+        let size = source.virtualSize
         // Only ranges that hold data (in the source, or in the target's backing file,
         // whose data zeros of the source must hide) are visited; an existing target
-        // (-n) is overwritten entirely.
-        if o.skipCreate {
-            try engine.copy(0, total, maskZeros: true)
-        } else {
-            var ranges = try CopyEngine.nonZeroRanges(source)
-            if let b = engine.targetBacking { ranges += try CopyEngine.nonZeroRanges(b).filter { $0.0 < total } }
-            for (a, n) in CopyEngine.normalize(ranges, unit: engine.unit, size: total) {
-                try engine.copy(a, n, maskZeros: false)
-            }
+        // (-n) is overwritten entirely. Progress counts the bytes visited (as qemu-img
+        // counts the allocated data), so it reaches 100% on a sparse image.
+        var ranges: [(UInt64, UInt64)] = [(0, size)]
+        if !o.skipCreate {
+            ranges = try CopyEngine.nonZeroRanges(source)
+            if let b = engine.targetBacking { ranges += try CopyEngine.nonZeroRanges(b).filter { $0.0 < size } }
+            ranges = CopyEngine.normalize(ranges, unit: engine.unit, size: size)
         }
+        let total = ranges.reduce(0) { $0 + $1.1 }
+        engine.progress = { progress?($0, total) }
+        for (a, n) in ranges { try engine.copy(a, n, maskZeros: o.skipCreate) }
         if let q = target as? QCow2Image {
             for (e, bm) in bitmaps {
                 try q.applyBitmapActions([.add(granularity: e.granularity, disabled: !e.isAuto)], to: e.name)
@@ -105,10 +140,5 @@ public enum ConvertOperation {
         }
         target.file.deferSync = false
         if o.durable { try target.file.fullSync() }
-        if !inPlace {
-            guard rename(work, final) == 0 else { throw QCow2Error.io(path: final, operation: "rename", errno: errno) }
-            renamed = true
-            if o.durable { try BackupOperation.syncDirectory(of: final) }
-        }
     }
 }

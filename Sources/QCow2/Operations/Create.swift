@@ -112,7 +112,7 @@ public enum ImageCreator {
     static func removingOnFailure(_ path: String, file: BlockFile, _ body: () throws -> Void) throws {
         do { try body() } catch {
             var st = stat()
-            if fstat(file.fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG { unlink(path) }
+            if fstat(file.fd, &st) == 0 && (st.st_mode & S_IFMT) == S_IFREG { _ = Sys.unlink(path) }
             throw error
         }
     }
@@ -152,7 +152,7 @@ public enum ImageCreator {
         h.serialize(into: &bytes)
         HeaderExtension.serialize(exts, into: &bytes)
         if let b = o.backingFile {
-            let name = Array(b.utf8)
+            let name = PathCodec.encode(b)
             let offset = bytes.count
             bytes += name
             bytes.withUnsafeMutableBytes { p in

@@ -35,7 +35,7 @@ public enum RebaseOperation {
         let opened = try opener.open(path, format: options.format)
         guard let image = opened as? QCow2Image else { throw cannotChange("Operation not supported") }
         if newName != nil && options.backingFormat == nil { throw cannotChange("backing format must be specified") }
-        if let n = newName, n.utf8.count > 1023 { throw cannotChange("File name too long") }
+        if let n = newName, PathCodec.encode(n).count > 1023 { throw cannotChange("File name too long") }
         try checkHeaderFits(image, name: newName, format: newName == nil ? nil : options.backingFormat?.rawValue)
 
         if !options.unsafeMode {
@@ -181,7 +181,7 @@ public enum RebaseOperation {
         var exts = image.extensions.filter { if case .backingFormat = $0 { return false } else { return true } }
         if name != nil, let f = format { exts.insert(.backingFormat(f), at: 0) }
         HeaderExtension.serialize(exts, into: &bytes)
-        guard bytes.count + (name?.utf8.count ?? 0) <= image.geometry.clusterSize else {
+        guard bytes.count + (name.map { PathCodec.encode($0).count } ?? 0) <= image.geometry.clusterSize else {
             throw QCow2Error.unsupported(path: image.path, detail: "the header with the new backing file name does not fit in one cluster")
         }
     }

@@ -1,12 +1,5 @@
 import ArgumentParser
 import QCow2
-import Synchronization
-#if canImport(Glibc)
-import Glibc
-#endif
-
-/// Set by SIGINT/SIGTERM: the copy stops, the temporary target is removed, the bitmap is kept.
-let backupInterrupted = Atomic<Bool>(false)
 
 struct Backup: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -16,8 +9,9 @@ struct Backup: ParsableCommand {
             sync=full: every allocated byte (chain flattened); with --bitmap, the bitmap is created if missing
             and cleared on success. sync=top: what the top image holds. sync=incremental (or dirty-bitmap):
             only the clusters the bitmap marks, cleared on success. sync=bitmap: like incremental, with
-            --bitmap-mode on-success|always|never. TARGET is written under TARGET.qimg-tmp, fsynced and
-            renamed; the bitmap changes only after that.
+            --bitmap-mode on-success|always|never. An incremental or bitmap backup needs -b (the previous
+            backup) unless --no-backing asks for a standalone delta. TARGET is written under a temporary
+            name (TARGET.PID-TOKEN.qimg-tmp), fsynced and renamed; the bitmap changes only after that.
             """)
 
     @Option(name: .customLong("sync"), help: "full, top, incremental (dirty-bitmap) or bitmap.") var sync: String
@@ -32,6 +26,7 @@ struct Backup: ParsableCommand {
     @Flag(name: .customShort("q"), help: "Quiet: no summary line.") var quiet = false
     @Option(name: .customLong("speed"), help: "Limit throughput (bytes per second; k, M, G suffixes).") var speed: SizeArgument?
     @Flag(name: .customLong("force"), help: "Replace an existing TARGET.") var force = false
+    @Flag(name: .customLong("no-backing"), help: "Allow an incremental or bitmap backup without -b: a delta that reads as zeros wherever nothing changed.") var noBacking = false
     @Argument(help: "The image to back up.") var source: String
     @Argument(help: "The backup image to write.") var target: String
 
@@ -49,6 +44,13 @@ struct Backup: ParsableCommand {
             }
             o.bitmapMode = mode
         }
+        if s == .incremental || s == .bitmap, backing == nil, !noBacking {
+            throw CommandFailure(message: "\(source): sync=\(sync) needs -b PREV (the previous backup, whose contents the new one builds on); --no-backing makes a delta that reads as zeros wherever nothing changed")
+        }
+        if noBacking && backing != nil {
+            throw CommandFailure(message: "\(source): --no-backing and -b cannot be used together")
+        }
+        o.allowNoBacking = noBacking
         o.backingFile = backing
         o.backingFormat = try backingFormat.map { try ImageFormat(name: $0, path: backing ?? "") }
         o.sourceFormat = try sourceFormat.map { try ImageFormat(name: $0, path: source) }
@@ -61,29 +63,23 @@ struct Backup: ParsableCommand {
         o.compressed = compress
         o.speed = speed?.value ?? 0
         o.force = force
-        let bar = ProgressReporter(enabled: showProgress)
+        let bar = ProgressReporter(enabled: showProgress && !quiet)
         o.progress = { bar.update($0, $1) }
-        o.shouldStop = { backupInterrupted.load(ordering: .relaxed) }
-        signal(SIGINT) { _ in backupInterrupted.store(true, ordering: .relaxed) }
-        signal(SIGTERM) { _ in backupInterrupted.store(true, ordering: .relaxed) }
-        // A parent may have started us with these signals blocked: they must reach the handlers.
-        var set = sigset_t()
-        sigemptyset(&set)
-        sigaddset(&set, SIGINT)
-        sigaddset(&set, SIGTERM)
-        pthread_sigmask(SIG_UNBLOCK, &set, nil)
+        o.shouldStop = { Interruption.requested }
+        Interruption.install()
 
         let r: BackupResult
         do {
             r = try BackupOperation.run(source: source, target: target, options: o)
         } catch {
-            bar.finish()
-            if backupInterrupted.load(ordering: .relaxed) {
-                throw CommandFailure(message: "\(source): backup interrupted; \(target) was not written and the bitmap is unchanged", exitCode: 130)
+            bar.finish(succeeded: false)
+            if Interruption.requested {
+                if case QCow2Error.incomplete(_, _, let kept) = error { throw Interruption.failure(source, kept) }
+                throw Interruption.failure(source, "\(target) was not written and the bitmap is unchanged")
             }
             throw error
         }
-        bar.finish()
+        bar.finish(succeeded: true)
         if !quiet {
             let rate = r.seconds > 0 ? UInt64(Double(r.bytesToCopy) / r.seconds) : 0
             Output.out("Backup complete: \(target): \(r.bytesToCopy) bytes in \(r.clusters) clusters copied (\(Human.size(r.bytesWritten)) of data) in \(Human.format("%.2f", r.seconds)) s (\(Human.size(rate))/s)\n")

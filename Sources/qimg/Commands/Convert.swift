@@ -67,7 +67,17 @@ struct Convert: ParsableCommand {
         opener.forceShare = share.forceShare
         let src = try opener.open(source, format: try format.imageFormat(path: source))
         let bar = ProgressReporter(enabled: showProgress && !quiet)
-        try ConvertOperation.run(source: src, target: target, options: o) { done, total in bar.update(done, total) }
-        bar.finish()
+        o.shouldStop = { Interruption.requested }
+        Interruption.install()
+        do {
+            try ConvertOperation.run(source: src, target: target, options: o) { done, total in bar.update(done, total) }
+        } catch {
+            bar.finish(succeeded: false)
+            if Interruption.requested {
+                throw Interruption.failure(source, noCreate ? "\(target) was partly written" : "\(target) was not written")
+            }
+            throw error
+        }
+        bar.finish(succeeded: true)
     }
 }

@@ -1,3 +1,4 @@
+import QCow2
 /// A JSON value printed the way QEMU prints its QObjects: objects list their
 /// keys in QDict hash-table order (not insertion order), 4-space indentation.
 indirect enum JSONValue {
@@ -77,7 +78,9 @@ enum QemuJSON {
             case "\r": out += "\\r"
             case "\t": out += "\\t"
             default:
-                if u.value < 0x20 || u.value >= 0x7F {
+                if PathCodec.isEscape(u) {
+                    out += "\\ufffd"  // a byte of invalid UTF-8 (QEMU writes U+FFFD)
+                } else if u.value < 0x20 || u.value >= 0x7F {
                     if u.value > 0xFFFF {
                         let v = u.value - 0x10000
                         out += hex4(0xD800 | (v >> 10)) + hex4(0xDC00 | (v & 0x3FF))

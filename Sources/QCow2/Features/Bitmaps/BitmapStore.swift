@@ -71,6 +71,48 @@ extension QCow2Image {
         return (t, UInt32(entries))
     }
 
+    /// Lowers bitmap `name` to `lowered`, which holds a subset of its bits, by overwriting
+    /// the bitmap's data clusters where they are: nothing is allocated, no table, directory
+    /// or header changes and nothing is freed, so a crash at any point leaves a clean image
+    /// whose bitmap is a mix of old and lowered bits (correct for a backup that is already
+    /// durable: it copied every bit that went). Returns false, having written nothing,
+    /// when that is not possible (a table entry stands for "all ones", a data cluster is
+    /// shared or lies outside the file, `lowered` sets bits the table has no cluster for);
+    /// the caller then takes the ordered commit.
+    public func lowerBitmapInPlace(_ name: String, to lowered: DirtyBitmap) throws -> Bool {
+        let alloc = try requireAllocator()
+        guard header.autoclearFeatures & Features.autoclearBitmaps != 0, bitmapsError == nil,
+              let e = bitmaps.first(where: { $0.name == name }), !e.inUse,
+              e.granularity == lowered.granularity, lowered.size == virtualSize else { return false }
+        let g = geometry
+        let cs = g.clusterSize
+        var table: [UInt64] = []
+        let raw = try file.read(count: Int(e.tableSize) * 8, at: e.tableOffset)
+        raw.withUnsafeBytes { decodeBigEndianU64($0, into: &table) }
+        guard UInt64(table.count) == BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: e.granularity.trailingZeroBitCount, clusterSize: cs) else { return false }
+        var writes: [(offset: UInt64, index: Int)] = []
+        for (k, w) in table.enumerated() {
+            let off = w & L2Entry.offsetMask
+            let chunk = lowered.bytes(atByte: UInt64(k) * UInt64(cs), count: cs)
+            if off == 0 {
+                // No cluster: the bits read as all zeros (or all ones, which cannot be
+                // lowered in place unless they stay all ones).
+                if w & 1 == 0 { guard chunk == nil else { return false } } else { return false }
+                continue
+            }
+            guard w & 0xFF00_0000_0000_01FF == 0, g.isAligned(off), off <= fileSize, UInt64(cs) <= fileSize - off,
+                  try alloc.refcount(off >> UInt64(g.clusterBits)) == 1 else { return false }
+            writes.append((off, k))
+        }
+        try clearUnknownAutoclearBits()
+        let zeros = [UInt8](repeating: 0, count: cs)
+        for (off, k) in writes {
+            try file.write(lowered.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) ?? zeros, at: off)
+        }
+        try file.sync()
+        return true
+    }
+
     /// Replaces the whole set of bitmaps with `entries` (their tables already written and
     /// durable, or unchanged), then frees `freeing`. Handles the extension appearing
     /// (first bitmap) and disappearing (last bitmap removed).
