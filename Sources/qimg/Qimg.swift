@@ -6,10 +6,32 @@ import Glibc
 
 @main
 struct Qimg: ParsableCommand {
+    /// The one place the version lives (`qimg --version`, `qimg -V`).
+    static let version = "0.3.0"
+    static let versionLine = "qimg version \(version) (qemu-img 7.2 compatible)"
+
     static let configuration = CommandConfiguration(
         commandName: "qimg",
         abstract: "Inspect and maintain qcow2 disk images (qemu-img compatible).",
+        discussion: """
+            Each command's --help lists its exit status. Most exit 0 on success and 1 on any \
+            error (a usage error included); check, compare, backup and convert have more codes.
+            """,
         subcommands: [Create.self, Info.self, Map.self, Check.self, IO.self, Resize.self, Amend.self, Bitmap.self, Convert.self, Backup.self, Compare.self, Commit.self, Rebase.self])
+
+    @Flag(name: [.customShort("V"), .customLong("version")], help: "Show the version and exit.")
+    var showVersion = false
+
+    /// Only without a subcommand: `qimg -V`/`--version`, or bare `qimg` (an error, as in qemu-img).
+    func run() throws {
+        if showVersion {
+            Output.out(Self.versionLine + "\n")
+            return
+        }
+        Output.error("qimg: Not enough arguments")
+        Output.error("Try 'qimg --help' for more information")
+        throw ExitCode(1)
+    }
 
     static func main() {
         do {
@@ -17,6 +39,11 @@ struct Qimg: ParsableCommand {
             // (FaultPlan(specification:)); unset in normal use.
             try FaultInjector.armFromEnvironment()
             var command = try parseAsRoot()
+            // ArgumentParser takes the root's -V/--version after a subcommand too: refuse it there.
+            if !(command is Qimg), let flag = CommandLine.arguments.dropFirst().prefix(while: { $0 != "--" })
+                .first(where: { $0 == "-V" || $0 == "--version" }) {
+                fail("Unknown option '\(flag)'", code: 1)
+            }
             try command.run()
         } catch let e as QCow2Error {
             fail(e.description, code: 1)
@@ -41,6 +68,16 @@ struct Qimg: ParsableCommand {
         Output.error("qimg: " + message.split(separator: "\n").joined(separator: " "))
         Glibc.exit(code)
     }
+}
+
+/// The exit status lines of the commands' --help (check, compare and io write their own).
+enum ExitStatus {
+    static let plain = "Exit status: 0 success, 1 failure (any error, a usage error included)."
+    /// backup and convert: a signal stops the copy and leaves the target as it was.
+    static let interruptible = """
+        Exit status: 0 success, 1 failure (any error, a usage error included), 130 interrupted by \
+        SIGINT, 143 interrupted by SIGTERM.
+        """
 }
 
 /// A command-level failure with its own exit code (e.g. check's 63).
