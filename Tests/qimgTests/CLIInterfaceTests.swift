@@ -200,12 +200,16 @@ import Testing
     /// `make -n install` and `make -n uninstall`: the release build and every destination.
     @Test func makeInstallDestinations() throws {
         let make = try #require(Env.which("make"), "make is not on PATH")
+        // Neither the outer make of `make test` (MAKEFLAGS, MAKELEVEL) nor PREFIX/DESTDIR in the environment.
+        func run(_ args: [String]) throws -> RunResult {
+            try Runner.run("/usr/bin/env", ["-u", "MAKEFLAGS", "-u", "MFLAGS", "-u", "MAKELEVEL", "-u", "PREFIX", "-u", "DESTDIR", make, "--no-print-directory"] + args,
+                           cwd: Paths.packageRoot)
+        }
         let destinations = ["bin/qimg", "share/man/man1/qimg.1", "share/bash-completion/completions/qimg",
                             "share/zsh/site-functions/_qimg", "share/fish/vendor_completions.d/qimg.fish"]
         for (prefixArgs, prefix) in [([String](), "/usr/local"), (["PREFIX=/opt/q"], "/opt/q")] {
             // -B: as if nothing were built yet, so the build steps are listed too.
-            let install = try Runner.run(make, ["-n", "-B", "install", "DESTDIR=/stage", "SWIFT=swift"] + prefixArgs,
-                                         cwd: Paths.packageRoot)
+            let install = try run(["-n", "-B", "install", "DESTDIR=/stage", "SWIFT=swift"] + prefixArgs)
             #expect(install.status == 0, "make -n install: \(install.summary) \(install.err)")
             let lines = install.out.split(separator: "\n").map(String.init)
             #expect(lines.contains("swift build -c release --static-swift-stdlib --scratch-path .build-release"),
@@ -220,7 +224,7 @@ import Testing
             for shell in ["bash", "zsh", "fish"] {
                 #expect(install.out.contains("--generate-completion-script \(shell)"), "no \(shell) completion generated")
             }
-            let uninstall = try Runner.run(make, ["-n", "uninstall", "DESTDIR=/stage"] + prefixArgs, cwd: Paths.packageRoot)
+            let uninstall = try run(["-n", "uninstall", "DESTDIR=/stage"] + prefixArgs)
             #expect(uninstall.status == 0, "make -n uninstall: \(uninstall.summary)")
             let removed = uninstall.out.split(whereSeparator: { $0 == " " || $0 == "\n" }).map(String.init)
             for d in destinations + ["share/man/man1/qimg.*.1"] {
