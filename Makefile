@@ -8,6 +8,11 @@
 #   make fuzz    mutation fuzzing of every command on malformed images (FUZZ_MINUTES=10)
 #   make crashtest  SIGKILL qimg during writes, bitmap edits, backups, commit/rebase, convert (CRASH_KILLS=100)
 #   make sanitize   the test suite under AddressSanitizer, and the CLI tests against a ThreadSanitizer qimg
+#   make release    release build (static Swift runtime), man pages and completion scripts
+#                   in .build-release/ (nothing installed)
+#   make install    release, then installs qimg, its man pages and its bash/zsh/fish
+#                   completions under $(DESTDIR)$(PREFIX) (PREFIX=/usr/local)
+#   make uninstall  removes what make install installed
 #   make clean   remove build products and ./demo/
 
 SHELL := /bin/bash
@@ -25,11 +30,14 @@ DEPS := \
 	qemu-io:qemu-utils \
 	qemu-nbd:qemu-utils \
 	qemu-storage-daemon:qemu-system-common \
+	qemu-system-x86_64:qemu-system-x86 \
 	nbdinfo:libnbd-bin \
 	openssl:openssl \
-	python3:python3
+	python3:python3 \
+	script:bsdutils \
+	prlimit:util-linux
 
-.PHONY: all deps build test demo bench fuzz crashtest sanitize clean
+.PHONY: all deps build test demo bench fuzz crashtest sanitize release install uninstall clean
 
 all: build
 
@@ -59,17 +67,22 @@ test: deps
 demo: deps build
 	QIMG="$(QIMG)" bash scripts/demo.sh
 
+# The release build (static Swift runtime: the binary needs no Swift installation) that
+# bench, fuzz and install use.
+RELEASE_BUILD := $(SWIFT) build -c release --static-swift-stdlib --scratch-path .build-release
+RELEASE_QIMG  := .build-release/release/qimg
+
 # Benchmarks against qemu-img/QEMU (not part of `make test`): Docs/performance.md.
 bench: deps
-	$(SWIFT) build -c release --static-swift-stdlib --scratch-path .build-release
-	QIMG=.build-release/release/qimg scripts/bench
+	$(RELEASE_BUILD)
+	QIMG=$(RELEASE_QIMG) scripts/bench
 
 # A time-boxed mutation fuzzing campaign (default 10 minutes): Docs/reliability.md.
 FUZZ_MINUTES ?= 10
 # The release binary (static runtime) starts 3x faster than the debug one: more inputs per minute.
 fuzz: deps
-	$(SWIFT) build -c release --static-swift-stdlib --scratch-path .build-release
-	scripts/fuzz --minutes $(FUZZ_MINUTES) --qimg .build-release/release/qimg
+	$(RELEASE_BUILD)
+	scripts/fuzz --minutes $(FUZZ_MINUTES) --qimg $(RELEASE_QIMG)
 
 # Crash consistency (default 100 effective kills per operation kind), debug build: Docs/reliability.md.
 CRASH_KILLS ?= 100
@@ -90,6 +103,61 @@ sanitize: deps
 	$(SWIFT) build --build-tests
 	QIMG_SANITIZER=thread QIMG_BINARY=.build-tsan/debug/qimg TSAN_OPTIONS=halt_on_error=1 \
 	    $(SWIFT) test --skip-build --filter qimgTests
+
+# Installation. `make release` builds as the user who runs it; a later `sudo make install`
+# then only copies (the binary is rebuilt only when a source changed).
+# The man pages come from the command definitions (swift-argument-parser's
+# generate-manual tool, built from the package's own checkout: no network); qimg.1 is
+# the whole reference on one page, qimg.SUBCOMMAND.1 one page per subcommand.
+# The completion scripts come from `qimg --generate-completion-script`.
+PREFIX  ?= /usr/local
+DESTDIR ?=
+BINDIR     = $(PREFIX)/bin
+MAN1DIR    = $(PREFIX)/share/man/man1
+BASHCOMPDIR = $(PREFIX)/share/bash-completion/completions
+ZSHCOMPDIR  = $(PREFIX)/share/zsh/site-functions
+FISHCOMPDIR = $(PREFIX)/share/fish/vendor_completions.d
+GENMAN  := .build-release/release/generate-manual
+DIST    := .build-release/dist
+SOURCES := Package.swift $(shell find Sources -name '*.swift' -o -name '*.modulemap' -o -name '*.h')
+# The date on the man pages: the last commit's (reproducible), else today's.
+MAN_DATE := $(shell git log -1 --format=%cs 2>/dev/null || date +%F)
+
+# (touch: a build that finds nothing to do leaves the binary's date alone)
+$(RELEASE_QIMG): $(SOURCES)
+	$(RELEASE_BUILD)
+	touch $@
+
+$(GENMAN):
+	$(RELEASE_BUILD) --product generate-manual
+
+# Empty lines of the discussions become paragraph breaks (mdoc warns about empty lines).
+$(DIST)/stamp: $(RELEASE_QIMG) $(GENMAN)
+	rm -rf $(DIST) && mkdir -p $(DIST)/man/pages $(DIST)/completions
+	$(GENMAN) $(RELEASE_QIMG) --date $(MAN_DATE) --output-directory - | sed 's/^$$/.Pp/' > $(DIST)/man/qimg.1
+	$(GENMAN) $(RELEASE_QIMG) --date $(MAN_DATE) --multi-page --output-directory $(DIST)/man/pages
+	rm -f $(DIST)/man/pages/qimg.1 $(DIST)/man/pages/qimg.help.1
+	sed -i 's/^$$/.Pp/' $(DIST)/man/pages/*.1
+	$(RELEASE_QIMG) --generate-completion-script bash > $(DIST)/completions/qimg.bash
+	$(RELEASE_QIMG) --generate-completion-script zsh > $(DIST)/completions/_qimg
+	$(RELEASE_QIMG) --generate-completion-script fish > $(DIST)/completions/qimg.fish
+	touch $@
+
+release: $(DIST)/stamp
+
+install: $(DIST)/stamp
+	install -D -m 755 $(RELEASE_QIMG) $(DESTDIR)$(BINDIR)/qimg
+	install -D -m 644 $(DIST)/man/qimg.1 $(DESTDIR)$(MAN1DIR)/qimg.1
+	for page in $(DIST)/man/pages/qimg.*.1; do \
+	    install -D -m 644 "$$page" "$(DESTDIR)$(MAN1DIR)/$${page##*/}" || exit 1; \
+	done
+	install -D -m 644 $(DIST)/completions/qimg.bash $(DESTDIR)$(BASHCOMPDIR)/qimg
+	install -D -m 644 $(DIST)/completions/_qimg $(DESTDIR)$(ZSHCOMPDIR)/_qimg
+	install -D -m 644 $(DIST)/completions/qimg.fish $(DESTDIR)$(FISHCOMPDIR)/qimg.fish
+
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/qimg $(DESTDIR)$(MAN1DIR)/qimg.1 $(DESTDIR)$(MAN1DIR)/qimg.*.1
+	rm -f $(DESTDIR)$(BASHCOMPDIR)/qimg $(DESTDIR)$(ZSHCOMPDIR)/_qimg $(DESTDIR)$(FISHCOMPDIR)/qimg.fish
 
 clean:
 	$(SWIFT) package clean

@@ -6,17 +6,48 @@ import Glibc
 
 @main
 struct Qimg: ParsableCommand {
+    /// The one place the version lives (`qimg --version`, `qimg -V`).
+    static let version = "0.3.0"
+    static let versionLine = "qimg version \(version) (qemu-img 7.2 compatible)"
+
     static let configuration = CommandConfiguration(
         commandName: "qimg",
         abstract: "Inspect and maintain qcow2 disk images (qemu-img compatible).",
+        discussion: """
+            Each command's --help lists its exit status. Most exit 0 on success and 1 on any \
+            error (a usage error included); check, compare, backup and convert have more codes.
+            """,
         subcommands: [Create.self, Info.self, Map.self, Check.self, IO.self, Resize.self, Amend.self, Bitmap.self, Convert.self, Backup.self, Compare.self, Commit.self, Rebase.self])
+
+    @Flag(name: [.customShort("V"), .customLong("version")], help: "Show the version and exit.")
+    var showVersion = false
+
+    /// Only without a subcommand: `qimg -V`/`--version`, or bare `qimg` (an error, as in qemu-img).
+    func run() throws {
+        if showVersion {
+            Output.out(Self.versionLine + "\n")
+            return
+        }
+        Output.error("qimg: Not enough arguments")
+        Output.error("Try 'qimg --help' for more information")
+        throw ExitCode(1)
+    }
 
     static func main() {
         do {
             // Testing aid: QIMG_FAULTS arms fault injection below the library
             // (FaultPlan(specification:)); unset in normal use.
             try FaultInjector.armFromEnvironment()
-            var command = try parseAsRoot()
+            // Arguments are bytes: file names that are not UTF-8 pass through unchanged.
+            let arguments = (1..<Int(CommandLine.argc)).map { i in
+                PathCodec.decode(cString: CommandLine.unsafeArgv[i]!)
+            }
+            var command = try parseAsRoot(arguments)
+            // ArgumentParser takes the root's -V/--version after a subcommand too: refuse it there.
+            if !(command is Qimg), let flag = arguments.prefix(while: { $0 != "--" })
+                .first(where: { $0 == "-V" || $0 == "--version" }) {
+                fail("Unknown option '\(flag)'", code: 1)
+            }
             try command.run()
         } catch let e as QCow2Error {
             fail(e.description, code: 1)
@@ -43,21 +74,33 @@ struct Qimg: ParsableCommand {
     }
 }
 
+/// The exit status lines of the commands' --help (check, compare and io write their own).
+enum ExitStatus {
+    static let plain = "Exit status: 0 success, 1 failure (any error, a usage error included)."
+    /// backup and convert: a signal stops the copy and leaves the target as it was.
+    static let interruptible = """
+        Exit status: 0 success, 1 failure (any error, a usage error included), 130 interrupted by \
+        SIGINT, 143 interrupted by SIGTERM.
+        """
+}
+
 /// A command-level failure with its own exit code (e.g. check's 63).
 struct CommandFailure: Error {
     var message: String
     var exitCode: Int32 = 1
 }
 
+/// stdout and stderr. File names that are not UTF-8 are printed as the bytes they are.
 enum Output {
-    static func out(_ s: String) {
-        var s = s
-        s.withUTF8 { b in writeAll(1, b) }
-    }
-    static func error(_ s: String) {
-        let line = s + "\n"
-        var l = line
-        l.withUTF8 { b in writeAll(2, b) }
+    static func out(_ s: String) { emit(1, s) }
+    static func error(_ s: String) { emit(2, s + "\n") }
+    private static func emit(_ fd: Int32, _ s: String) {
+        if PathCodec.hasEscapes(s) {
+            PathCodec.encode(s).withUnsafeBufferPointer { writeAll(fd, $0) }
+        } else {
+            var s = s
+            s.withUTF8 { writeAll(fd, $0) }
+        }
     }
     private static func writeAll(_ fd: Int32, _ b: UnsafeBufferPointer<UInt8>) {
         var done = 0

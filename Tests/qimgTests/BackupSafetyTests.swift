@@ -222,4 +222,50 @@ import Glibc
         let m = try Qimg.run(["info", "--output=json", "h4.qcow2"], cwd: dir)
         #expect(q.status == 0 && m.status == 0 && q.out == m.out, "4 bytes: qemu-img \(q.out) qimg \(m.out) \(m.err)")
     }
+
+    /// File names are bytes: a name that is not UTF-8 (given on the command line, or stored
+    /// as a backing file name) is created, opened and printed exactly, and qimg's output on
+    /// such images is byte-identical to qemu-img's (human and JSON).
+    @Test(.requiresQEMU) func nonUTF8FileNames() throws {
+        let dir = try B.scratch("bytes")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let script = #"""
+            set -eu
+            Q="$1"
+            bad=$(printf 'bad\377.qcow2'); lat=$(printf 'lat\351.qcow2'); out=$(printf 'out\376.raw')
+            "$Q" create -q -f qcow2 "$bad" 1M
+            qemu-img create -q -f qcow2 "$lat" 1M
+            qemu-io -c 'write -P 7 0 64k' "$lat" >/dev/null
+            "$Q" create -q -f qcow2 -b "$lat" -F qcow2 top.qcow2
+            "$Q" io -c 'write -P 8 64k 64k' "$bad" >/dev/null
+            "$Q" convert -O raw top.qcow2 "$out"
+            qemu-img compare -q top.qcow2 "$out"
+            "$Q" backup -q --sync=full --bitmap=b "$bad" "$(printf 'full\377.qcow2')"
+            qemu-img compare -q "$bad" "$(printf 'full\377.qcow2')"
+            for f in "$bad" "$lat" top.qcow2; do
+                for o in human json; do
+                    qemu-img info --output=$o "$f" > q.txt
+                    "$Q" info --output=$o "$f" > m.txt
+                    cmp q.txt m.txt
+                done
+            done
+            "$Q" info "$(printf 'none\377.qcow2')" 2> err.txt || true
+            printf 'qimg: none\377.qcow2: No such file or directory\n' | cmp - err.txt
+            echo OK
+            """#
+        let r = try Runner.run("/bin/sh", ["-c", script, "sh", Qimg.path], cwd: dir)
+        #expect(r.status == 0 && r.out == "OK\n", "\(r.summary): \(r.out)\(r.err)")
+        // The names on disk are the exact bytes given.
+        var names: Set<[UInt8]> = []
+        if let d = opendir(dir) {
+            while let e = readdir(d) {
+                names.insert(withUnsafeBytes(of: e.pointee.d_name) { Array($0.prefix { $0 != 0 }) })
+            }
+            closedir(d)
+        }
+        for expected in [Array("bad".utf8) + [0xFF] + Array(".qcow2".utf8), Array("full".utf8) + [0xFF] + Array(".qcow2".utf8),
+                         Array("out".utf8) + [0xFE] + Array(".raw".utf8)] {
+            #expect(names.contains(expected), "no file named \(expected) in \(names)")
+        }
+    }
 }

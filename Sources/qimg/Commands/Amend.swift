@@ -5,10 +5,10 @@ struct Amend: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "amend",
         abstract: "Change image options in place (qemu-img amend).",
-        discussion: "Supported: compat=0.10|v2|1.1|v3, lazy_refcounts=on|off, size=SIZE.")
+        discussion: "Supported: compat=0.10|v2|1.1|v3, lazy_refcounts=on|off, size=SIZE.\n\n" + ExitStatus.plain)
 
     @OptionGroup var format: FormatOption
-    @Option(name: .customShort("o"), help: "Options to change, key=value[,...].") var options: [String] = []
+    @Option(name: .customShort("o"), help: ArgumentHelp("Options to change, key=value[,...].", valueName: "options")) var options: [String] = []
     @Flag(name: .customShort("p"), help: "Show progress (accepted; amend is quick).") var progress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Argument(help: "The image file.") var file: String

@@ -6,25 +6,29 @@ struct Backup: ParsableCommand {
         commandName: "backup",
         abstract: "Back up an image into a new qcow2 overlay (full, top, or the clusters a dirty bitmap marks).",
         discussion: """
-            sync=full: every allocated byte (chain flattened); with --bitmap, the bitmap is created if missing
-            and cleared on success. sync=top: what the top image holds. sync=incremental (or dirty-bitmap):
-            only the clusters the bitmap marks, cleared on success. sync=bitmap: like incremental, with
-            --bitmap-mode on-success|always|never. An incremental or bitmap backup needs -b (the previous
-            backup) unless --no-backing asks for a standalone delta. TARGET is written under a temporary
-            name (TARGET.PID-TOKEN.qimg-tmp), fsynced and renamed; the bitmap changes only after that.
+            sync=full: every allocated byte (chain flattened); with --bitmap, the bitmap is created if missing \
+            and cleared on success. sync=top: what the top image holds. sync=incremental (or dirty-bitmap): \
+            only the clusters the bitmap marks, cleared on success. sync=bitmap: like incremental, with \
+            --bitmap-mode on-success|always|never. An incremental or bitmap backup needs -b (the previous \
+            backup) unless --no-backing asks for a standalone delta. TARGET is written under a temporary \
+            name (TARGET.PID-TOKEN.qimg-tmp), fsynced and renamed; the bitmap changes only after that. \
+            A target that is the source, the -b file or a file of their backing chains is refused, \
+            --force or not.
+
+            \(ExitStatus.interruptible)
             """)
 
-    @Option(name: .customLong("sync"), help: "full, top, incremental (dirty-bitmap) or bitmap.") var sync: String
-    @Option(name: .customLong("bitmap"), help: "The persistent dirty bitmap to use.") var bitmap: String?
-    @Option(name: .customLong("bitmap-mode"), help: "on-success, always or never (sync=bitmap).") var bitmapMode: String?
-    @Option(name: .customShort("b"), help: "Backing file of TARGET (normally the previous backup).") var backing: String?
-    @Option(name: .customShort("F"), help: "Format of the backing file.") var backingFormat: String?
-    @Option(name: .customShort("f"), help: "Format of SOURCE.") var sourceFormat: String?
-    @Option(name: .customShort("o"), help: "Create options of TARGET (cluster_size=..., ...).") var options: [String] = []
+    @Option(name: .customLong("sync"), help: ArgumentHelp("full, top, incremental (dirty-bitmap) or bitmap.", valueName: "mode")) var sync: String
+    @Option(name: .customLong("bitmap"), help: ArgumentHelp("The persistent dirty bitmap to use.", valueName: "name")) var bitmap: String?
+    @Option(name: .customLong("bitmap-mode"), help: ArgumentHelp("on-success, always or never (sync=bitmap).", valueName: "mode")) var bitmapMode: String?
+    @Option(name: .customShort("b"), help: ArgumentHelp("Backing file of TARGET (normally the previous backup).", valueName: "backing_file")) var backing: String?
+    @Option(name: .customShort("F"), help: ArgumentHelp("Format of the backing file.", valueName: "backing_fmt")) var backingFormat: String?
+    @Option(name: .customShort("f"), help: ArgumentHelp("Format of SOURCE.", valueName: "fmt")) var sourceFormat: String?
+    @Option(name: .customShort("o"), help: ArgumentHelp("Create options of TARGET (cluster_size=..., ...).", valueName: "options")) var options: [String] = []
     @Flag(name: .customShort("c"), help: "Write compressed clusters.") var compress = false
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
     @Flag(name: .customShort("q"), help: "Quiet: no summary line.") var quiet = false
-    @Option(name: .customLong("speed"), help: "Limit throughput (bytes per second; k, M, G suffixes).") var speed: SizeArgument?
+    @Option(name: .customLong("speed"), help: ArgumentHelp("Limit throughput (bytes per second; k, M, G suffixes).", valueName: "bytes_per_sec")) var speed: SizeArgument?
     @Flag(name: .customLong("force"), help: "Replace an existing TARGET.") var force = false
     @Flag(name: .customLong("no-backing"), help: "Allow an incremental or bitmap backup without -b: a delta that reads as zeros wherever nothing changed.") var noBacking = false
     @Argument(help: "The image to back up.") var source: String

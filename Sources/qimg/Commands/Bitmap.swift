@@ -6,15 +6,33 @@ struct Bitmap: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bitmap",
         abstract: "Manage persistent dirty bitmaps (qemu-img bitmap), or show one (--dump).",
+        usage: """
+            qimg bitmap (--merge SOURCE | --add | --remove | --clear | --enable | --disable)...
+                        [-b SOURCE_FILE [-F SOURCE_FMT]] [-g GRANULARITY] [-f FMT]
+                        FILENAME BITMAP
+            qimg bitmap --dump [--output=human|json] [-f FMT] [-U] FILENAME BITMAP
+            """,
         discussion: """
-            qimg bitmap (--add | --remove | --clear | --enable | --disable | --merge SOURCE)... \
-            [-b SOURCE_FILE [-F FMT]] [-g GRANULARITY] [-f FMT] FILE BITMAP
-            qimg bitmap --dump [--output=human|json] [-f FMT] [-U] FILE BITMAP
-
             Actions run in the order given; if any fails, the image is left unchanged.
+
+              --add                 create BITMAP (disabled if --disable follows)
+              --remove              delete BITMAP
+              --clear               mark every cluster of BITMAP clean
+              --enable, --disable   start or stop recording writes in BITMAP
+              --merge SOURCE        add bitmap SOURCE (of FILENAME or SOURCE_FILE)
+              -b, --source-file SOURCE_FILE   the image with the --merge source
+              -F, --source-format SOURCE_FMT  its format; probed when omitted
+              -g, --granularity GRANULARITY   bytes per bit for --add (2^n, >= 512)
+              -f FMT                the format of FILENAME; probed when omitted
+              -q                    accepted (bitmap prints nothing anyway)
+              --dump                show where BITMAP is dirty (map and extents)
+              --output human|json   the format of --dump's output
+              -U, --force-share     --dump without taking locks
+
+            \(ExitStatus.plain)
             """)
 
-    @Argument(parsing: .allUnrecognized, help: "Actions, options, FILE and BITMAP.") var arguments: [String] = []
+    @Argument(parsing: .allUnrecognized, help: "Actions, options, FILENAME and BITMAP (see above).") var arguments: [String] = []
 
     struct Parsed {
         var actions: [BitmapAction] = []

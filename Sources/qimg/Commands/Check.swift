@@ -4,12 +4,18 @@ import QCow2
 struct Check: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "check",
-        abstract: "Check an image for consistency (qemu-img check).")
+        abstract: "Check an image for consistency (qemu-img check).",
+        discussion: """
+            Exit status (qemu-img's): 0 no errors, 1 the check could not be completed (internal \
+            errors, an image that cannot be opened, a usage error), 2 corruptions found, 3 only \
+            leaked clusters found, 63 the image format (raw) does not support checks. With -r, \
+            2 and 3 describe the image after the repair.
+            """)
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
-    @Option(help: "Output format: human or json.") var output: OutputFormat = .human
+    @Option(help: ArgumentHelp("Output format: human or json.", valueName: "ofmt")) var output: OutputFormat = .human
     @Flag(name: .customShort("q"), help: "Quiet: print nothing on standard output.") var quiet = false
-    @Option(name: .customShort("r"), help: "Repair: leaks, or all (leaks and refcount/COPIED errors).") var repair: RepairMode?
+    @Option(name: .customShort("r"), help: ArgumentHelp("Repair: leaks, or all (leaks and refcount/COPIED errors).", valueName: "mode")) var repair: RepairMode?
 
     enum RepairMode: String, ExpressibleByArgument { case leaks, all }
     @Argument(help: "The image file.") var file: String

@@ -10,10 +10,12 @@ struct Commit: ParsableCommand {
             backing file, which is then made durable; afterwards the image is emptied so that \
             it reads through to the backing file, unless -d or -b is given. -b BASE commits \
             into any image further down the chain (every layer above it is copied).
+
+            \(ExitStatus.plain)
             """)
 
     @OptionGroup var format: FormatOption
-    @Option(name: .customShort("b"), help: "The image to commit into (default: the backing file).") var base: String?
+    @Option(name: .customShort("b"), help: ArgumentHelp("The image to commit into (default: the backing file).", valueName: "base")) var base: String?
     @Flag(name: .customShort("d"), help: "Do not empty the image after the commit.") var keep = false
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false

@@ -6,12 +6,12 @@ struct Compare: ParsableCommand {
         commandName: "compare",
         abstract: "Check whether two images have the same guest content (qemu-img compare).",
         discussion: """
-            Exit status: 0 identical, 1 different, 2 an image could not be opened, \
-            3 block status could not be read, 4 data could not be read.
+            Exit status (qemu-img's): 0 identical, 1 different (or a usage error), 2 an image \
+            could not be opened, 3 block status could not be read, 4 data could not be read.
             """)
 
-    @Option(name: .customShort("f"), help: "Format of the first image (qcow2 or raw); probed when omitted.") var format1: String?
-    @Option(name: .customShort("F"), help: "Format of the second image; probed when omitted.") var format2: String?
+    @Option(name: .customShort("f"), help: ArgumentHelp("Format of the first image (qcow2 or raw); probed when omitted.", valueName: "fmt")) var format1: String?
+    @Option(name: .customShort("F"), help: ArgumentHelp("Format of the second image; probed when omitted.", valueName: "fmt")) var format2: String?
     @Flag(name: .customShort("s"), help: "Strict: sizes and allocation must match too.") var strict = false
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
     @Flag(name: .customShort("q"), help: "Quiet: print nothing, only set the exit status.") var quiet = false

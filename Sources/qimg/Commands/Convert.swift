@@ -4,18 +4,19 @@ import QCow2
 struct Convert: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "convert",
-        abstract: "Copy an image (through its backing chain) into a new one (qemu-img convert).")
+        abstract: "Copy an image (through its backing chain) into a new one (qemu-img convert).",
+        discussion: ExitStatus.interruptible)
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
-    @Option(name: .customShort("O"), help: "Output format: qcow2 or raw (default raw).") var outputFormat: String = "raw"
-    @Option(name: .customShort("o"), help: "Output format options (as for create).") var options: [String] = []
+    @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 or raw.", valueName: "output_fmt")) var outputFormat: String = "raw"
+    @Option(name: .customShort("o"), help: ArgumentHelp("Output format options (as for create).", valueName: "options")) var options: [String] = []
     @Flag(name: .customShort("c"), help: "Compress the output clusters (qcow2).") var compress = false
-    @Option(name: .customShort("B"), help: "Backing file of the output image.") var backing: String?
-    @Option(name: .customShort("F"), help: "Format of the -B backing file.") var backingFormat: String?
+    @Option(name: .customShort("B"), help: ArgumentHelp("Backing file of the output image.", valueName: "backing_file")) var backing: String?
+    @Option(name: .customShort("F"), help: ArgumentHelp("Format of the -B backing file.", valueName: "backing_fmt")) var backingFormat: String?
     @Flag(name: .customShort("n"), help: "Write into an existing output image (no create).") var noCreate = false
-    @Option(name: .customShort("S"), help: "Minimum run of zeros kept sparse (default 4k).") var sparse: SizeArgument?
-    @Option(name: .customShort("t"), help: "Target cache mode (qemu-img's): unsafe skips the final fsync; the others (default writeback) make the target durable before it appears.") var cache: String?
+    @Option(name: .customShort("S"), help: ArgumentHelp("Minimum run of zeros kept sparse (default 4k).", valueName: "sparse_size")) var sparse: SizeArgument?
+    @Option(name: .customShort("t"), help: ArgumentHelp("Target cache mode (qemu-img's): unsafe skips the final fsync; the others (default writeback) make the target durable before it appears.", valueName: "cache")) var cache: String?
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Flag(name: .customLong("bitmaps"), help: "Copy the source's persistent bitmaps.") var bitmaps = false

@@ -5,13 +5,13 @@ struct Create: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "create",
         abstract: "Create a new disk image (qemu-img create).",
-        discussion: "Options for -o: see 'qimg create -f qcow2 -o help'.")
+        discussion: "Options for -o: see 'qimg create -f qcow2 -o help'.\n\n" + ExitStatus.plain)
 
-    @Option(name: .customShort("f"), help: "Image format: qcow2 or raw (default raw, as qemu-img).") var format: String = "raw"
-    @Option(name: .customShort("b"), help: "Backing file.") var backing: String?
-    @Option(name: .customShort("F"), help: "Backing file format.") var backingFormat: String?
+    @Option(name: .customShort("f"), help: ArgumentHelp("Image format: qcow2 or raw.", valueName: "fmt")) var format: String = "raw"
+    @Option(name: .customShort("b"), help: ArgumentHelp("Backing file.", valueName: "backing_file")) var backing: String?
+    @Option(name: .customShort("F"), help: ArgumentHelp("Backing file format.", valueName: "backing_fmt")) var backingFormat: String?
     @Flag(name: .customShort("u"), help: "Do not open the backing file (its size is then needed).") var unsafe = false
-    @Option(name: .customShort("o"), help: "Format options, key=value[,key=value...].") var options: [String] = []
+    @Option(name: .customShort("o"), help: ArgumentHelp("Format options, key=value[,key=value...].", valueName: "options")) var options: [String] = []
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Argument(help: "The image file.") var file: String?
     @Argument(help: "The virtual size (k, M, G, T, P, E suffixes).") var size: String?

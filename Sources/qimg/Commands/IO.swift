@@ -12,12 +12,15 @@ struct IO: ParsableCommand {
               discard OFFSET LENGTH
               flush
             The image is opened read-write only when a command changes it (or never, with -r).
+
+            Exit status: 0 every command succeeded, 1 a command failed (a pattern mismatch \
+            included) or any other error.
             """)
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
     @Flag(name: [.customShort("r"), .customLong("read-only")], help: "Open the image read-only.") var readOnly = false
-    @Option(name: .customShort("c"), help: "A command to run (repeatable).") var commands: [String] = []
+    @Option(name: .customShort("c"), help: ArgumentHelp("A command to run (repeatable).", valueName: "command")) var commands: [String] = []
     @Argument(help: "The image file.") var file: String
 
     func run() throws {

@@ -4,11 +4,12 @@ import QCow2
 struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
-        abstract: "Show information about an image (qemu-img info).")
+        abstract: "Show information about an image (qemu-img info).",
+        discussion: ExitStatus.plain)
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
-    @Option(help: "Output format: human or json.") var output: OutputFormat = .human
+    @Option(help: ArgumentHelp("Output format: human or json.", valueName: "ofmt")) var output: OutputFormat = .human
     @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.") var backingChain = false
     @Argument(help: "The image file.") var file: String
 

@@ -4,13 +4,14 @@ import QCow2
 struct Map: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "map",
-        abstract: "Show the allocation map of an image (qemu-img map).")
+        abstract: "Show the allocation map of an image (qemu-img map).",
+        discussion: ExitStatus.plain)
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
-    @Option(help: "Output format: human or json.") var output: OutputFormat = .human
-    @Option(name: .customLong("start-offset"), help: "First guest byte to map.") var startOffset: SizeArgument?
-    @Option(name: .customLong("max-length"), help: "Number of guest bytes to map.") var maxLength: SizeArgument?
+    @Option(help: ArgumentHelp("Output format: human or json.", valueName: "ofmt")) var output: OutputFormat = .human
+    @Option(name: .customLong("start-offset"), help: ArgumentHelp("First guest byte to map.", valueName: "offset")) var startOffset: SizeArgument?
+    @Option(name: .customLong("max-length"), help: ArgumentHelp("Number of guest bytes to map.", valueName: "len")) var maxLength: SizeArgument?
     @Argument(help: "The image file.") var file: String
 
     func run() throws {

@@ -10,11 +10,13 @@ struct Rebase: ParsableCommand {
             itself where the old and the new backing files differ, so the guest content does not \
             change. -u (unsafe) only rewrites the header. -b "" removes the backing file. The \
             new name is stored as given; a relative name is relative to the image's directory.
+
+            \(ExitStatus.plain)
             """)
 
     @OptionGroup var format: FormatOption
-    @Option(name: .customShort("b"), help: "The new backing file (\"\" for none).") var backing: String?
-    @Option(name: .customShort("F"), help: "Format of the new backing file (qcow2 or raw).") var backingFormat: String?
+    @Option(name: .customShort("b"), help: ArgumentHelp("The new backing file (\"\" for none).", valueName: "backing_file")) var backing: String?
+    @Option(name: .customShort("F"), help: ArgumentHelp("Format of the new backing file (qcow2 or raw).", valueName: "backing_fmt")) var backingFormat: String?
     @Flag(name: .customShort("u"), help: "Unsafe: change only the header.") var unsafeMode = false
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false

@@ -5,11 +5,11 @@ struct Resize: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "resize",
         abstract: "Change the virtual size of an image (qemu-img resize).",
-        discussion: "SIZE is absolute, or relative with + or - (use -- before a negative size).")
+        discussion: "SIZE is absolute, or relative with + or - (use -- before a negative size).\n\n" + ExitStatus.plain)
 
     @OptionGroup var format: FormatOption
     @Flag(name: .customLong("shrink"), help: "Allow shrinking even when the part cut off holds data.") var shrink = false
-    @Option(name: .customLong("preallocation"), help: "Preallocation of the new area: off, metadata, falloc, full.") var preallocation: String?
+    @Option(name: .customLong("preallocation"), help: ArgumentHelp("Preallocation of the new area: off, metadata, falloc, full.", valueName: "prealloc")) var preallocation: String?
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Argument(help: "The image file.") var file: String
     @Argument(help: "New size: [+|-]SIZE.") var size: String

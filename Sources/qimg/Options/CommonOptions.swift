@@ -7,7 +7,7 @@ enum OutputFormat: String, ExpressibleByArgument {
 
 /// -f FMT: the image format, probed when absent.
 struct FormatOption: ParsableArguments {
-    @Option(name: .customShort("f"), help: "Image format (qcow2 or raw); probed when omitted.")
+    @Option(name: .customShort("f"), help: ArgumentHelp("Image format (qcow2 or raw); probed when omitted.", valueName: "fmt"))
     var format: String?
 
     func imageFormat(path: String) throws -> ImageFormat? {

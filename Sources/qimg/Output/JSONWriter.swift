@@ -79,7 +79,7 @@ enum QemuJSON {
             case "\t": out += "\\t"
             default:
                 if PathCodec.isEscape(u) {
-                    out += "\\ufffd"  // a byte of invalid UTF-8 (QEMU writes U+FFFD)
+                    out += "\\uFFFD"  // a byte of invalid UTF-8 (QEMU writes U+FFFD)
                 } else if u.value < 0x20 || u.value >= 0x7F {
                     if u.value > 0xFFFF {
                         let v = u.value - 0x10000
@@ -96,7 +96,7 @@ enum QemuJSON {
     }
 
     static func hex4(_ v: UInt32) -> String {
-        let h = String(v, radix: 16)
+        let h = String(v, radix: 16, uppercase: true)
         return "\\u" + String(repeating: "0", count: max(0, 4 - h.count)) + h
     }
 }
