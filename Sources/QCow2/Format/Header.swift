@@ -117,3 +117,85 @@ public struct ByteWriter {
     public mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     public mutating func zeros(_ n: Int) { bytes.append(contentsOf: repeatElement(0, count: n)) }
 }
+
+extension Header {
+    /// The smallest header of `version` with every field zero (refcount order 4 and
+    /// header length 104 for version 3): the start of a header being built.
+    static func blankHeader(version: UInt32) -> [UInt8] {
+        var w = ByteWriter()
+        w.u32(Header.magic); w.u32(version)
+        w.zeros(version >= 3 ? 104 : 64)
+        if version >= 3 {
+            w.bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(104).bigEndian, toByteOffset: 100, as: UInt32.self) }
+            w.bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(4).bigEndian, toByteOffset: 96, as: UInt32.self) }
+        }
+        return w.bytes
+    }
+}
+
+/// The header fields that change after an image is created, each written as one unit
+/// (a field and its companion: a table's offset with its size). Writers name the field;
+/// its offset and encoding live here only.
+public enum HeaderField: Sendable {
+    /// backing_file_offset (8) and backing_file_size (16).
+    case backingFile
+    /// size (24).
+    case size
+    /// l1_size (36) and l1_table_offset (40).
+    case l1Table
+    /// refcount_table_offset (48) and refcount_table_clusters (56).
+    case refcountTable
+    /// incompatible_features (72), compatible_features (80), autoclear_features (88).
+    case incompatibleFeatures, compatibleFeatures, autoclearFeatures
+    /// refcount_order (96) and header_length (100).
+    case refcountOrderAndLength
+
+    /// Where the field is in the file and its bytes as `h` holds it.
+    public func encoded(_ h: Header) -> (offset: UInt64, bytes: [UInt8]) {
+        var w = ByteWriter()
+        switch self {
+        case .backingFile:
+            w.u64(h.backingFileOffset); w.u32(h.backingFileSize)
+            return (8, w.bytes)
+        case .size:
+            w.u64(h.size)
+            return (24, w.bytes)
+        case .l1Table:
+            w.u32(h.l1Size); w.u64(h.l1TableOffset)
+            return (36, w.bytes)
+        case .refcountTable:
+            w.u64(h.refcountTableOffset); w.u32(h.refcountTableClusters)
+            return (48, w.bytes)
+        case .incompatibleFeatures:
+            w.u64(h.incompatibleFeatures)
+            return (72, w.bytes)
+        case .compatibleFeatures:
+            w.u64(h.compatibleFeatures)
+            return (80, w.bytes)
+        case .autoclearFeatures:
+            w.u64(h.autoclearFeatures)
+            return (88, w.bytes)
+        case .refcountOrderAndLength:
+            w.u32(h.refcountOrder); w.u32(h.headerLength)
+            return (96, w.bytes)
+        }
+    }
+
+    /// Writes `fields` of `h` into the header bytes `bytes` (a header cluster being built).
+    public static func patch(_ bytes: inout [UInt8], _ fields: [HeaderField], of h: Header) {
+        for f in fields {
+            let (o, b) = f.encoded(h)
+            bytes.replaceSubrange(Int(o)..<(Int(o) + b.count), with: b)
+        }
+    }
+}
+
+extension BlockFile {
+    /// Writes header field `f` as `h` holds it, then a barrier: the one way a header
+    /// field changes on disk.
+    public func publish(_ f: HeaderField, of h: Header) throws {
+        let (offset, bytes) = f.encoded(h)
+        try write(bytes, at: offset)
+        try sync()
+    }
+}

@@ -52,6 +52,7 @@ extension QCow2Image {
 
         // 1. Refcounts: the stream goes into the current packing cluster when it fits,
         //    else into fresh clusters.
+        var tx = try MetadataTransaction(self)
         let len = UInt64(stream.count)
         var start: UInt64
         let packRefcount = try compressedPacking.map { try alloc.refcount($0.host >> UInt64(g.clusterBits)) } ?? 0
@@ -64,17 +65,17 @@ extension QCow2Image {
         }
         if let p = packing, p.used + len <= UInt64(cs) {
             start = p.host + p.used
-            try alloc.increment(p.host >> UInt64(g.clusterBits))
-        } else if let p = packing, try alloc.allocateIfFree((p.host >> UInt64(g.clusterBits)) + 1) {
+            try tx.addReference(p.host >> UInt64(g.clusterBits))
+        } else if let p = packing, try tx.allocateIfFree((p.host >> UInt64(g.clusterBits)) + 1) {
             start = p.host + p.used
-            try alloc.increment(p.host >> UInt64(g.clusterBits))
+            try tx.addReference(p.host >> UInt64(g.clusterBits))
         } else {
             let n = Int(g.clusters(forBytes: len))
-            start = try alloc.allocate(n)
+            start = try tx.allocate(n)
         }
         var newTableOffset: UInt64?
-        if tableOffset == nil { newTableOffset = try alloc.allocate(1) }
-        try alloc.commit()
+        if tableOffset == nil { newTableOffset = try tx.allocate(1) }
+        try tx.commitRefcounts()
         let end = start + len
         compressedPacking = (host: (end - 1) & ~UInt64(cs - 1), used: end - ((end - 1) & ~UInt64(cs - 1)))
 
@@ -88,25 +89,14 @@ extension QCow2Image {
         let entry = L2Entry(L2Entry.compressedFlag | (nsec << x) | start)
         setL2Entry(&table, index, entry)
 
-        // 3. Metadata, 4. frees.
-        var frees = referencedClusters(old)
+        // 3. Publication, 4. frees.
         if let t = newTableOffset {
-            try file.write(table, at: t)
-            try file.sync()
-            try setL1Entry(l1i, t | L1Entry.copied)
-            if let r = replaces { frees.append(r >> UInt64(g.clusterBits)); l2Cache.invalidate(r) }
+            try tx.publishL2(table, l1Index: l1i, to: .new(offset: t, replaces: replaces), afterData: true)
         } else if let t = tableOffset {
-            try file.sync()
-            try table.withUnsafeBytes {
-                try file.write(UnsafeRawBufferPointer(rebasing: $0[(index * g.l2EntrySize)..<((index + 1) * g.l2EntrySize)]),
-                               at: t + UInt64(index * g.l2EntrySize))
-            }
-            try file.sync()
-            l2Cache.update(t, table)
+            try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: index..<(index + 1)), afterData: true)
         }
         decompressedKey = .max
-        fileSize = try file.size()
-        for c in frees { alloc.queueFree(c) }
-        try alloc.commitFrees()
+        tx.free(referencedClusters(old))
+        try tx.finish()
     }
 }

@@ -1,15 +1,11 @@
-/// The write path: data, zero writes and discards, in crash-safe order.
+/// The write path: data, zero writes and discards.
 ///
-/// Every request is split at L2-table boundaries and each piece follows the same
-/// sequence (each step durable before the next, so a crash leaves at worst leaked
-/// clusters, and every guest byte reads either its old or its new value):
-///
-/// 1. refcounts: new clusters (data, L2 table) get refcount 1 — `Allocator.commit`;
-/// 2. data: new clusters are filled completely (copy-on-write of the old guest
-///    content for partial clusters), in-place writes go to clusters this image owns
-///    alone (COPIED); a new L2 table is written in full — `sync`;
-/// 3. metadata: L2 entries, or the L1 entry of a new L2 table — `sync`;
-/// 4. frees: clusters no longer referenced lose a reference — `Allocator.commitFrees`.
+/// Every request is split at L2-table boundaries and each piece is one
+/// `MetadataTransaction` (refcounts, data, L2/L1 publication, frees; each step durable
+/// before the next, so a crash leaves at worst leaked clusters, and every guest byte
+/// reads either its old or its new value). New clusters are filled completely
+/// (copy-on-write of the old guest content for partial clusters); in-place writes go to
+/// clusters this image owns alone (COPIED).
 extension QCow2Image {
     /// Turns on writing; the file must have been opened read-write. A dirty image
     /// (lazy refcounts, not closed cleanly) has its refcounts rebuilt first, as QEMU
@@ -32,14 +28,11 @@ extension QCow2Image {
     }
 
     /// Writes the feature-bit fields of the header as they are in `header` (one 8-byte
-    /// write each, then sync): incompatible (72), compatible (80), autoclear (88).
+    /// write each, then sync).
     func writeFeatureBits(incompatible: Bool = false, compatible: Bool = false, autoclear: Bool = false) throws {
-        for (on, value, offset) in [(incompatible, header.incompatibleFeatures, UInt64(72)),
-                                    (compatible, header.compatibleFeatures, 80), (autoclear, header.autoclearFeatures, 88)] where on {
-            var w = ByteWriter()
-            w.u64(value)
-            try file.write(w.bytes, at: offset)
-            try file.sync()
+        for (on, field) in [(incompatible, HeaderField.incompatibleFeatures), (compatible, .compatibleFeatures),
+                            (autoclear, .autoclearFeatures)] where on {
+            try file.publish(field, of: header)
         }
     }
 
@@ -113,21 +106,19 @@ extension QCow2Image {
     /// (and any `freeing` clusters the old directory referenced).
     func replaceBitmapDirectory(_ entries: [BitmapDirectoryEntry], freeing: [UInt64] = []) throws {
         guard var ext = bitmapsExtension else { return }
-        let alloc = try requireAllocator()
         var dir: [UInt8] = []
         for e in entries { e.serialize(into: &dir) }
         guard UInt64(dir.count) == ext.directorySize, let payload = try extensionPayloadOffset(HeaderExtension.typeBitmaps) else {
             throw QCow2Error.malformed(path: path, field: "bitmap directory", detail: "cannot be rewritten")
         }
+        var tx = try MetadataTransaction(self)
         let n = Int(geometry.clusters(forBytes: UInt64(dir.count)))
-        let newOffset = try alloc.allocate(n)
-        try alloc.commit()
-        try file.write(dir, at: newOffset)
-        try file.sync()
+        let newOffset = try tx.allocate(n)
+        try tx.commitRefcounts()
+        try tx.writeNew(dir, at: newOffset)
         var w = ByteWriter()
         w.u64(newOffset)
-        try file.write(w.bytes, at: UInt64(payload + 16))
-        try file.sync()
+        try tx.publishHeader(w.bytes, at: UInt64(payload + 16))
         let old = ext.directoryOffset >> UInt64(geometry.clusterBits)
         // The header names the new directory now: so must memory, before the old one is
         // freed (a failed free must not leave the old directory in use here).
@@ -135,9 +126,8 @@ extension QCow2Image {
         bitmapsExtension = ext
         bitmaps = entries
         extensions = extensions.map { if case .bitmaps = $0 { return .bitmaps(ext) } else { return $0 } }
-        for c in 0..<UInt64(n) { alloc.queueFree(old + c) }
-        for c in freeing { alloc.queueFree(c) }
-        try alloc.commitFrees()
+        tx.free((0..<UInt64(n)).map { old + $0 } + freeing)
+        try tx.finish()
     }
 
     // MARK: - Data writes
@@ -270,7 +260,7 @@ extension QCow2Image {
     private func writeWithinL2(_ data: UnsafeRawBufferPointer, at off: UInt64) throws {
         let g = geometry
         let cs = UInt64(g.clusterSize)
-        let alloc = try requireAllocator()
+        var tx = try MetadataTransaction(self)
         let l1i = g.l1Index(off)
         guard l1i < l1Table.count else {
             throw QCow2Error.malformed(path: path, field: "l1_size", detail: "L1 table too small for offset \(off)")
@@ -305,9 +295,9 @@ extension QCow2Image {
 
         // 1. Refcounts.
         var newTableOffset: UInt64?
-        if tableOffset == nil { newTableOffset = try alloc.allocate(1) }
-        var nextFresh: UInt64 = freshCount > 0 ? try alloc.allocate(freshCount) : 0
-        try alloc.commit()
+        if tableOffset == nil { newTableOffset = try tx.allocate(1) }
+        var nextFresh: UInt64 = freshCount > 0 ? try tx.allocate(freshCount) : 0
+        try tx.commitRefcounts()
 
         // 2. Data.
         let scBits = UInt64(g.subclusterBits)
@@ -397,30 +387,15 @@ extension QCow2Image {
 
         try flushRun()
 
-        // 3. Metadata: a new table is written whole before the L1 entry points at it.
+        // 3. Publication, 4. frees.
         for (i, e) in updates { setL2Entry(&table, i, e) }
         if let newOffset = newTableOffset {
-            try file.write(table, at: newOffset)
-            try file.sync()
-            try setL1Entry(l1i, newOffset | L1Entry.copied)
-            l2Cache.invalidate(newOffset)
-            if let r = replaces { frees.append(r >> UInt64(g.clusterBits)); l2Cache.invalidate(r) }
+            try tx.publishL2(table, l1Index: l1i, to: .new(offset: newOffset, replaces: replaces), afterData: true)
         } else if let t = tableOffset, !updates.isEmpty {
-            try file.sync()
-            let lo = updates.map(\.0).min()! * g.l2EntrySize
-            let hi = (updates.map(\.0).max()! + 1) * g.l2EntrySize
-            try table.withUnsafeBytes { try file.write(UnsafeRawBufferPointer(rebasing: $0[lo..<hi]), at: t + UInt64(lo)) }
-            try file.sync()
-            l2Cache.update(t, table)
+            try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: updates.touchedRange), afterData: true)
         }
-
-        // The file grew: later requests must see their new clusters inside it even if
-        // the frees below fail.
-        fileSize = try file.size()
-
-        // 4. Frees.
-        for c in frees { alloc.queueFree(c) }
-        try alloc.commitFrees()
+        tx.free(frees)
+        try tx.finish()
     }
 
     /// Points L1 entry `i` at `value` (one 8-byte write, then sync).

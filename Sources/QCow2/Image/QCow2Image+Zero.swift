@@ -53,7 +53,7 @@ extension QCow2Image {
 
     private func zeroWithinL2(_ off: UInt64, _ len: UInt64, unmap: Bool, discard: Bool) throws {
         let g = geometry
-        let alloc = try requireAllocator()
+        _ = try requireAllocator()
         let end = off + len
         // The granule metadata can express: zero writes go down to subclusters;
         // discards, like QEMU's, work on whole clusters only.
@@ -141,23 +141,17 @@ extension QCow2Image {
         }
         if !updates.isEmpty || tableOffset == nil {
             for (i, e) in updates { setL2Entry(&table, i, e) }
+            var tx = try MetadataTransaction(self)
             if let t = tableOffset {
-                try alloc.commit()
-                let lo = updates.map(\.0).min()! * g.l2EntrySize
-                let hi = (updates.map(\.0).max()! + 1) * g.l2EntrySize
-                try table.withUnsafeBytes { try file.write(UnsafeRawBufferPointer(rebasing: $0[lo..<hi]), at: t + UInt64(lo)) }
-                try file.sync()
-                l2Cache.update(t, table)
+                try tx.commitRefcounts()
+                try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: updates.touchedRange), afterData: false)
             } else {
-                let newOffset = try alloc.allocate(1)
-                try alloc.commit()
-                try file.write(table, at: newOffset)
-                try file.sync()
-                try setL1Entry(l1i, newOffset | L1Entry.copied)
-                if let r = replaces { frees.append(r >> UInt64(g.clusterBits)); l2Cache.invalidate(r) }
+                let newOffset = try tx.allocate(1)
+                try tx.commitRefcounts()
+                try tx.publishL2(table, l1Index: l1i, to: .new(offset: newOffset, replaces: replaces), afterData: false)
             }
-            for c in frees { alloc.queueFree(c) }
-            try alloc.commitFrees()
+            tx.free(frees)
+            try tx.finish()
         }
         for (a, n) in materialize where !discard { try write([UInt8](repeating: 0, count: Int(n)), at: a) }
         fileSize = try file.size()

@@ -201,11 +201,10 @@ final class Allocator {
         try image.file.write(bytes.bytes, at: start * cs)
         try image.file.sync()
         pendingTableEntries.removeAll()
-        var w = ByteWriter()
-        w.u64(start * cs)
-        w.u32(UInt32(clusters))
-        try image.file.write(w.bytes, at: 48)
-        try image.file.sync()
+        var h = image.header
+        h.refcountTableOffset = start * cs
+        h.refcountTableClusters = UInt32(clusters)
+        try image.file.publish(.refcountTable, of: h)
         image.header.refcountTableOffset = start * cs
         image.header.refcountTableClusters = UInt32(clusters)
         // The old table is garbage now.

@@ -502,11 +502,10 @@ extension QCow2Image {
         let tableOffset = (start + blocks) << cb
         try file.write(table, at: tableOffset)
         try file.sync()
-        var w = ByteWriter()
-        w.u64(tableOffset)
-        w.u32(UInt32(tableClusters))
-        try file.write(w.bytes, at: 48)
-        try file.sync()
+        var h = header
+        h.refcountTableOffset = tableOffset
+        h.refcountTableClusters = UInt32(tableClusters)
+        try file.publish(.refcountTable, of: h)
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = UInt32(tableClusters)
         fileSize = try file.size()

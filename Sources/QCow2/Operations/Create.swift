@@ -136,7 +136,7 @@ public enum ImageCreator {
         var incompatible: UInt64 = 0
         if o.compressionType != .zlib { incompatible |= Features.compressionType }
         if o.extendedL2 { incompatible |= Features.extendedL2 }
-        var h = try! Header(parsing: ByteReader(Self.blankHeader(version: o.version)))
+        var h = try! Header(parsing: ByteReader(Header.blankHeader(version: o.version)))
         h.clusterBits = UInt32(g.clusterBits)
         h.size = 0  // set once the L1 table exists
         h.refcountTableOffset = cs
@@ -153,26 +153,13 @@ public enum ImageCreator {
         HeaderExtension.serialize(exts, into: &bytes)
         if let b = o.backingFile {
             let name = PathCodec.encode(b)
-            let offset = bytes.count
+            h.backingFileOffset = UInt64(bytes.count)
+            h.backingFileSize = UInt32(name.count)
+            HeaderField.patch(&bytes, [.backingFile], of: h)
             bytes += name
-            bytes.withUnsafeMutableBytes { p in
-                p.storeBytes(of: UInt64(offset).bigEndian, toByteOffset: 8, as: UInt64.self)
-                p.storeBytes(of: UInt32(name.count).bigEndian, toByteOffset: 16, as: UInt32.self)
-            }
         }
         bytes += [UInt8](repeating: 0, count: g.clusterSize - bytes.count)
         return bytes
-    }
-
-    static func blankHeader(version: UInt32) -> [UInt8] {
-        var w = ByteWriter()
-        w.u32(Header.magic); w.u32(version)
-        w.zeros(version >= 3 ? 104 : 64)
-        if version >= 3 {
-            w.bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(104).bigEndian, toByteOffset: 100, as: UInt32.self) }
-            w.bytes.withUnsafeMutableBytes { $0.storeBytes(of: UInt32(4).bigEndian, toByteOffset: 96, as: UInt32.self) }
-        }
-        return w.bytes
     }
 
     static func createQCow2(_ path: String, _ o: CreateOptions) throws {
@@ -206,19 +193,17 @@ public enum ImageCreator {
                 try alloc.commit()
                 try f.write([UInt8](repeating: 0, count: Int(l1Entries) * 8), at: l1Offset)
                 try f.sync()
-                var w = ByteWriter()
-                w.u32(UInt32(l1Entries))
-                w.u64(l1Offset)
-                try f.write(w.bytes, at: 36)
-                try f.sync()
+                var h = image.header
+                h.l1Size = UInt32(l1Entries)
+                h.l1TableOffset = l1Offset
+                try f.publish(.l1Table, of: h)
                 image.header.l1Size = UInt32(l1Entries)
                 image.header.l1TableOffset = l1Offset
                 image.l1Table = [UInt64](repeating: 0, count: Int(l1Entries))
             }
-            var w = ByteWriter()
-            w.u64(o.roundedSize)
-            try f.write(w.bytes, at: 24)
-            try f.sync()
+            var h = image.header
+            h.size = o.roundedSize
+            try f.publish(.size, of: h)
             image.header.size = o.roundedSize
             // 3. Preallocation: L2 tables and data clusters.
             if o.preallocation != .off {

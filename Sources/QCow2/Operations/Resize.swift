@@ -51,10 +51,9 @@ extension QCow2Image {
             try dropTail(from: newSize)
         }
         if needed > UInt64(l1Table.count) { try growL1(to: Int(needed)) }
-        var w = ByteWriter()
-        w.u64(newSize)
-        try file.write(w.bytes, at: 24)
-        try file.sync()
+        var h = header
+        h.size = newSize
+        try file.publish(.size, of: h)
         header.size = newSize
         if preallocation != .off { try preallocate(preallocation, from: oldSize) }
         if !consistent.isEmpty { try resizeBitmaps(consistent, oldSize: oldSize) }
@@ -127,11 +126,10 @@ extension QCow2Image {
         w.zeros(bytes - w.bytes.count)
         try file.write(w.bytes, at: newOffset)
         try file.sync()
-        var h = ByteWriter()
-        h.u32(UInt32(entries))
-        h.u64(newOffset)
-        try file.write(h.bytes, at: 36)
-        try file.sync()
+        var h = header
+        h.l1Size = UInt32(entries)
+        h.l1TableOffset = newOffset
+        try file.publish(.l1Table, of: h)
         let oldOffset = header.l1TableOffset
         let oldClusters = g.clusters(forBytes: UInt64(header.l1Size) * 8)
         header.l1Size = UInt32(entries)

@@ -134,7 +134,7 @@ extension QCow2Image {
     }
 
     func commitBitmapSet(_ entries: [BitmapDirectoryEntry], freeing: [UInt64]) throws {
-        let alloc = try requireAllocator()
+        var tx = try MetadataTransaction(self)
         let g = geometry
         try file.sync()
         let oldDirectory: [UInt64]
@@ -156,18 +156,16 @@ extension QCow2Image {
             var dir: [UInt8] = []
             for e in entries { e.serialize(into: &dir) }
             let n = Int(g.clusters(forBytes: UInt64(dir.count)))
-            let newOffset = try alloc.allocate(n)
-            try alloc.commit()
-            try file.write(dir, at: newOffset)
-            try file.sync()
+            let newOffset = try tx.allocate(n)
+            try tx.commitRefcounts()
+            try tx.writeNew(dir, at: newOffset)
             let ext = BitmapsExtension(nbBitmaps: UInt32(entries.count), reserved: 0,
                                        directorySize: UInt64(dir.count), directoryOffset: newOffset)
             if bitmapsExtension != nil, let payload = try extensionPayloadOffset(HeaderExtension.typeBitmaps) {
                 // One 24-byte write switches count, size and offset together.
                 var w = ByteWriter()
                 w.u32(ext.nbBitmaps); w.u32(0); w.u64(ext.directorySize); w.u64(ext.directoryOffset)
-                try file.write(w.bytes, at: UInt64(payload))
-                try file.sync()
+                try tx.publishHeader(w.bytes, at: UInt64(payload))
                 extensions = extensions.map { if case .bitmaps = $0 { return .bitmaps(ext) } else { return $0 } }
                 if header.autoclearFeatures & Features.autoclearBitmaps == 0 {
                     // The extension was stale (an unaware writer cleared the bit): valid again now.
@@ -187,8 +185,8 @@ extension QCow2Image {
             bitmapsExtension = ext
         }
         bitmaps = entries
-        for c in oldDirectory + freeing { alloc.queueFree(c) }
-        try alloc.commitFrees()
+        tx.free(oldDirectory + freeing)
+        try tx.finish()
     }
 
     /// Removes a bitmaps extension that cannot be loaded: autoclear bit first, then the

@@ -1,0 +1,111 @@
+/// One change of qcow2 metadata in the crash-safe order, written in one place:
+///
+/// 1. refcounts: clusters the change allocates get refcount 1 and are made durable
+///    (`allocate`, `commitRefcounts`) before anything points at them;
+/// 2. data: the caller fills the new clusters (and writes in place where the image owns
+///    a cluster alone);
+/// 3. publication: a new L2 table is written whole and made durable, then the one L1
+///    entry that points at it; or changed entries of an existing table are written after
+///    a barrier that makes the data durable first (`publishL2`);
+/// 4. frees: clusters nothing references any more lose their reference, last (`finish`).
+///
+/// A crash between any two steps leaves at worst leaked clusters, never a reference to a
+/// cluster whose refcount is 0 or whose content is not yet written. Every L2/L1 update of
+/// the write path (data writes, zero writes and discards, compressed writes) goes through
+/// here; `QCow2Image.setL1Entry` is the one L1 writer.
+struct MetadataTransaction {
+    let image: QCow2Image
+    let alloc: Allocator
+    private var frees: [UInt64] = []
+
+    init(_ image: QCow2Image) throws {
+        self.image = image
+        self.alloc = try image.requireAllocator()
+    }
+
+    // MARK: 1. Refcounts
+
+    /// `n` contiguous new clusters (refcount 1 once `commitRefcounts` returns).
+    func allocate(_ n: Int) throws -> UInt64 { try alloc.allocate(n) }
+
+    /// Cluster `c` (index) if it is free, allocated; false if it is in use.
+    func allocateIfFree(_ c: UInt64) throws -> Bool { try alloc.allocateIfFree(c) }
+
+    /// One more reference to cluster `c` (index): a compressed cluster packed into it.
+    func addReference(_ c: UInt64) throws { try alloc.increment(c) }
+
+    /// Makes the refcounts of everything allocated so far durable.
+    func commitRefcounts() throws { try alloc.commit() }
+
+    // MARK: 2. New metadata
+
+    /// Metadata this change creates (a table, a directory) in clusters it allocated:
+    /// written and made durable before anything points at it.
+    func writeNew(_ bytes: [UInt8], at offset: UInt64) throws {
+        try image.file.write(bytes, at: offset)
+        try image.file.sync()
+    }
+
+    // MARK: 3. Publication
+
+    /// A pointer in the header (or an extension's payload) switched to what step 2
+    /// wrote: one write, then a barrier.
+    func publishHeader(_ bytes: [UInt8], at offset: UInt64) throws {
+        try image.file.write(bytes, at: offset)
+        try image.file.sync()
+    }
+
+    /// How an L2 table reaches the disk.
+    enum L2Target {
+        /// A new table at `offset` (allocated in this transaction), replacing the shared
+        /// table `replaces` (copy-on-write) or none: written whole, then the L1 entry.
+        case new(offset: UInt64, replaces: UInt64?)
+        /// Entries `changed` of the table at `offset`, written in place.
+        case existing(offset: UInt64, changed: Range<Int>)
+    }
+
+    /// Publishes `table` for L1 entry `l1Index`. `afterData`: data was written in step 2,
+    /// so a barrier makes it durable before an existing table points at it (a new table
+    /// gets its barrier from being written first).
+    mutating func publishL2(_ table: [UInt8], l1Index: Int, to target: L2Target, afterData: Bool) throws {
+        let g = image.geometry
+        switch target {
+        case .new(let offset, let replaces):
+            try image.file.write(table, at: offset)
+            try image.file.sync()
+            try image.setL1Entry(l1Index, offset | L1Entry.copied)
+            image.l2Cache.invalidate(offset)
+            if let r = replaces {
+                frees.append(r >> UInt64(g.clusterBits))
+                image.l2Cache.invalidate(r)
+            }
+        case .existing(let offset, let changed):
+            if afterData { try image.file.sync() }
+            let lo = changed.lowerBound * g.l2EntrySize, hi = changed.upperBound * g.l2EntrySize
+            try table.withUnsafeBytes { try image.file.write(UnsafeRawBufferPointer(rebasing: $0[lo..<hi]), at: offset + UInt64(lo)) }
+            try image.file.sync()
+            image.l2Cache.update(offset, table)
+        }
+    }
+
+    // MARK: 4. Frees
+
+    /// Clusters to release once the change is published.
+    mutating func free(_ clusters: [UInt64]) { frees += clusters }
+
+    /// Ends the change: the image's size is refreshed first (the file grew: later
+    /// requests must see their clusters inside it even if a free fails), then the frees.
+    func finish() throws {
+        image.fileSize = try image.file.size()
+        for c in frees { alloc.queueFree(c) }
+        try alloc.commitFrees()
+    }
+}
+
+extension Collection where Element == (Int, L2Entry) {
+    /// The range of table indices a list of entry updates touches.
+    var touchedRange: Range<Int> {
+        let indices = map(\.0)
+        return (indices.min() ?? 0)..<((indices.max() ?? -1) + 1)
+    }
+}
