@@ -166,15 +166,11 @@ public enum HeaderField: Sendable {
         case .refcountTable:
             w.u64(h.refcountTableOffset); w.u32(h.refcountTableClusters)
             return (48, w.bytes)
-        case .incompatibleFeatures:
-            w.u64(h.incompatibleFeatures)
-            return (72, w.bytes)
-        case .compatibleFeatures:
-            w.u64(h.compatibleFeatures)
-            return (80, w.bytes)
-        case .autoclearFeatures:
-            w.u64(h.autoclearFeatures)
-            return (88, w.bytes)
+        case .incompatibleFeatures, .compatibleFeatures, .autoclearFeatures:
+            let (offset, value): (UInt64, UInt64) = self == .incompatibleFeatures ? (72, h.incompatibleFeatures)
+                : self == .compatibleFeatures ? (80, h.compatibleFeatures) : (88, h.autoclearFeatures)
+            w.u64(value)
+            return (offset, w.bytes)
         case .refcountOrderAndLength:
             w.u32(h.refcountOrder); w.u32(h.headerLength)
             return (96, w.bytes)
