@@ -40,13 +40,31 @@ struct MetadataTransaction {
     // MARK: 2. New metadata
 
     /// Metadata this change creates (a table, a directory) in clusters it allocated:
-    /// written and made durable before anything points at it.
-    func writeNew(_ bytes: [UInt8], at offset: UInt64) throws {
+    /// written and (unless `durable` is false: the caller batches several and calls
+    /// `barrier`) made durable before anything points at it.
+    func writeNew(_ bytes: [UInt8], at offset: UInt64, durable: Bool = true) throws {
         try image.file.write(bytes, at: offset)
-        try image.file.sync()
+        if durable { try image.file.sync() }
     }
 
+    /// Makes everything written so far durable.
+    func barrier() throws { try image.file.sync() }
+
     // MARK: 3. Publication
+
+    /// Header field `field` as `h` holds it (a table moved, the size changed).
+    func publishHeader(_ field: HeaderField, of h: Header) throws {
+        try image.file.publish(field, of: h)
+    }
+
+    /// Empties L1 entries `range` (one write, then a barrier): the L2 tables they
+    /// named are then unreferenced.
+    func clearL1(_ range: Range<Int>) throws {
+        guard !range.isEmpty else { return }
+        try image.file.write([UInt8](repeating: 0, count: range.count * 8), at: image.header.l1TableOffset + UInt64(range.lowerBound) * 8)
+        try image.file.sync()
+        for j in range { image.l1Table[j] = 0 }
+    }
 
     /// A pointer in the header (or an extension's payload) switched to what step 2
     /// wrote: one write, then a barrier.

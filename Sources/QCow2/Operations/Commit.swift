@@ -179,7 +179,7 @@ extension QCow2Image {
     /// reference (snapshots keep theirs). A crash leaves at worst leaked clusters.
     func deallocateAll() throws {
         try guardingMetadata {
-            let alloc = try requireAllocator()
+            _ = try requireAllocator()
             try clearUnknownAutoclearBits()
             let g = geometry
             let batch = 16
@@ -202,12 +202,11 @@ extension QCow2Image {
                     frees.append(l2 >> UInt64(g.clusterBits))
                 }
                 if changed {
-                    try alloc.commit()
-                    try file.write([UInt8](repeating: 0, count: (end - i) * 8), at: header.l1TableOffset + UInt64(i) * 8)
-                    try file.sync()
-                    for j in i..<end { l1Table[j] = 0 }
-                    for c in frees { alloc.queueFree(c) }
-                    try alloc.commitFrees()
+                    var tx = try MetadataTransaction(self)
+                    try tx.commitRefcounts()
+                    try tx.clearL1(i..<end)
+                    tx.free(frees)
+                    try tx.finish()
                 }
                 i = end
             }

@@ -78,7 +78,7 @@ extension QCow2Image {
     /// there stays referenced (L2 tables wholly past the end are released).
     private func dropTail(from newSize: UInt64) throws {
         let g = geometry
-        let alloc = try requireAllocator()
+        var tx = try MetadataTransaction(self)
         let keep = g.l1EntriesNeeded(size: newSize)
         for i in Int(keep)..<l1Table.count {
             let l2 = L1Entry(l1Table[i]).l2Offset
@@ -86,7 +86,7 @@ extension QCow2Image {
             try setL1Entry(i, 0)
             l2Cache.invalidate(l2)
             // The whole range was discarded: its entries reference nothing but zero flags.
-            alloc.queueFree(l2 >> UInt64(g.clusterBits))
+            tx.free([l2 >> UInt64(g.clusterBits)])
         }
         // Zero flags left in the kept table past the new end are harmless but useless:
         // clear them so the table says "unallocated" there, as qemu-img leaves it.
@@ -98,53 +98,49 @@ extension QCow2Image {
                 let first = g.l2Index(newSize - 1) + 1
                 var changed = false
                 for i in first..<g.l2Entries where l2Entry(table, i) != L2Entry(0) {
-                    let e = l2Entry(table, i)
-                    for c in referencedClusters(e) { alloc.queueFree(c) }
+                    tx.free(referencedClusters(l2Entry(table, i)))
                     setL2Entry(&table, i, L2Entry(0))
                     changed = true
                 }
                 if changed {
-                    try file.write(table, at: l2)
-                    try file.sync()
-                    l2Cache.update(l2, table)
+                    try tx.publishL2(table, l1Index: l1i, to: .existing(offset: l2, changed: first..<g.l2Entries), afterData: false)
                 }
             }
         }
-        try alloc.commitFrees()
+        try tx.finish()
     }
 
     /// Moves the active L1 table to a larger one.
     private func growL1(to entries: Int) throws {
-        let alloc = try requireAllocator()
+        var tx = try MetadataTransaction(self)
         let g = geometry
         let bytes = entries * 8
         let clusters = Int(g.clusters(forBytes: UInt64(bytes)))
-        let newOffset = try alloc.allocate(clusters)
-        try alloc.commit()
+        let newOffset = try tx.allocate(clusters)
+        try tx.commitRefcounts()
         var w = ByteWriter()
         for e in l1Table { w.u64(e) }
         w.zeros(bytes - w.bytes.count)
-        try file.write(w.bytes, at: newOffset)
-        try file.sync()
+        try tx.writeNew(w.bytes, at: newOffset)
         var h = header
         h.l1Size = UInt32(entries)
         h.l1TableOffset = newOffset
-        try file.publish(.l1Table, of: h)
+        try tx.publishHeader(.l1Table, of: h)
         let oldOffset = header.l1TableOffset
         let oldClusters = g.clusters(forBytes: UInt64(header.l1Size) * 8)
         header.l1Size = UInt32(entries)
         header.l1TableOffset = newOffset
         l1Table += [UInt64](repeating: 0, count: entries - l1Table.count)
         if oldOffset != 0 {
-            for c in 0..<oldClusters { alloc.queueFree((oldOffset >> UInt64(g.clusterBits)) + c) }
+            tx.free((0..<oldClusters).map { (oldOffset >> UInt64(g.clusterBits)) + $0 })
         }
-        try alloc.commitFrees()
+        try tx.finish()
     }
 
     /// New bitmap tables for the new disk size: entries kept, added ones all-zero,
     /// bits past the new end cleared (in a copy of the last data cluster).
     private func resizeBitmaps(_ entries: [BitmapDirectoryEntry], oldSize: UInt64) throws {
-        let alloc = try requireAllocator()
+        let tx = try MetadataTransaction(self)
         let g = geometry
         let cs = UInt64(g.clusterSize)
         let cb = UInt64(g.clusterBits)
@@ -167,25 +163,25 @@ extension QCow2Image {
                     // A data cluster (or an all-ones one) with bits past the end: a cleared copy.
                     var data = off != 0 ? try file.read(count: g.clusterSize, at: off) : [UInt8](repeating: 0xFF, count: g.clusterSize)
                     for b in Int(bits % bitsPerCluster)..<Int(bitsPerCluster) { data[b >> 3] &= ~UInt8(1 << (b & 7)) }
-                    let copy = try alloc.allocate(1)
-                    try alloc.commit()
-                    try file.write(data, at: copy)
+                    let copy = try tx.allocate(1)
+                    try tx.commitRefcounts()
+                    try tx.writeNew(data, at: copy, durable: false)
                     newTable[lastIndex] = copy
                     if off != 0 { freeing.append(off >> cb) }
                 }
             }
             let tableClusters = Int(g.clusters(forBytes: UInt64(newCount * 8)))
-            let newTableOffset = try alloc.allocate(max(1, tableClusters))
-            try alloc.commit()
+            let newTableOffset = try tx.allocate(max(1, tableClusters))
+            try tx.commitRefcounts()
             var bytes = ByteWriter()
             for w in newTable { bytes.u64(w) }
-            try file.write(bytes.bytes, at: newTableOffset)
+            try tx.writeNew(bytes.bytes, at: newTableOffset, durable: false)
             for c in 0..<g.clusters(forBytes: UInt64(e.tableSize) * 8) { freeing.append((e.tableOffset >> cb) + c) }
             e.tableOffset = newTableOffset
             e.tableSize = UInt32(newCount)
             updated.append(e)
         }
-        try file.sync()
+        try tx.barrier()
         try replaceBitmapDirectory(updated, freeing: freeing)
     }
 }

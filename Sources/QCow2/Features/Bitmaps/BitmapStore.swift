@@ -48,7 +48,7 @@ extension QCow2Image {
     /// Writes the data and table of `bitmap` to new clusters (not yet referenced).
     /// Returns the table offset and size.
     func writeBitmapData(_ bitmap: DirtyBitmap) throws -> (offset: UInt64, size: UInt32) {
-        let alloc = try requireAllocator()
+        let tx = try MetadataTransaction(self)
         let g = geometry
         let cs = g.clusterSize
         let entries = Int(BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: bitmap.granularity.trailingZeroBitCount, clusterSize: cs))
@@ -58,16 +58,16 @@ extension QCow2Image {
         var used: [Int] = []
         for k in 0..<entries where bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) != nil { used.append(k) }
         let tableClusters = max(1, Int(g.clusters(forBytes: UInt64(entries) * 8)))
-        let t = try alloc.allocate(tableClusters)
-        for k in used { table[k] = try alloc.allocate(1) }
-        try alloc.commit()
+        let t = try tx.allocate(tableClusters)
+        for k in used { table[k] = try tx.allocate(1) }
+        try tx.commitRefcounts()
         for k in used {
             guard let bytes = bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) else { continue }
-            try file.write(bytes, at: table[k])
+            try tx.writeNew(bytes, at: table[k], durable: false)
         }
         var w = ByteWriter()
         for e in table { w.u64(e) }
-        try file.write(w.bytes, at: t)
+        try tx.writeNew(w.bytes, at: t, durable: false)
         return (t, UInt32(entries))
     }
 
