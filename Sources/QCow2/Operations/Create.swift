@@ -245,9 +245,10 @@ extension QCow2Image {
             let indices = (g.l2Index(pos)...g.l2Index(rangeEnd - 1)).filter { l2Entry(table, $0) == L2Entry(0) }
             pos = rangeEnd
             guard !indices.isEmpty else { continue }
-            let newTable = tableOffset == nil ? try alloc.allocate(1) : 0
-            let data = try alloc.allocate(indices.count)
-            try alloc.commit()
+            var tx = try MetadataTransaction(self)
+            let newTable = tableOffset == nil ? try tx.allocate(1) : 0
+            let data = try tx.allocate(indices.count)
+            try tx.commitRefcounts()
             let bytes = UInt64(indices.count) * cs
             switch mode {
             case .falloc: _ = file.preallocate(at: data, length: bytes)
@@ -256,14 +257,9 @@ extension QCow2Image {
             }
             for (k, i) in indices.enumerated() { setL2Entry(&table, i, L2Entry((data + UInt64(k) * cs) | L2Entry.copied)) }
             if let t = tableOffset {
-                try file.sync()
-                try file.write(table, at: t)
-                try file.sync()
-                l2Cache.update(t, table)
+                try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: 0..<g.l2Entries), afterData: true)
             } else {
-                try file.write(table, at: newTable)
-                try file.sync()
-                try setL1Entry(l1i, newTable | L1Entry.copied)
+                try tx.publishL2(table, l1Index: l1i, to: .new(offset: newTable, replaces: nil), afterData: true)
             }
         }
         fileSize = try file.size()
