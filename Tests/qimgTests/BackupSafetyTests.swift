@@ -97,6 +97,8 @@ import Glibc
         }
         let first = try Spawned(Qimg.path, ["backup", "--sync=incremental", "--no-backing", "--bitmap=b", "--speed=16M", "src.qcow2", "t.qcow2"], cwd: dir)
         Self.waitUntil(first) { B.hasTemporary(dir, of: "t.qcow2") }
+        // Frozen while the others run (SIGSTOP): however loaded the machine, it is still copying.
+        first.send(SIGSTOP)
         let tmp = B.temporaryFiles(dir, of: "t.qcow2")
         #expect(tmp.count == 1, "temporary files: \(tmp)")
         #expect(tmp.first?.hasPrefix("t.qcow2.\(first.pid)-") == true, "the name does not carry the run's pid: \(tmp)")
@@ -109,6 +111,7 @@ import Glibc
         #expect(!B.exists(dir, "gone.qcow2.4242-deadbeef.qimg-tmp") && !B.exists(dir, "old.qcow2.qimg-tmp"), "dead runs' files were left")
         #expect(B.temporaryFiles(dir, of: "t.qcow2") == tmp, "the live run's temporary file was touched")
 
+        first.send(SIGCONT)
         first.wait(timeout: 600)
         #expect(!first.signaled && first.status == 0, "first run: \(first.summary): \(first.err)")
         #expect(!B.hasTemporary(dir, of: "t.qcow2"))
@@ -130,8 +133,8 @@ import Glibc
                                     "-blockdev", "driver=qcow2,node-name=disk,file.driver=file,file.filename=src.qcow2"], cwd: dir)
         defer { vm.send(SIGKILL); vm.wait(timeout: 600) }
         // The VM has the image once qemu-img cannot take its write lock.
-        Self.waitUntil(vm) { (try? Runner.qemuIO(["-c", "read 0 512", "src.qcow2"], cwd: dir).status) == 1 }
-        #expect(!vm.exited, "the VM exited: \(vm.err)")
+        Self.waitUntil(vm) { (try? Runner.qemuIO(["-c", "read 0 512", "src.qcow2"], cwd: dir))?.err.contains("Failed to get \"write\" lock") == true }
+        #expect(!vm.exited, "the VM exited: \(vm.summary): \(vm.err)")
         let r = try Qimg.run(["backup", "--sync=incremental", "--bitmap=b", "--no-backing", "src.qcow2", "t.qcow2"], cwd: dir)
         expectCleanFailure("backup of a running VM", r)
         #expect(r.err == "qimg: src.qcow2: image is in use by a running VM (qemu-system-x86_64, pid \(vm.pid)); back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)\n",

@@ -84,13 +84,13 @@ public enum BackupOperation {
         if targetExists {
             try refuseTargetInChains(target, source: source, backing: backing)
         }
-        var toCopy: DirtyBitmap?
+        var changes: (any ChangeSet)?
         if let name = o.bitmap {
             guard let q = qsource else { throw invalid("bitmaps need a qcow2 source") }
             if q.bitmaps.first(where: { $0.name == name })?.inUse == true {
                 throw invalid("Bitmap '\(name)' is inconsistent and cannot be used; remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
             }
-            if o.sync != .full { toCopy = try q.consistentBitmap(name).1 }
+            if o.sync != .full { changes = try PersistentBitmapChanges(q, bitmap: name) }
         }
 
         // The target, under a temporary name of this run's.
@@ -141,7 +141,7 @@ public enum BackupOperation {
             maskZeros = true
         case .incremental, .bitmap:
             ranges = []
-            toCopy!.forEachDirtyExtent { ranges.append(($0, $1)) }
+            changes?.forEachChangedRange { ranges.append(($0, $1)) }
             maskZeros = true
         }
         ranges = CopyEngine.normalize(ranges, unit: unit, size: source.virtualSize)
@@ -154,9 +154,9 @@ public enum BackupOperation {
             try t.file.fullSync()
         } catch {
             // bitmap-mode=always keeps what was copied and gives back only the rest.
-            if o.sync == .bitmap && o.bitmapMode == .always, let q = qsource, let name = o.bitmap,
+            if o.sync == .bitmap && o.bitmapMode == .always, let q = qsource, let name = o.bitmap, let changes,
                let copied = engine.copied, engine.bytesCopied > 0 {
-                throw keepPartial(staged, t, source: q, bitmap: name, copied: copied, failure: named(error))
+                throw keepPartial(staged, t, source: q, bitmap: name, changes: changes, copied: copied, failure: named(error))
             }
             throw named(error)
         }
@@ -166,11 +166,7 @@ public enum BackupOperation {
         if let name = o.bitmap, let q = qsource {
             do {
                 if o.bitmapMode != .never {
-                    if let e = q.bitmaps.first(where: { $0.name == name }) {
-                        try lower(q, bitmap: name, to: DirtyBitmap(granularity: e.granularity, size: q.virtualSize))
-                    } else {
-                        try q.applyBitmapActions([.add(granularity: nil, disabled: false)], to: name)
-                    }
+                    if let changes { try changes.consumed() } else { try PersistentBitmapChanges.restart(q, bitmap: name) }
                 }
                 try q.close()
             } catch let e as QCow2Error {
@@ -206,20 +202,13 @@ public enum BackupOperation {
         }
     }
 
-    /// Lowers bitmap `name` to `lowered` in place where possible (no allocation: a crash
-    /// leaves no leak), else with the ordered commit.
-    static func lower(_ q: QCow2Image, bitmap name: String, to lowered: DirtyBitmap) throws {
-        if try q.lowerBitmapInPlace(name, to: lowered) { return }
-        try q.applyBitmapActions([.clear, .merge(source: name)], to: name, mergeSource: { _ in lowered })
-    }
-
     /// bitmap-mode=always after a failure: the target so far, its leaked clusters released
     /// (the copy raises refcounts before it writes), made durable and renamed to
     /// TARGET.partial (or .partial.N: an earlier partial is never replaced); then the bits
     /// of what it holds are cleared. Returns the error to report: the failure, and where
     /// the partial backup is and how to use it.
     static func keepPartial(_ staged: StagedFile, _ t: QCow2Image, source q: QCow2Image, bitmap name: String,
-                            copied: DirtyBitmap, failure: Error) -> Error {
+                            changes: any ChangeSet, copied: DirtyBitmap, failure: Error) -> Error {
         let why = (failure as? QCow2Error)?.description ?? "\(failure)"
         func incomplete(_ kept: String) -> QCow2Error { .incomplete(path: q.path, cause: why, kept: kept) }
         do {
@@ -244,32 +233,15 @@ public enum BackupOperation {
                 }
             }
             guard let partial = kept else { return failure }
-            do { try clearCopied(q, bitmap: name, copied: copied) } catch let e as QCow2Error {
+            do {
+                try changes.partlyConsumed(copied)
+                try q.close()
+            } catch let e as QCow2Error {
                 return incomplete("what was copied is kept in \(partial), but bitmap '\(name)' was not updated (\(e.message)): the next backup copies those clusters again, so \(partial) may be removed")
             }
             return incomplete("what was copied is kept in \(partial) (a clean qcow2 overlay, backed like the target would have been) and its bits were cleared from bitmap '\(name)': keep it, and give it as the backing file of the next backup, which copies the rest")
         } catch {
             return failure
         }
-    }
-
-    /// Clears the granules of `bitmap` wholly covered by what was copied.
-    static func clearCopied(_ q: QCow2Image, bitmap name: String, copied: DirtyBitmap) throws {
-        var (_, bm) = try q.consistentBitmap(name)
-        var clear: [(UInt64, UInt64)] = []
-        bm.forEachDirtyExtent { start, length in
-            var g = start
-            while g < start + length {
-                let end = min(g + bm.granularity, q.virtualSize)
-                var covered = true
-                var p = g
-                while p < end { if !copied.test(p) { covered = false; break }; p += copied.granularity }
-                if covered { clear.append((g, end - g)) }
-                g += bm.granularity
-            }
-        }
-        for (a, n) in clear { bm.reset(a, n) }
-        try lower(q, bitmap: name, to: bm)
-        try q.close()
     }
 }
