@@ -39,6 +39,9 @@ import Testing
                            ["qemu-img", "bitmap", "--add", "-g", "1M", "--disable", "bitmaps.qcow2", "disabled"]]),
         ("bitmap-odd.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=512", "bitmap-odd.qcow2", "3000001"],
                               ["qemu-img", "bitmap", "--add", "-g", "4k", "bitmap-odd.qcow2", "b"]]),
+        // Twelve directory entries of 40 bytes: one 512-byte cluster of directory, just.
+        ("many-bitmaps.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "many-bitmaps.qcow2", "5M"]]
+            + (1...12).map { ["qemu-img", "bitmap", "--add", "-g", "\(512 << ($0 % 8))", "many-bitmaps.qcow2", "bitmap-\($0 < 10 ? "0" : "")\($0)"] }),
         ("v2.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "10M"],
                       ["qemu-io", "-c", "write 0 100k", "v2.qcow2"]]),
         ("prealloc-metadata.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", "prealloc-metadata.qcow2", "8M"],
@@ -204,7 +207,9 @@ import Testing
         ["-l", "", "snap.qcow2"], ["-l", "snapshot.id=", "snap.qcow2"], ["-l", "snapshot.foo=1", "snap.qcow2"],
         ["-l", "s1", "sparse.raw"], ["-f", "raw", "-l", "s1", "snap.qcow2"],
         ["-f", "raw", "-O", "qcow2", "part.qcow2"], ["-f", "qcow2", "-O", "qcow2", "top.qcow2"],
-        ["-U", "--output=json", "-O", "qcow2", "bitmaps.qcow2"],
+        ["-U", "--output=json", "-O", "qcow2", "bitmaps.qcow2"], ["-O", "qcow2", "-o", "cluster_size=512", "bitmaps.qcow2"],
+        ["-O", "qcow2", "-o", "cluster_size=512", "many-bitmaps.qcow2"], ["-O", "qcow2", "-o", "cluster_size=1k", "many-bitmaps.qcow2"],
+        ["--output=json", "-O", "qcow2", "-o", "cluster_size=512", "inuse.qcow2"],
     ])
     func optionsOnImagesMatchQemuImg(_ args: [String]) throws {
         try Self.compare(args, in: try Self.images.get())
