@@ -5,6 +5,8 @@ import QCow2
 struct OptionList {
     var values: [(key: String, value: String)] = []
     var help = false
+    /// Every item in order, `help` and `?` included (as keys with the value "on").
+    var items: [(key: String, value: String)] = []
 
     init(_ lists: [String]) throws {
         for list in lists {
@@ -27,12 +29,17 @@ struct OptionList {
             items.append(cur)
             chars.removeAll()
             for item in items {
-                if item == "help" || item == "?" { help = true; continue }
+                if item == "help" || item == "?" {
+                    help = true
+                    self.items.append((item, "on"))
+                    continue
+                }
                 if let eq = item.firstIndex(of: "=") {
                     values.append((String(item[..<eq]), String(item[item.index(after: eq)...])))
                 } else {
                     values.append((item, "on"))
                 }
+                self.items.append(values[values.count - 1])
             }
         }
     }
