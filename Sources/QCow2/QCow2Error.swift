@@ -1,5 +1,6 @@
 /// The one error type of the library: what went wrong, with the file and the
-/// structure or field named, rendered by the CLI as `qimg: FILE: message`.
+/// structure or field named. Messages never name a CLI flag or command: the CLI maps
+/// each case to one line (`qimg: FILE: message`, with its own hints) and an exit code.
 public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     /// A system call failed on `path`.
     case io(path: String, operation: String, errno: Int32)
@@ -13,16 +14,31 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidArgument(path: String, detail: String)
     /// Guest data did not match what was expected (qimg io read -P).
     case mismatch(path: String, detail: String)
-    /// Another process holds the image's locks; `hint` says what still works.
-    case inUse(path: String, holder: LockHolder, hint: String?)
+    /// Another process holds the image's locks; `readOnlyShareWorks`: opening without
+    /// locks (read-only) would still work, the holder being a writer that allows readers.
+    case inUse(path: String, holder: LockHolder, readOnlyShareWorks: Bool)
     /// An operation stopped part way: `cause` says why, `kept` what was kept and how to use it.
     case incomplete(path: String, cause: String, kept: String)
+    /// A persistent bitmap is marked in use (a writer stopped without storing it): its
+    /// bits cannot be trusted.
+    case bitmapInconsistent(path: String, bitmap: String)
+    /// A bitmap action failed (qemu-img's wording); `inconsistent` names the bitmap
+    /// marked in use that made it fail, if that was the reason.
+    case bitmapOperation(path: String, action: String, bitmap: String, reason: String, inconsistent: String?)
+    /// The target exists and replacing it was not asked for.
+    case targetExists(path: String)
+    /// The image must be repaired before it can be written.
+    case needsRepair(path: String, detail: String)
+    /// Shrinking would cut off allocated data and was not asked for.
+    case shrinkWouldLoseData(path: String)
 
     public var path: String {
         switch self {
         case .io(let p, _, _), .malformed(let p, _, _), .unsupported(let p, _),
              .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _),
-             .inUse(let p, _, _), .incomplete(let p, _, _):
+             .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
+             .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
+             .shrinkWouldLoseData(let p):
             return p
         }
     }
@@ -32,12 +48,21 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         switch self {
         case .io(_, let op, let e): return op == "open" ? errnoDescription(e) : "\(op) failed: \(errnoDescription(e))"
         case .malformed(_, let field, let detail): return field.isEmpty ? detail : "invalid \(field): \(detail)"
-        case .unsupported(_, let d), .backing(_, let d), .invalidArgument(_, let d), .mismatch(_, let d):
+        case .unsupported(_, let d), .backing(_, let d), .invalidArgument(_, let d), .mismatch(_, let d),
+             .needsRepair(_, let d):
             return d
         case .incomplete(_, let cause, let kept):
             return cause + "; " + kept
-        case .inUse(_, let holder, let hint):
-            return "image is in use by \(holder)" + (hint.map { "; " + $0 } ?? "")
+        case .inUse(_, let holder, _):
+            return "image is in use by \(holder)"
+        case .bitmapInconsistent(_, let name):
+            return "Bitmap '\(name)' is inconsistent and cannot be used"
+        case .bitmapOperation(_, let action, let bitmap, let reason, _):
+            return "Operation \(action) on bitmap \(bitmap) failed: \(reason)"
+        case .targetExists:
+            return "the target exists"
+        case .shrinkWouldLoseData:
+            return "the part being cut off holds data"
         }
     }
 
@@ -51,8 +76,13 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .backing(_, let d): return .backing(path: p, detail: d)
         case .invalidArgument(_, let d): return .invalidArgument(path: p, detail: d)
         case .mismatch(_, let d): return .mismatch(path: p, detail: d)
-        case .inUse(_, let h, let hint): return .inUse(path: p, holder: h, hint: hint)
+        case .inUse(_, let h, let r): return .inUse(path: p, holder: h, readOnlyShareWorks: r)
         case .incomplete(_, let c, let k): return .incomplete(path: p, cause: c, kept: k)
+        case .bitmapInconsistent(_, let b): return .bitmapInconsistent(path: p, bitmap: b)
+        case .bitmapOperation(_, let a, let b, let r, let i): return .bitmapOperation(path: p, action: a, bitmap: b, reason: r, inconsistent: i)
+        case .targetExists: return .targetExists(path: p)
+        case .needsRepair(_, let d): return .needsRepair(path: p, detail: d)
+        case .shrinkWouldLoseData: return .shrinkWouldLoseData(path: p)
         }
     }
 

@@ -50,7 +50,7 @@ struct Qimg: ParsableCommand {
             }
             try command.run()
         } catch let e as QCow2Error {
-            fail(e.description, code: 1)
+            fail(ErrorText.line(e), code: 1)
         } catch let e as CommandFailure {
             fail(e.message, code: e.exitCode)
         } catch let e as ExitCode {

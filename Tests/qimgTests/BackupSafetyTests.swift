@@ -132,8 +132,14 @@ import Glibc
         let vm = try Spawned(qemu, ["-S", "-display", "none", "-nodefaults", "-machine", "none",
                                     "-blockdev", "driver=qcow2,node-name=disk,file.driver=file,file.filename=src.qcow2"], cwd: dir)
         defer { vm.send(SIGKILL); vm.wait(timeout: 600) }
-        // The VM has the image once qemu-img cannot take its write lock.
-        Self.waitUntil(vm) { (try? Runner.qemuIO(["-c", "read 0 512", "src.qcow2"], cwd: dir))?.err.contains("Failed to get \"write\" lock") == true }
+        // The VM has the image once /proc/locks shows a lock on its inode (no probe that
+        // could take the lock itself and make the VM fail to start).
+        var st = stat()
+        #expect(stat(dir + "/src.qcow2", &st) == 0)
+        Self.waitUntil(vm) {
+            let locks = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
+            return locks.split(separator: "\n").contains { $0.contains(":\(st.st_ino) ") }
+        }
         #expect(!vm.exited, "the VM exited: \(vm.summary): \(vm.err)")
         let r = try Qimg.run(["backup", "--sync=incremental", "--bitmap=b", "--no-backing", "src.qcow2", "t.qcow2"], cwd: dir)
         expectCleanFailure("backup of a running VM", r)

@@ -178,17 +178,15 @@ public final class ImageLock {
         }
     }
 
-    static let forceShareHint = "use -U for read-only inspection"
-
     static func conflict(path: String, mode: LockMode, fd: Int32, firstByte: Int64) -> QCow2Error {
         let holder = LockHolder.find(fd: fd, bytes: allBytes)
         switch mode {
         case .write:
-            // A QEMU writer holds the "write" byte: reading with -U still works.
+            // A QEMU writer holds the "write" byte: reading without locks still works.
             let writer = firstByte == haveWrite || heldByOthers(fd: fd, byte: haveWrite)
-            return .inUse(path: path, holder: holder, hint: writer ? forceShareHint : nil)
+            return .inUse(path: path, holder: holder, readOnlyShareWorks: writer)
         case .read, .none:
-            return .inUse(path: path, holder: holder, hint: forceShareHint)
+            return .inUse(path: path, holder: holder, readOnlyShareWorks: true)
         }
     }
 }

@@ -15,7 +15,7 @@ extension QCow2Image {
             throw QCow2Error.invalidArgument(path: path, detail: "the image was opened read-only")
         }
         if header.isCorrupt && !allowCorrupt {
-            throw QCow2Error.unsupported(path: path, detail: "image is marked corrupt; it can only be opened read-only (repair it with 'qimg check -r all')")
+            throw QCow2Error.needsRepair(path: path, detail: "image is marked corrupt; it can only be opened read-only")
         }
         allocator = try Allocator(image: self, lenient: allowCorrupt)
         if header.isDirty && repairDirty {

@@ -38,8 +38,7 @@ final class Allocator {
             let off = e & Self.offsetMask
             guard g.isAligned(off), off < image.fileSize || off == 0 else {
                 if lenient { t[i] = 0; continue }
-                throw QCow2Error.malformed(path: image.path, field: "refcount table entry \(i)",
-                                           detail: "refcount block offset 0x\(hex(off)) is invalid or beyond the end of the file; repair the image with 'qimg check -r all'")
+                throw QCow2Error.needsRepair(path: image.path, detail: "invalid refcount table entry \(i): refcount block offset 0x\(hex(off)) is invalid or beyond the end of the file")
             }
             t[i] = off
         }

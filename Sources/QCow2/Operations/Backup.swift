@@ -40,17 +40,17 @@ public enum BackupOperation {
         // Validation: nothing is touched before all of it passes.
         switch o.sync {
         case .incremental, .bitmap:
-            guard o.bitmap != nil else { throw invalid("sync=\(o.sync.rawValue) needs --bitmap") }
+            guard o.bitmap != nil else { throw invalid("a \(o.sync.rawValue) backup needs a bitmap") }
             // A delta without its backing file reads as zeros wherever nothing changed.
             guard o.backingFile != nil || o.allowNoBacking else {
                 throw invalid("an incremental backup needs the previous backup as its backing file (or an explicit request for a standalone delta)")
             }
         case .top:
-            guard o.bitmap == nil else { throw invalid("--bitmap cannot be used with sync=top") }
+            guard o.bitmap == nil else { throw invalid("a top backup takes no bitmap") }
         case .full: break
         }
         if o.bitmapMode != .onSuccess && o.sync != .bitmap {
-            throw invalid("--bitmap-mode only applies to sync=bitmap")
+            throw invalid("a bitmap mode applies only to a bitmap backup")
         }
         var st = stat()
         let targetExists = Sys.stat(target, &st) == 0
@@ -58,19 +58,14 @@ public enum BackupOperation {
             throw QCow2Error.invalidArgument(path: target, detail: "is a directory")
         }
         if targetExists && !o.force {
-            throw QCow2Error.invalidArgument(path: target, detail: "the target exists (use --force to replace it)")
+            throw QCow2Error.targetExists(path: target)
         }
 
         // Locks before any file changes: the source (write locks when a bitmap will
         // change, else read locks), then the target's backing file.
         var opener = ImageOpener()
         opener.writable = o.bitmap != nil && !(o.sync == .bitmap && o.bitmapMode == .never)
-        let source: any DiskImage
-        do {
-            source = try opener.open(sourcePath, format: o.sourceFormat)
-        } catch QCow2Error.inUse(let p, let holder, _) where !holder.isQimg {
-            throw QCow2Error.inUse(path: p, holder: holder, hint: "back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)")
-        }
+        let source = try opener.open(sourcePath, format: o.sourceFormat)
         let qsource = source as? QCow2Image
         var backing: (any DiskImage)?
         if let b = o.backingFile {
@@ -88,7 +83,7 @@ public enum BackupOperation {
         if let name = o.bitmap {
             guard let q = qsource else { throw invalid("bitmaps need a qcow2 source") }
             if q.bitmaps.first(where: { $0.name == name })?.inUse == true {
-                throw invalid("Bitmap '\(name)' is inconsistent and cannot be used; remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
+                throw QCow2Error.bitmapInconsistent(path: sourcePath, bitmap: name)
             }
             if o.sync != .full { changes = try PersistentBitmapChanges(q, bitmap: name) }
         }

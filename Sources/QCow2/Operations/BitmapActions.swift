@@ -22,13 +22,6 @@ public enum BitmapAction: Equatable, Sendable {
     }
 }
 
-public struct BitmapActionError: Error, CustomStringConvertible {
-    public var action: String
-    public var bitmap: String
-    public var reason: String
-    public var description: String { "Operation \(action) on bitmap \(bitmap) failed: \(reason)" }
-}
-
 extension QCow2Image {
     /// The default granularity of a new bitmap: the cluster size clamped to 4 KiB .. 64 KiB.
     public var defaultBitmapGranularity: UInt64 { UInt64(min(max(geometry.clusterSize, 4096), 65536)) }
@@ -41,13 +34,14 @@ extension QCow2Image {
         var entries = header.autoclearFeatures & Features.autoclearBitmaps != 0 ? bitmaps : []
         var data: [String: DirtyBitmap] = [:]  // new content of bitmaps that change
         var removed: [BitmapDirectoryEntry] = []
-        func fail(_ a: BitmapAction, _ reason: String) -> BitmapActionError {
-            BitmapActionError(action: a.name, bitmap: name, reason: reason)
+        func fail(_ a: BitmapAction, _ reason: String, inconsistent: String? = nil) -> QCow2Error {
+            .bitmapOperation(path: path, action: a.name, bitmap: name, reason: reason, inconsistent: inconsistent)
+        }
+        func inconsistent(_ a: BitmapAction, _ bitmap: String) -> QCow2Error {
+            fail(a, "Bitmap '\(bitmap)' is inconsistent and cannot be used", inconsistent: bitmap)
         }
         func consistent(_ a: BitmapAction, _ i: Int) throws {
-            if entries[i].inUse {
-                throw fail(a, "Bitmap '\(name)' is inconsistent and cannot be used; use --remove to delete it")
-            }
+            if entries[i].inUse { throw inconsistent(a, name) }
         }
         for a in actions {
             let index = entries.firstIndex { $0.name == name }
@@ -102,7 +96,7 @@ extension QCow2Image {
                     src = try mergeSource(source)
                 } else {
                     guard let s = entries.first(where: { $0.name == source }) else { throw fail(a, "Dirty bitmap '\(source)' not found") }
-                    guard !s.inUse else { throw fail(a, "Bitmap '\(source)' is inconsistent and cannot be used; use --remove to delete it") }
+                    guard !s.inUse else { throw inconsistent(a, source) }
                     src = try data[source] ?? loadBitmap(s)
                 }
                 var target = try data[name] ?? loadBitmap(entries[i])
@@ -114,7 +108,7 @@ extension QCow2Image {
         // bitmap whose extension cannot fit in the header is refused before any write.
         if !entries.isEmpty {
             do { try checkBitmapsExtensionFits() } catch let e as QCow2Error {
-                throw BitmapActionError(action: actions.last?.name ?? "add", bitmap: name, reason: e.message)
+                throw QCow2Error.bitmapOperation(path: path, action: actions.last?.name ?? "add", bitmap: name, reason: e.message, inconsistent: nil)
             }
         }
         try clearUnknownAutoclearBits()
@@ -138,7 +132,7 @@ extension QCow2Image {
             throw QCow2Error.invalidArgument(path: path, detail: "Dirty bitmap '\(name)' not found")
         }
         guard !e.inUse else {
-            throw QCow2Error.unsupported(path: path, detail: "Bitmap '\(name)' is inconsistent and cannot be used; use --remove to delete it")
+            throw QCow2Error.bitmapInconsistent(path: path, bitmap: name)
         }
         return (e, try loadBitmap(e))
     }

@@ -34,7 +34,7 @@ public enum ConvertOperation {
             for e in q.bitmaps {
                 if e.inUse {
                     if o.skipBrokenBitmaps { continue }
-                    throw QCow2Error.unsupported(path: q.path, detail: "Cannot copy inconsistent bitmap '\(e.name)'; try --skip-broken-bitmaps, or use 'qimg bitmap --remove' to delete it")
+                    throw QCow2Error.bitmapInconsistent(path: q.path, bitmap: e.name)
                 }
                 bitmaps.append((e, try q.loadBitmap(e)))
             }

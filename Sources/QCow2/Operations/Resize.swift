@@ -15,7 +15,7 @@ extension QCow2Image {
         }
         guard newSize > 0 else { throw QCow2Error.invalidArgument(path: path, detail: "New image size must be positive") }
         if let bad = bitmaps.first(where: { $0.inUse }) {
-            throw QCow2Error.unsupported(path: path, detail: "Bitmap '\(bad.name)' is inconsistent and cannot be resized; remove it first ('qimg bitmap --remove')")
+            throw QCow2Error.bitmapInconsistent(path: path, bitmap: bad.name)
         }
         if header.version < 3 && !snapshots.isEmpty {
             throw QCow2Error.unsupported(path: path, detail: "Can't resize a v2 image which has snapshots")
@@ -31,7 +31,7 @@ extension QCow2Image {
         if newSize < oldSize {
             let tail = try hasAllocation(from: newSize)
             if tail && !allowShrink {
-                throw QCow2Error.invalidArgument(path: path, detail: "Use the --shrink option to perform a shrink operation (the part being cut off holds data)")
+                throw QCow2Error.shrinkWouldLoseData(path: path)
             }
         }
         try clearUnknownAutoclearBits()

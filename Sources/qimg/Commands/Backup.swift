@@ -34,6 +34,10 @@ struct Backup: ParsableCommand {
     @Argument(help: "The image to back up.") var source: String
     @Argument(help: "The backup image to write.") var target: String
 
+    static let advice = ErrorText.Advice(
+        inUseByOthers: "back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)",
+        bitmapInconsistent: "remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
+
     func run() throws {
         var o = BackupOptions()
         let syncName = sync == "dirty-bitmap" ? "incremental" : sync
@@ -81,6 +85,7 @@ struct Backup: ParsableCommand {
                 if case QCow2Error.incomplete(_, _, let kept) = error { throw Interruption.failure(source, kept) }
                 throw Interruption.failure(source, "\(target) was not written and the bitmap is unchanged")
             }
+            if let e = error as? QCow2Error { throw CommandFailure(message: ErrorText.line(e, advice: Self.advice)) }
             throw error
         }
         bar.finish(succeeded: true)

@@ -146,8 +146,8 @@ struct Bitmap: ParsableCommand {
         do {
             try image.applyBitmapActions(p.actions, to: name, mergeSource: source.map { s in
                 { try s.consistentBitmap($0).1 } })
-        } catch let e as BitmapActionError {
-            throw CommandFailure(message: "\(file): \(e.description)")
+        } catch let e as QCow2Error where { if case .bitmapOperation = e { return true } else { return false } }() {
+            throw CommandFailure(message: ErrorText.line(e))
         } catch let e as QCow2Error {
             throw CommandFailure(message: "\(file): Operation on bitmap \(name) failed: \(e.message)")
         }

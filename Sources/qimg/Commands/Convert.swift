@@ -77,6 +77,10 @@ struct Convert: ParsableCommand {
             if Interruption.requested {
                 throw Interruption.failure(source, noCreate ? "\(target) was partly written" : "\(target) was not written")
             }
+            if case QCow2Error.bitmapInconsistent(let path, let name) = error {
+                // qemu-img's words.
+                throw CommandFailure(message: "\(path): Cannot copy inconsistent bitmap '\(name)'; try --skip-broken-bitmaps, or use 'qimg bitmap --remove' to delete it")
+            }
             throw error
         }
         bar.finish(succeeded: true)
