@@ -40,17 +40,17 @@ public enum BackupOperation {
         // Validation: nothing is touched before all of it passes.
         switch o.sync {
         case .incremental, .bitmap:
-            guard o.bitmap != nil else { throw invalid("a \(o.sync.rawValue) backup needs a bitmap") }
+            guard o.bitmap != nil else { throw invalid("a backup with sync=\(o.sync.rawValue) needs a bitmap") }
             // A delta without its backing file reads as zeros wherever nothing changed.
             guard o.backingFile != nil || o.allowNoBacking else {
                 throw invalid("an incremental backup needs the previous backup as its backing file (or an explicit request for a standalone delta)")
             }
         case .top:
-            guard o.bitmap == nil else { throw invalid("a top backup takes no bitmap") }
+            guard o.bitmap == nil else { throw invalid("a backup with sync=top takes no bitmap") }
         case .full: break
         }
         if o.bitmapMode != .onSuccess && o.sync != .bitmap {
-            throw invalid("a bitmap mode applies only to a bitmap backup")
+            throw invalid("a bitmap mode applies only to sync=bitmap")
         }
         var st = stat()
         let targetExists = Sys.stat(target, &st) == 0
