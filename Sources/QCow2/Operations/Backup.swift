@@ -34,10 +34,65 @@ public struct BackupResult: Sendable {
 }
 
 public enum BackupOperation {
+    /// What a run works with once it is validated and has its locks.
+    struct Inputs {
+        var source: any DiskImage
+        var qsource: QCow2Image?
+        var backing: (any DiskImage)?
+        var changes: (any ChangeSet)?
+    }
+
     public static func run(source sourcePath: String, target: String, options o: BackupOptions) throws -> BackupResult {
         let started = monotonicNanoseconds()
+        let targetExists = try validate(source: sourcePath, target: target, options: o)
+        let inputs = try openInputs(source: sourcePath, target: target, targetExists: targetExists, options: o)
+        let source = inputs.source
+
+        // The target, under a temporary name of this run's.
+        let staged = try StagedFile(final: target)
+        defer { staged.discard() }
+        func named(_ e: Error) -> Error {
+            // Errors about the temporary file name the target the user gave.
+            if let q = e as? QCow2Error, q.path == staged.temporaryPath { return q.withPath(target) }
+            return e
+        }
+        let t: QCow2Image
+        do { t = try createTarget(staged.temporaryPath, inputs: inputs, options: o) } catch { throw named(error) }
+        t.file.deferSync = true
+        var engine = CopyEngine(source: source, target: t)
+        engine.compressed = o.compressed
+        engine.speed = o.speed
+        engine.shouldStop = o.shouldStop
+        engine.targetBacking = inputs.backing
+        let unit = engine.unit
+
+        let (ranges, maskZeros) = try rangesToCopy(inputs, sync: o.sync, unit: unit)
+        let total = ranges.reduce(0) { $0 + $1.1 }
+        engine.progress = { o.progress?($0, total) }
+        do {
+            for (a, n) in ranges { try engine.copy(a, n, maskZeros: maskZeros) }
+            try t.close()
+            t.file.deferSync = false
+            try t.file.fullSync()
+        } catch {
+            // bitmap-mode=always keeps what was copied and gives back only the rest.
+            if o.sync == .bitmap && o.bitmapMode == .always, let q = inputs.qsource, let name = o.bitmap,
+               let changes = inputs.changes, let copied = engine.copied, engine.bytesCopied > 0 {
+                throw keepPartial(staged, t, source: q, bitmap: name, changes: changes, copied: copied, failure: named(error))
+            }
+            throw named(error)
+        }
+        try staged.commit(replacing: o.force, durable: true)
+        // Only now, with the target durable, does the bitmap change.
+        try updateBitmap(inputs, target: target, options: o)
+        let seconds = Double(monotonicNanoseconds() - started) / 1e9
+        return BackupResult(bytesToCopy: total, bytesWritten: engine.bytesCopied, clusters: total / unit, seconds: seconds)
+    }
+
+    /// Checks the options and the target before anything is opened; returns whether the
+    /// target exists (and may be replaced).
+    static func validate(source sourcePath: String, target: String, options o: BackupOptions) throws -> Bool {
         func invalid(_ m: String) -> QCow2Error { .invalidArgument(path: sourcePath, detail: m) }
-        // Validation: nothing is touched before all of it passes.
         switch o.sync {
         case .incremental, .bitmap:
             guard o.bitmap != nil else { throw invalid("a backup with sync=\(o.sync.rawValue) needs a bitmap") }
@@ -60,117 +115,93 @@ public enum BackupOperation {
         if targetExists && !o.force {
             throw QCow2Error.targetExists(path: target)
         }
+        return targetExists
+    }
 
-        // Locks before any file changes: the source (write locks when a bitmap will
-        // change, else read locks), then the target's backing file.
+    /// Locks before any file changes: the source (write locks when a bitmap will change,
+    /// else read locks), then the target's backing file; then the checks that need them.
+    static func openInputs(source sourcePath: String, target: String, targetExists: Bool, options o: BackupOptions) throws -> Inputs {
         var opener = ImageOpener()
         opener.writable = o.bitmap != nil && !(o.sync == .bitmap && o.bitmapMode == .never)
         let source = try opener.open(sourcePath, format: o.sourceFormat)
-        let qsource = source as? QCow2Image
-        var backing: (any DiskImage)?
+        var inputs = Inputs(source: source, qsource: source as? QCow2Image)
         if let b = o.backingFile {
-            backing = try ImageOpener().open(ImageOpener.resolveBacking(b, relativeTo: target), format: o.backingFormat)
-            guard backing!.virtualSize == source.virtualSize else {
-                throw QCow2Error.invalidArgument(path: b, detail: "the backing file's size (\(backing!.virtualSize)) differs from the source's (\(source.virtualSize))")
+            let backing = try ImageOpener().open(ImageOpener.resolveBacking(b, relativeTo: target), format: o.backingFormat)
+            guard backing.virtualSize == source.virtualSize else {
+                throw QCow2Error.invalidArgument(path: b, detail: "the backing file's size (\(backing.virtualSize)) differs from the source's (\(source.virtualSize))")
             }
+            inputs.backing = backing
         }
         // Replacing the source, the backing file or any file of their chains would
         // destroy what the backup is made of.
         if targetExists {
-            try refuseTargetInChains(target, source: source, backing: backing)
+            try refuseTargetInChains(target, source: source, backing: inputs.backing)
         }
-        var changes: (any ChangeSet)?
         if let name = o.bitmap {
-            guard let q = qsource else { throw invalid("bitmaps need a qcow2 source") }
+            guard let q = inputs.qsource else {
+                throw QCow2Error.invalidArgument(path: sourcePath, detail: "bitmaps need a qcow2 source")
+            }
             if q.bitmaps.first(where: { $0.name == name })?.inUse == true {
                 throw QCow2Error.bitmapInconsistent(path: sourcePath, bitmap: name)
             }
-            if o.sync != .full { changes = try PersistentBitmapChanges(q, bitmap: name) }
+            if o.sync != .full { inputs.changes = try PersistentBitmapChanges(q, bitmap: name) }
         }
+        return inputs
+    }
 
-        // The target, under a temporary name of this run's.
-        let staged = try StagedFile(final: target)
-        defer { staged.discard() }
-        func named(_ e: Error) -> Error {
-            // Errors about the temporary file name the target the user gave.
-            if let q = e as? QCow2Error, q.path == staged.temporaryPath { return q.withPath(target) }
-            return e
-        }
+    /// Creates the target (a qcow2 overlay of the backing file, if any) at `path` and
+    /// opens it for writing.
+    static func createTarget(_ path: String, inputs: Inputs, options o: BackupOptions) throws -> QCow2Image {
         var c = o.create
         c.format = .qcow2
-        c.size = source.virtualSize
+        c.size = inputs.source.virtualSize
         c.backingFile = o.backingFile
-        let probedBacking = try backing.map { try ImageOpener.probe($0.file) }
+        let probedBacking = try inputs.backing.map { try ImageOpener.probe($0.file) }
         c.backingFormat = (o.backingFormat ?? probedBacking)?.rawValue
-        let t: QCow2Image
-        do {
-            try ImageCreator.create(staged.temporaryPath, options: c)
-            var topener = ImageOpener()
-            topener.writable = true
-            topener.openBacking = false
-            guard let q = try topener.open(staged.temporaryPath, format: .qcow2) as? QCow2Image else { throw invalid("cannot open the target") }
-            t = q
-        } catch { throw named(error) }
-        t.file.deferSync = true
-        var engine = CopyEngine(source: source, target: t)
-        engine.compressed = o.compressed
-        engine.speed = o.speed
-        engine.shouldStop = o.shouldStop
-        engine.targetBacking = backing
-        let unit = engine.unit
+        try ImageCreator.create(path, options: c)
+        var topener = ImageOpener()
+        topener.writable = true
+        topener.openBacking = false
+        guard let q = try topener.open(path, format: .qcow2) as? QCow2Image else {
+            throw QCow2Error.invalidArgument(path: path, detail: "cannot open the target")
+        }
+        return q
+    }
 
-        // What to copy, in target clusters.
-        var ranges: [(UInt64, UInt64)]
-        var maskZeros = false
-        switch o.sync {
+    /// What to copy, in whole target clusters, and whether zeros must be written (they
+    /// hide what the target's backing file holds).
+    static func rangesToCopy(_ inputs: Inputs, sync: BackupOptions.Sync, unit: UInt64) throws -> ([(UInt64, UInt64)], Bool) {
+        let source = inputs.source
+        var ranges: [(UInt64, UInt64)] = []
+        switch sync {
         case .full:
             ranges = try CopyEngine.nonZeroRanges(source)
         case .top:
-            ranges = []
             var pos: UInt64 = 0
             while pos < source.virtualSize {
                 let e = try source.layerExtent(at: pos, maxLength: source.virtualSize - pos)
                 if case .unallocated = e.descriptor {} else { ranges.append((pos, e.length)) }
                 pos += e.length
             }
-            maskZeros = true
         case .incremental, .bitmap:
-            ranges = []
-            changes?.forEachChangedRange { ranges.append(($0, $1)) }
-            maskZeros = true
+            inputs.changes?.forEachChangedRange { ranges.append(($0, $1)) }
         }
-        ranges = CopyEngine.normalize(ranges, unit: unit, size: source.virtualSize)
-        let total = ranges.reduce(0) { $0 + $1.1 }
-        engine.progress = { o.progress?($0, total) }
-        do {
-            for (a, n) in ranges { try engine.copy(a, n, maskZeros: maskZeros) }
-            try t.close()
-            t.file.deferSync = false
-            try t.file.fullSync()
-        } catch {
-            // bitmap-mode=always keeps what was copied and gives back only the rest.
-            if o.sync == .bitmap && o.bitmapMode == .always, let q = qsource, let name = o.bitmap, let changes,
-               let copied = engine.copied, engine.bytesCopied > 0 {
-                throw keepPartial(staged, t, source: q, bitmap: name, changes: changes, copied: copied, failure: named(error))
-            }
-            throw named(error)
-        }
-        try staged.commit(replacing: o.force, durable: true)
+        return (CopyEngine.normalize(ranges, unit: unit, size: source.virtualSize), sync != .full)
+    }
 
-        // Only now, with the target durable, does the bitmap change.
-        if let name = o.bitmap, let q = qsource {
-            do {
-                if o.bitmapMode != .never {
-                    if let changes { try changes.consumed() } else { try PersistentBitmapChanges.restart(q, bitmap: name) }
-                }
-                try q.close()
-            } catch let e as QCow2Error {
-                // The backup itself is done: say so, so that nobody retries it blindly.
-                throw QCow2Error.unsupported(path: q.path, detail: "the backup \(target) is complete, but bitmap '\(name)' was not updated (\(e.message)); its bits stay set, so the next incremental backup copies those clusters again")
+    /// After the target is durable: the consumed changes are released (or, after a full
+    /// backup, the bitmap restarts empty), and the source is closed.
+    static func updateBitmap(_ inputs: Inputs, target: String, options o: BackupOptions) throws {
+        guard let name = o.bitmap, let q = inputs.qsource else { return }
+        do {
+            if o.bitmapMode != .never {
+                if let changes = inputs.changes { try changes.consumed() } else { try PersistentBitmapChanges.restart(q, bitmap: name) }
             }
+            try q.close()
+        } catch let e as QCow2Error {
+            // The backup itself is done: say so, so that nobody retries it blindly.
+            throw QCow2Error.unsupported(path: q.path, detail: "the backup \(target) is complete, but bitmap '\(name)' was not updated (\(e.message)); its bits stay set, so the next incremental backup copies those clusters again")
         }
-        let seconds = Double(monotonicNanoseconds() - started) / 1e9
-        return BackupResult(bytesToCopy: total, bytesWritten: engine.bytesCopied, clusters: total / unit, seconds: seconds)
     }
 
     /// Refuses a target that is the source, the target's backing file or any file of
