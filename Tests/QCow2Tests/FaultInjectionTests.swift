@@ -6,6 +6,8 @@ import Glibc
 #endif
 @testable import QCow2
 
+// Fault injection exists in debug builds only (QIMG_FAULT_INJECTION, Package.swift).
+#if QIMG_FAULT_INJECTION
 /// Fault injection below the library (`FaultInjector`, armed per test directory, so
 /// the parallel test cases do not see each other's faults).
 ///
@@ -1058,3 +1060,4 @@ enum Harness {
         }.joined(separator: " ") + "]"
     }
 }
+#endif
