@@ -63,6 +63,22 @@ import Testing
         #expect(!FileManager.default.fileExists(atPath: dir + "/b.qcow2"))
     }
 
+    /// `convert -n` into an existing raw file: the source's zero ranges (a zero cluster and
+    /// unallocated space) are written as zeros, so none of the target's old bytes show
+    /// through (the path of CopyEngine's zero writes to raw targets).
+    @Test(.requiresQEMU) func existingRawTargetGetsZeros() throws {
+        let dir = try Paths.newScratch("convert-n-raw")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2", "s.qcow2", "4M"], in: dir)
+        try Runner.qemuStep(["qemu-io", "-c", "write -P 0x11 0 1M", "-c", "write -z 1M 1M", "s.qcow2"], in: dir)
+        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "raw", "t.raw", "4M"], in: dir)
+        try Runner.qemuStep(["qemu-io", "-f", "raw", "-c", "write -P 0xab 0 4M", "t.raw"], in: dir)
+        let m = try Qimg.run(["convert", "-n", "-O", "raw", "s.qcow2", "t.raw"], cwd: dir)
+        #expect(m.status == 0, "\(m.summary): \(m.err)")
+        let cmp = try Runner.qemuImg(["compare", "-f", "qcow2", "-F", "raw", "s.qcow2", "t.raw"], cwd: dir)
+        #expect(cmp.status == 0, "\(cmp.out)\(cmp.err)")
+    }
+
     @Test(.requiresQEMU) func bitmapsAreCopied() throws {
         let dir = try Paths.newScratch("convert-bitmaps")
         defer { try? FileManager.default.removeItem(atPath: dir) }
