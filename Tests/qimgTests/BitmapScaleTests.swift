@@ -157,6 +157,43 @@ import Testing
         try Self.checkClean("big.qcow2", dir, "after removal")
     }
 
+    /// Regression: the human `--dump` multiplied offsets by its 64 columns in 64 bits and
+    /// trapped (SIGILL) on a disk past 2^58 bytes with a dirty granule there. A 512 PiB disk
+    /// (2 MiB clusters: an 8 MiB L1 table; qimg, like QEMU, caps the L1 table at 32 MiB,
+    /// i.e. disks at 2^61 bytes) with a 2 GiB-granularity bitmap dirtied by QEMU at 2^58 and
+    /// at the last byte: both outputs are complete, the map has '#' in columns 32 and 63, and
+    /// the 17-digit offsets are followed by a space.
+    @Test(.requiresQEMU) func dumpOfAHalfExbibyteDisk() throws {
+        let dir = try Self.scratch("512p")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let size: UInt64 = 1 << 59, g: UInt64 = 1 << 31
+        _ = try Self.ok(Runner.qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "big.qcow2", String(size)], cwd: dir))
+        _ = try Self.ok(Runner.qemuImg(["bitmap", "--add", "-g", String(g), "big.qcow2", "b"], cwd: dir))
+        _ = try Self.ok(Runner.qemuIO(["-f", "qcow2", "-c", "write -P 7 \(size / 2) 64k", "-c", "write -P 8 \(size - 512) 512", "big.qcow2"], cwd: dir))
+
+        let human = try Qimg.run(["bitmap", "--dump", "big.qcow2", "b"], cwd: dir)
+        #expect(human.exitedNormally && human.status == 0 && human.err.isEmpty, "\(human.summary): \(human.err)")
+        let columns = String(repeating: ".", count: 32) + "#" + String(repeating: ".", count: 30) + "#"
+        #expect(human.out == """
+            bitmap: b
+            granularity: \(g)
+            flags: auto
+            dirty: \(2 * g) bytes (4 GiB) in 2 extents
+            map: |\(columns)| (each column 8 PiB)
+            Offset          Length
+            0x\(String(size / 2, radix: 16)) 0x\(String(g, radix: 16))
+            0x\(String(size - g, radix: 16)) 0x\(String(g, radix: 16))
+
+            """)
+        let json = try Qimg.run(["bitmap", "--dump", "--output=json", "big.qcow2", "b"], cwd: dir)
+        #expect(json.exitedNormally && json.status == 0, "\(json.summary): \(json.err)")
+        let dumped = try JSONSerialization.jsonObject(with: json.stdout) as? [String: Any] ?? [:]
+        let extents = (dumped["extents"] as? [[String: Any]] ?? []).map {
+            [($0["start"] as! NSNumber).uint64Value, ($0["length"] as! NSNumber).uint64Value]
+        }
+        #expect(extents == [[size / 2, g], [size - g, g]])
+    }
+
     /// 1000 bitmaps added one by one with qimg (mixed granularities, every 7th disabled):
     /// QEMU lists them all, the image checks clean, one write dirties every enabled one,
     /// and qimg info matches qemu-img info.

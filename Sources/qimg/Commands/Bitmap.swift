@@ -183,16 +183,20 @@ enum BitmapDump {
         let columns: UInt64 = 64
         var picture = [Character](repeating: ".", count: Int(columns))
         if diskSize > 0 {
-            for (start, length) in extents {
-                let a = start * columns / diskSize
-                let z = min(columns - 1, (start + length - 1) * columns / diskSize)
-                for c in a...z { picture[Int(c)] = "#" }
+            // offset * 64 / diskSize in 128 bits: offsets past 2^58 would overflow 64.
+            func column(_ offset: UInt64) -> Int {
+                Int(min(columns - 1, diskSize.dividingFullWidth(min(offset, diskSize - 1).multipliedFullWidth(by: columns)).quotient))
+            }
+            for (start, length) in extents where length > 0 {
+                for c in column(start)...column(start + (length - 1)) { picture[c] = "#" }
             }
         }
-        s += "map: |" + String(picture) + "| (each column \(Human.size((diskSize + columns - 1) / columns)))\n"
+        let columnBytes = diskSize / columns + (diskSize % columns == 0 ? 0 : 1)
+        s += "map: |" + String(picture) + "| (each column \(Human.size(columnBytes)))\n"
         if !extents.isEmpty {
             s += "Offset          Length\n"
-            for (start, length) in extents { s += Human.hexColumn(start) + Human.hexColumn(length).trimmingTrailingSpaces() + "\n" }
+            // Offsets of 16 hex digits or more (past 2^56) still get a space before the length.
+            for (start, length) in extents { s += Human.pad(Human.hexColumn(start), 15) + " " + Human.hexColumn(length).trimmingTrailingSpaces() + "\n" }
         }
         return s
     }
