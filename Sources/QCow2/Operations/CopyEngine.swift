@@ -177,10 +177,6 @@ public struct CopyEngine {
     }
 }
 
-extension UnsafeRawBufferPointer {
-    var mutable: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(mutating: self) }
-}
-
 func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)

@@ -48,7 +48,6 @@ struct Bitmap: ParsableCommand {
 
     func parse() throws -> Parsed {
         var p = Parsed()
-        var disableWithAdd = false
         var i = 0
         func value(_ flag: String) throws -> String {
             if let eq = arguments[i].firstIndex(of: "="), arguments[i].hasPrefix("--") {
@@ -75,7 +74,7 @@ struct Bitmap: ParsableCommand {
             case "--enable": p.actions.append(.enable)
             case "--disable":
                 // Right after --add, qemu-img creates the bitmap disabled.
-                if case .add(let g, false)? = p.actions.last { p.actions[p.actions.count - 1] = .add(granularity: g, disabled: true); disableWithAdd = true } else { p.actions.append(.disable) }
+                if case .add(let g, false)? = p.actions.last { p.actions[p.actions.count - 1] = .add(granularity: g, disabled: true) } else { p.actions.append(.disable) }
             case "--merge": p.actions.append(.merge(source: try value(key)))
             case "-b", "--source-file": p.sourceFile = try value(key)
             case "-F", "--source-format": p.sourceFormat = try value(key)
@@ -95,7 +94,6 @@ struct Bitmap: ParsableCommand {
             }
             i += 1
         }
-        _ = disableWithAdd
         if let g = p.granularity {
             p.actions = p.actions.map { if case .add(_, let d) = $0 { return .add(granularity: g, disabled: d) } else { return $0 } }
         }
