@@ -25,8 +25,12 @@ let package = Package(
             "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: [faultInjection]),
-        .testTarget(name: "QCow2Tests", dependencies: ["QCow2"], swiftSettings: [faultInjection]),
-        .testTarget(name: "qimgTests", dependencies: ["QCow2"]),
+        // Helpers shared by the test targets (process launchers, fixtures, qemu-img oracles). A
+        // test target itself: built with the tests only (every `swift build` builds a regular
+        // target, the static release build too, which has no Testing module).
+        .testTarget(name: "TestSupport", path: "Tests/Support"),
+        .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "TestSupport"], swiftSettings: [faultInjection]),
+        .testTarget(name: "qimgTests", dependencies: ["QCow2", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

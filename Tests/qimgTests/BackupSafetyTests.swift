@@ -4,6 +4,7 @@
 
 import Foundation
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -56,9 +57,9 @@ import Glibc
                 kills += 1
                 // The target was durable before the source was touched.
                 try B.expectIdentical("src.qcow2", "inc.qcow2", dir, label)
-                try B.expectCheckClean("inc.qcow2", dir, label)
+                try expectCheckClean("inc.qcow2", dir, label)
                 // No leaked cluster, no corruption.
-                try B.expectCheckClean("src.qcow2", dir, label)
+                try expectCheckClean("src.qcow2", dir, label)
                 let info = try B.tool(["qemu-img", "info", "src.qcow2"], dir).out
                 #expect(!info.contains("in-use"), "\(label): a bitmap was left in use:\n\(info)")
                 let now = Self.granules(try B.dump("src.qcow2", "b", dir))
@@ -68,7 +69,7 @@ import Glibc
                 try B.qimg(["backup", "-q", "--sync=incremental", "--bitmap=b", "-b", "inc.qcow2", "-F", "qcow2", "src.qcow2", "next.qcow2"], dir)
                 try B.expectIdentical("src.qcow2", "next.qcow2", dir, label + ", next backup")
                 #expect(try B.dump("src.qcow2", "b", dir).dirty == 0, "\(label): bits left after the next backup")
-                try B.expectCheckClean("src.qcow2", dir, label + ", next backup")
+                try expectCheckClean("src.qcow2", dir, label + ", next backup")
                 n += 1
             }
             #expect(n > 1, "\(kind): no \(kind) to the source was reached (the campaign kills nothing)")
@@ -129,8 +130,9 @@ import Glibc
         let vm = try Spawned(qemu, ["-S", "-display", "none", "-nodefaults", "-machine", "none",
                                     "-blockdev", "driver=qcow2,node-name=disk,file.driver=file,file.filename=src.qcow2"], cwd: dir)
         defer { vm.send(SIGKILL); vm.wait(timeout: 600) }
-        // The VM has the image once qemu-img cannot take its write lock.
-        Self.waitUntil(vm) { (try? Runner.qemuIO(["-c", "read 0 512", "src.qcow2"], cwd: dir).status) == 1 }
+        // The VM has the image once it holds its write lock (byte 101). (Probing with qemu-io
+        // instead raced the VM for the image: a probe that held it made the VM fail.)
+        _ = try? waitForLock(on: dir + "/src.qcow2", byte: 101, timeout: 600, alive: { vm.isRunning })
         #expect(!vm.exited, "the VM exited: \(vm.err)")
         let r = try Qimg.run(["backup", "--sync=incremental", "--bitmap=b", "--no-backing", "src.qcow2", "t.qcow2"], cwd: dir)
         expectCleanFailure("backup of a running VM", r)

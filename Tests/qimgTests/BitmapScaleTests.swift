@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Persistent bitmaps at scale: a 4 TiB disk (bitmap work must follow the dirty areas,
 /// not the disk size, in time and memory) and an image holding 1000 bitmaps.
@@ -75,11 +76,6 @@ import Testing
         }
     }
 
-    static func checkClean(_ file: String, _ dir: String, _ when: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
-        let r = try Runner.qemuImg(["check", file], cwd: dir)
-        #expect(r.exitedNormally && r.status == 0, "\(when): \(r.summary): \(r.out)\(r.err)", sourceLocation: sourceLocation)
-    }
-
     /// A 4 TiB sparse disk with data spread over it: add, track writes (including a 40 GiB
     /// discard and a 3 GiB zero write), dump, merge into a new bitmap, clear and remove;
     /// each within seconds and a small peak RSS, and QEMU exports the extents qimg dumps.
@@ -147,14 +143,14 @@ import Testing
         let union = Self.extents(ranges + [late], granularity: g, size: size)
         #expect(try BitmapTests.qemuExtents("big.qcow2", "b2", dir) == union)
         #expect(try BitmapTests.qimgExtents("big.qcow2", "b2", dir) == union)
-        try Self.checkClean("big.qcow2", dir, "before removal")
+        try expectCheckClean("big.qcow2", dir, "before removal")
         let ours = try Qimg.run(["info", "--output=json", "big.qcow2"], cwd: dir)
         #expect(ours.out == (try Runner.qemuImg(["info", "--output=json", "big.qcow2"], cwd: dir).out))
 
         try Self.bounded(["bitmap", "--remove", "big.qcow2", "b1"], cwd: dir)
         try Self.bounded(["bitmap", "--remove", "big.qcow2", "b2"], cwd: dir)
         #expect(try Self.listedBitmaps("big.qcow2", dir).isEmpty)
-        try Self.checkClean("big.qcow2", dir, "after removal")
+        try expectCheckClean("big.qcow2", dir, "after removal")
     }
 
     /// Regression: the human `--dump` multiplied offsets by its 64 columns in 64 bits and
@@ -224,11 +220,11 @@ import Testing
         for (i, b) in listed.enumerated() where i < 1000 {
             #expect(b.granularity == granularities[i % 4] && b.flags == (disabled(i) ? [] : ["auto"]), "\(b)")
         }
-        try Self.checkClean("img.qcow2", dir, "after adding 1000 bitmaps")
+        try expectCheckClean("img.qcow2", dir, "after adding 1000 bitmaps")
 
         let write: (UInt64, UInt64) = ((3 << 20) + 1000, 70_000)
         try Self.bounded(["io", "-c", "write -P 5 \(write.0) \(write.1)", "img.qcow2"], cwd: dir)
-        try Self.checkClean("img.qcow2", dir, "after the write")
+        try expectCheckClean("img.qcow2", dir, "after the write")
         let after = try Self.listedBitmaps("img.qcow2", dir)
         #expect(after.count == 1000 && !after.contains { $0.flags.contains("in-use") })
         for i in [0, 1, 2, 3, 10, 499, 500, 997, 998, 999] {
