@@ -1,6 +1,10 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
+/// Fault injection (Sources/QCow2/IO/FaultInjection.swift, QIMG_FAULTS) is a testing aid:
+/// compiled into debug builds (the tests') only, never into a release build.
+let faultInjection: SwiftSetting = .define("QIMG_FAULT_INJECTION", .when(configuration: .debug))
+
 let package = Package(
     name: "qimg",
     products: [
@@ -16,13 +20,17 @@ let package = Package(
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
-        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CLinux"]),
+        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CLinux"], swiftSettings: [faultInjection]),
         .executableTarget(name: "qimg", dependencies: [
             "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
-        ]),
-        .testTarget(name: "QCow2Tests", dependencies: ["QCow2"]),
-        .testTarget(name: "qimgTests", dependencies: ["QCow2"]),
+        ], swiftSettings: [faultInjection]),
+        // Helpers shared by the test targets (process launchers, fixtures, qemu-img oracles). A
+        // test target itself: built with the tests only (every `swift build` builds a regular
+        // target, the static release build too, which has no Testing module).
+        .testTarget(name: "TestSupport", path: "Tests/Support"),
+        .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "TestSupport"], swiftSettings: [faultInjection]),
+        .testTarget(name: "qimgTests", dependencies: ["QCow2", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -35,9 +35,11 @@ struct Qimg: ParsableCommand {
 
     static func main() {
         do {
-            // Testing aid: QIMG_FAULTS arms fault injection below the library
-            // (FaultPlan(specification:)); unset in normal use.
+            #if QIMG_FAULT_INJECTION
+            // Testing aid, debug builds only: QIMG_FAULTS arms fault injection below the
+            // library (FaultPlan(specification:)); unset in normal use.
             try FaultInjector.armFromEnvironment()
+            #endif
             // Arguments are bytes: file names that are not UTF-8 pass through unchanged.
             let arguments = (1..<Int(CommandLine.argc)).map { i in
                 PathCodec.decode(cString: CommandLine.unsafeArgv[i]!)

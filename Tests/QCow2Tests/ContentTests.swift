@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 import QCow2
 #if canImport(Glibc)
 import Glibc

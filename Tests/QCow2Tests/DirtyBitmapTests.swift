@@ -1,4 +1,5 @@
 import Testing
+import TestSupport
 @testable import QCow2
 
 /// The in-memory bitmap at word and chunk boundaries, against a plain Bool array model.

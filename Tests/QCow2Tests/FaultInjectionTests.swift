@@ -1,11 +1,14 @@
 import Foundation
 import Synchronization
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
 @testable import QCow2
 
+// Fault injection exists in debug builds only (QIMG_FAULT_INJECTION, Package.swift).
+#if QIMG_FAULT_INJECTION
 /// Fault injection below the library (`FaultInjector`, armed per test directory, so
 /// the parallel test cases do not see each other's faults).
 ///
@@ -689,11 +692,7 @@ enum Harness {
     }
 
     static func runSetup(_ commands: [[String]], in dir: String) throws {
-        for c in commands {
-            let r = c[0] == "qemu-io" ? try Runner.qemuIO(Array(c.dropFirst()), cwd: dir)
-                                      : try Runner.qemuImg(Array(c.dropFirst()), cwd: dir)
-            guard r.exitedNormally, r.status == 0 else { throw TestFailure("setup: \(r.summary): \(r.err)") }
-        }
+        for c in commands { try Runner.qemuStep(c, in: dir) }
     }
 
     static func copyDirectory(_ from: String, _ to: String) throws {
@@ -776,10 +775,8 @@ enum Harness {
     /// qemu-img check on every qcow2 file of `dir`: no corruption (leaks allowed).
     static func checkAll(_ dir: String, label: String, skip: Set<String> = []) throws {
         for name in try FileManager.default.contentsOfDirectory(atPath: dir).sorted() where name.hasSuffix(".qcow2") && !skip.contains(name) {
-            let r = try Runner.qemuImg(["check", "-U", name], cwd: dir)
-            if !(r.exitedNormally && (r.status == 0 || r.status == 3)) {
-                let lines = (r.out + r.err).split(separator: "\n").prefix(6).joined(separator: "\n    ")
-                issue("\(label): qemu-img check \(name): \(r.summary)\n    \(lines)")
+            if let problem = try Runner.qemuCheckProblem(name, dir, leaksAllowed: true, forceShare: true) {
+                issue("\(label): \(problem)")
             }
         }
     }
@@ -1058,3 +1055,4 @@ enum Harness {
         }.joined(separator: " ") + "]"
     }
 }
+#endif

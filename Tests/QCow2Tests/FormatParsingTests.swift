@@ -1,4 +1,5 @@
 import Testing
+import TestSupport
 @testable import QCow2
 
 /// Byte-level tests of the pure parsers against bytes taken from real QEMU images

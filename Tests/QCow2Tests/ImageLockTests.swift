@@ -3,6 +3,7 @@
 
 import Foundation
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -33,47 +34,18 @@ private final class LockScratch {
     deinit { try? FileManager.default.removeItem(atPath: dir) }
 }
 
-/// A QEMU process kept alive by a stdin pipe that stays open until `stop()`.
-private final class BackgroundQEMU {
-    let process = Process()
-    let stdin = Pipe()
+/// Starts a QEMU tool (qemu-io) kept alive by a stdin pipe that stays open until `stop`,
+/// and waits (up to 5 s) until it holds a lock covering `byte` of `image`.
+private func backgroundQEMU(_ args: [String], in s: LockScratch, lockedByte byte: Int) throws -> Spawned {
+    let q = try Spawned(try qemuIOPath(), args, cwd: s.dir, stdinPipe: true)
+    do { try waitForLock(on: s.image, byte: byte, timeout: 5, alive: { q.isRunning }) } catch { stop(q); throw error }
+    return q
+}
 
-    init(_ executable: String, _ args: [String]) throws {
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = args
-        process.environment = Runner.environment
-        process.standardInput = stdin
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
-    }
-
-    /// Waits (up to `timeout` seconds) until /proc/locks shows a lock on
-    /// `path` covering `byte` (the kernel merges adjacent ranges: "100 101").
-    func waitForLock(on path: String, byte: Int, timeout: Double = 5) throws {
-        var st = stat()
-        guard stat(path, &st) == 0 else { throw TestFailure("stat \(path): errno \(errno)") }
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            guard process.isRunning else { throw TestFailure("QEMU exited early (status \(process.terminationStatus))") }
-            let text = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
-            for line in text.split(separator: "\n") {
-                let f = line.split(separator: " ", omittingEmptySubsequences: true)
-                // "1: OFDLCK ADVISORY  READ -1 fe:00:16220299 100 101"
-                guard f.count >= 8, f[5].hasSuffix(":\(st.st_ino)"),
-                      let lo = Int(f[6]), let hi = Int(f[7]) else { continue }
-                if (lo...hi).contains(byte) { return }
-            }
-            usleep(20_000)
-        }
-        throw TestFailure("no lock on byte \(byte) of \(path) after \(timeout)s")
-    }
-
-    func stop() {
-        try? stdin.fileHandleForWriting.close()
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
+private func stop(_ q: Spawned) {
+    q.closeStdin()
+    q.send(SIGKILL)
+    q.wait(timeout: 30)
 }
 
 private func expectConflict(_ mode: LockMode, fd: Int32, path: String, detail: String,
@@ -109,20 +81,19 @@ struct ImageLockTests {
     @Test("a. QEMU writer (qemu-io) holds the image: .write and .read conflict, .none works")
     func qemuWriterBlocksUs() throws {
         let s = try LockScratch()
-        let qemu = try BackgroundQEMU(qemuIOPath(), ["-f", "qcow2", s.image])
-        defer { qemu.stop() }
-        try qemu.waitForLock(on: s.image, byte: 203)
+        let qemu = try backgroundQEMU(["-f", "qcow2", s.image], in: s, lockedByte: 203)
+        defer { stop(qemu) }
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }
         // The holder is named, with its pid (read from /proc/PID/fdinfo).
-        let holder = "qemu-io (pid \(qemu.process.processIdentifier))"
+        let holder = "qemu-io (pid \(qemu.pid))"
         expectConflict(.write, fd: fd, path: s.image, detail: inUse(by: holder))
         expectConflict(.read, fd: fd, path: s.image, detail: inUse(by: holder))
         try ImageLock.acquire(fd: fd, path: s.image, mode: .none)
         // A failed acquire leaves nothing behind: QEMU's writer is undisturbed
         // and, once it is gone, we can lock.
-        qemu.stop()
+        stop(qemu)
         try ImageLock.acquire(fd: fd, path: s.image, mode: .write)
         ImageLock.release(fd: fd)
     }
@@ -130,13 +101,12 @@ struct ImageLockTests {
     @Test("a'. QEMU reader (qemu-io -r): .write conflicts without the -U hint, .read works")
     func qemuReaderBlocksOurWrite() throws {
         let s = try LockScratch()
-        let qemu = try BackgroundQEMU(qemuIOPath(), ["-r", "-f", "qcow2", s.image])
-        defer { qemu.stop() }
-        try qemu.waitForLock(on: s.image, byte: 203)
+        let qemu = try backgroundQEMU(["-r", "-f", "qcow2", s.image], in: s, lockedByte: 203)
+        defer { stop(qemu) }
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }
-        expectConflict(.write, fd: fd, path: s.image, detail: inUse(by: "qemu-io (pid \(qemu.process.processIdentifier))", hint: false))
+        expectConflict(.write, fd: fd, path: s.image, detail: inUse(by: "qemu-io (pid \(qemu.pid))", hint: false))
         try ImageLock.acquire(fd: fd, path: s.image, mode: .read)
         ImageLock.release(fd: fd)
     }
@@ -144,9 +114,8 @@ struct ImageLockTests {
     @Test("a''. QEMU force-share reader (qemu-io -r -U, byte 100 only) does not block .write")
     func forceShareReaderDoesNotBlock() throws {
         let s = try LockScratch()
-        let qemu = try BackgroundQEMU(qemuIOPath(), ["-r", "-U", "-f", "qcow2", s.image])
-        defer { qemu.stop() }
-        try qemu.waitForLock(on: s.image, byte: 100)
+        let qemu = try backgroundQEMU(["-r", "-U", "-f", "qcow2", s.image], in: s, lockedByte: 100)
+        defer { stop(qemu) }
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }

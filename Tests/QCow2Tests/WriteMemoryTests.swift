@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -29,25 +30,15 @@ import Glibc
         if Self.isChild { return try Self.workload() }
         guard let exe = Self.testBinary() else { return try Self.workload() }
 
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = ["--testing-library", "swift-testing", "--filter", "WriteMemoryTests"]
-        var env = Self.environment
-        env["QIMG_MEMORY_CHILD"] = "1"
-        p.environment = env
-        p.standardInput = FileHandle.nullDevice
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
+        let r = try Runner.run(exe, ["--testing-library", "swift-testing", "--filter", "WriteMemoryTests"],
+                               extraEnvironment: ["QIMG_MEMORY_CHILD": "1"], timeout: 300)
+        let text = r.out + r.err
         if let summary = text.split(separator: "\n").first(where: { $0.hasPrefix("WriteMemoryTests:") }) {
             print(summary)
         }
-        if p.terminationReason != .exit || p.terminationStatus != 0 {
+        if !r.exitedNormally || r.status != 0 {
             let tail = text.split(separator: "\n").suffix(30).joined(separator: "\n")
-            Issue.record("the child test run failed (status \(p.terminationStatus)):\n\(tail)")
+            Issue.record("the child test run failed (\(r.summary)):\n\(tail)")
         }
     }
 

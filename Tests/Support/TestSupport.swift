@@ -1,12 +1,11 @@
-// Shared by both test targets: Tests/QCow2Tests/TestSupport.swift and
-// Tests/qimgTests/TestSupport.swift are symbolic links to this file (the
-// package declares no shared test target). Keep it free of target-specific code.
+// The TestSupport target (Tests/Support), shared by both test targets, which
+// `import TestSupport`. Keep it free of target-specific code.
 //
-// What it provides:
+// What it provides (this file; the others of Tests/Support are named for what they hold):
 //  * Env       - CI detection and the QEMU tools on PATH;
 //  * Runner    - runs a process with a timeout, capturing stdout/stderr;
-//  * Fixtures  - generates the fixture images ONCE per test process (even
-//                across the two test modules, which share one process) and
+//  * Fixtures  - generates the fixture images ONCE per test process (the
+//                two test modules share one process) and
 //                parses manifest.tsv, corrupt.tsv and malformed.tsv;
 //  * helpers to compare outputs and to report the first differing line.
 
@@ -18,40 +17,40 @@ import Glibc
 
 // MARK: - Paths and environment
 
-enum Paths {
-    /// The package root: this file is Tests/<target>/TestSupport.swift.
-    static let packageRoot: String = URL(fileURLWithPath: #filePath)
+public enum Paths {
+    /// The package root: this file is Tests/Support/TestSupport.swift.
+    public static let packageRoot: String = URL(fileURLWithPath: #filePath)
         .deletingLastPathComponent()
         .deletingLastPathComponent()
         .deletingLastPathComponent()
         .path
-    static let fixtureScripts = packageRoot + "/Fixtures"
+    public static let fixtureScripts = packageRoot + "/Fixtures"
     /// Per-process work area (fixtures, captured output, converted images).
-    static let work: String = {
+    public static let work: String = {
         let tmp = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
         return tmp + "/qimg-tests-\(getpid())"
     }()
-    static let capture = work + "/capture"
-    static let scratch = work + "/scratch"
+    public static let capture = work + "/capture"
+    public static let scratch = work + "/scratch"
 
     /// A new, empty directory under `scratch`, named `name-XXXXXXXX`.
-    static func newScratch(_ name: String) throws -> String {
+    public static func newScratch(_ name: String) throws -> String {
         let dir = scratch + "/\(name)-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         return dir
     }
 }
 
-enum Env {
-    static let isCI = ProcessInfo.processInfo.environment["CI"] == "true"
+public enum Env {
+    public static let isCI = ProcessInfo.processInfo.environment["CI"] == "true"
 
     /// Set by `make sanitize` (address, thread). AddressSanitizer keeps freed
     /// memory in quarantine and both add shadow memory, so peak-RSS bounds are scaled
     /// (they are checked unscaled by `make test`).
-    static let sanitizer = ProcessInfo.processInfo.environment["QIMG_SANITIZER"]
-    static let memoryBoundScale = sanitizer == "address" || sanitizer == "thread" ? 8 : 1
+    public static let sanitizer = ProcessInfo.processInfo.environment["QIMG_SANITIZER"]
+    public static let memoryBoundScale = sanitizer == "address" || sanitizer == "thread" ? 8 : 1
 
-    static func which(_ name: String) -> String? {
+    public static func which(_ name: String) -> String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"
         for dir in path.split(separator: ":") where !dir.isEmpty {
             let candidate = "\(dir)/\(name)"
@@ -60,12 +59,13 @@ enum Env {
         return nil
     }
 
-    static let qemuImg = which("qemu-img")
-    static let qemuIO = which("qemu-io")
-    static let python3 = which("python3")
-    static let qemuAvailable = qemuImg != nil && qemuIO != nil
+    public static let qemuImg = which("qemu-img")
+    public static let qemuIO = which("qemu-io")
+    public static let python3 = which("python3")
+    public static let qemuAvailable = qemuImg != nil && qemuIO != nil
+    public static let qemuStorageDaemon = which("qemu-storage-daemon")
 
-    static let missingQEMUMessage =
+    public static let missingQEMUMessage =
         "qemu-img/qemu-io not found on PATH (install qemu-utils, e.g. `make deps`)"
 }
 
@@ -73,47 +73,53 @@ extension Trait where Self == ConditionTrait {
     /// Skips the test, visibly, when QEMU's tools are missing, unless CI=true:
     /// then the test runs and fails (fixture arguments throw, or
     /// `Fixtures.get()` throws).
-    static var requiresQEMU: Self {
+    public static var requiresQEMU: Self {
         .enabled(if: Env.qemuAvailable || Env.isCI,
                  "SKIPPED: qemu-img/qemu-io not found on PATH; install qemu-utils (make deps). With CI=true this is a failure.")
     }
+
+    /// Like `.requiresQEMU`, and qemu-storage-daemon too (qemu-system-common).
+    public static var requiresStorageDaemon: Self {
+        .enabled(if: (Env.qemuAvailable && Env.qemuStorageDaemon != nil) || Env.isCI,
+                 "SKIPPED: qemu-storage-daemon (qemu-system-common) or qemu-img/qemu-io not found on PATH; install them (make deps). With CI=true this is a failure.")
+    }
 }
 
-struct TestFailure: Error, CustomStringConvertible {
-    var description: String
-    init(_ d: String) { description = d }
+public struct TestFailure: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
 }
 
 // MARK: - Running processes
 
-struct RunResult: Sendable {
+public struct RunResult: Sendable {
     /// Exit status, or the signal number when `signaled`.
-    var status: Int32
-    var signaled: Bool
-    var timedOut: Bool
-    var stdout: Data
-    var stderr: Data
-    var command: String
+    public var status: Int32
+    public var signaled: Bool
+    public var timedOut: Bool
+    public var stdout: Data
+    public var stderr: Data
+    public var command: String
 
-    var out: String { String(decoding: stdout, as: UTF8.self) }
-    var err: String { String(decoding: stderr, as: UTF8.self) }
-    var exitedNormally: Bool { !signaled && !timedOut }
+    public var out: String { String(decoding: stdout, as: UTF8.self) }
+    public var err: String { String(decoding: stderr, as: UTF8.self) }
+    public var exitedNormally: Bool { !signaled && !timedOut }
 
     /// stderr split into lines (a final newline does not start a new line).
-    var stderrLines: [String] {
+    public var stderrLines: [String] {
         var lines = err.split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
         if lines.last == "" { lines.removeLast() }
         return lines
     }
 
-    var summary: String {
+    public var summary: String {
         let how = timedOut ? "timed out" : signaled ? "killed by signal \(status)" : "exit \(status)"
         return "`\(command)` -> \(how)"
     }
 }
 
-enum Runner {
-    static let environment: [String: String] = {
+public enum Runner {
+    public static let environment: [String: String] = {
         var env = ProcessInfo.processInfo.environment
         env["TZ"] = "UTC"
         env["LC_ALL"] = "C"
@@ -127,11 +133,11 @@ enum Runner {
         return true
     }()
 
-    /// Runs `executable args` in `cwd`; stdout and stderr go to temporary
-    /// files (no pipe deadlocks). After `timeout` seconds the process is
-    /// killed with SIGKILL and the result says `timedOut`.
-    static func run(_ executable: String, _ args: [String], cwd: String? = nil,
-                    timeout: Double = 120) throws -> RunResult {
+    /// Runs `executable args` in `cwd` (with `environment`, plus `extraEnvironment`);
+    /// stdout and stderr go to temporary files (no pipe deadlocks). After `timeout`
+    /// seconds the process is killed with SIGKILL and the result says `timedOut`.
+    public static func run(_ executable: String, _ args: [String], cwd: String? = nil,
+                           extraEnvironment: [String: String] = [:], timeout: Double = 120) throws -> RunResult {
         _ = prepared
         let fm = FileManager.default
         let id = UUID().uuidString
@@ -151,7 +157,7 @@ enum Runner {
         p.executableURL = URL(fileURLWithPath: executable)
         p.arguments = args
         if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
-        p.environment = environment
+        p.environment = environment.merging(extraEnvironment) { $1 }
         p.standardInput = FileHandle.nullDevice
         p.standardOutput = outHandle
         p.standardError = errHandle
@@ -186,13 +192,13 @@ enum Runner {
     }
 
     /// Runs qemu-img (which must exist).
-    static func qemuImg(_ args: [String], cwd: String? = nil, timeout: Double = 120) throws -> RunResult {
+    public static func qemuImg(_ args: [String], cwd: String? = nil, timeout: Double = 120) throws -> RunResult {
         guard let exe = Env.qemuImg else { throw TestFailure(Env.missingQEMUMessage) }
         return try run(exe, args, cwd: cwd, timeout: timeout)
     }
 
     /// Runs qemu-io (which must exist).
-    static func qemuIO(_ args: [String], cwd: String? = nil, timeout: Double = 120) throws -> RunResult {
+    public static func qemuIO(_ args: [String], cwd: String? = nil, timeout: Double = 120) throws -> RunResult {
         guard let exe = Env.qemuIO else { throw TestFailure(Env.missingQEMUMessage) }
         return try run(exe, args, cwd: cwd, timeout: timeout)
     }
@@ -200,7 +206,7 @@ enum Runner {
     /// Runs a setup step, `["qemu-img", ...]` or `["qemu-io", ...]`, in `dir`; throws
     /// unless it exits 0.
     @discardableResult
-    static func qemuStep(_ args: [String], in dir: String) throws -> RunResult {
+    public static func qemuStep(_ args: [String], in dir: String) throws -> RunResult {
         let r = args[0] == "qemu-io" ? try qemuIO(Array(args.dropFirst()), cwd: dir)
                                      : try qemuImg(Array(args.dropFirst()), cwd: dir)
         guard r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
@@ -234,54 +240,59 @@ enum WorkArea {
 
 // MARK: - Fixtures
 
-struct ManifestEntry: Sendable, Hashable, CustomTestStringConvertible {
-    var name: String
-    var format: String
-    var testDescription: String { "\(name) [\(format)]" }
+public struct ManifestEntry: Sendable, Hashable, CustomTestStringConvertible {
+    public var name: String
+    public var format: String
+    public var testDescription: String { "\(name) [\(format)]" }
+
+    public init(name: String, format: String) {
+        self.name = name
+        self.format = format
+    }
 }
 
-struct CorruptEntry: Sendable, Hashable, CustomTestStringConvertible {
-    var name: String
-    var qemuCheckExit: Int32
-    var testDescription: String { name }
+public struct CorruptEntry: Sendable, Hashable, CustomTestStringConvertible {
+    public var name: String
+    public var qemuCheckExit: Int32
+    public var testDescription: String { name }
 }
 
-struct MalformedEntry: Sendable, Hashable, CustomTestStringConvertible {
-    var name: String
+public struct MalformedEntry: Sendable, Hashable, CustomTestStringConvertible {
+    public var name: String
     /// "qcow2" (force the format) or "auto" (probe).
-    var formatOption: String
+    public var formatOption: String
     /// Exit code of `timeout 5 qemu-img info [-f qcow2] NAME`.
-    var qemuInfoExit: Int32
-    var description: String
-    var testDescription: String { name }
+    public var qemuInfoExit: Int32
+    public var description: String
+    public var testDescription: String { name }
 
     /// `-f qcow2` when the format is forced.
-    var formatArgs: [String] { formatOption == "qcow2" ? ["-f", "qcow2"] : [] }
+    public var formatArgs: [String] { formatOption == "qcow2" ? ["-f", "qcow2"] : [] }
 
     /// The exit code of `qemu-img info --backing-chain` given in the
     /// description ("... info --backing-chain exits N"), if any.
-    var backingChainExit: Int32? {
+    public var backingChainExit: Int32? {
         guard let r = description.range(of: "--backing-chain exits ") else { return nil }
         return Int32(description[r.upperBound...].prefix(while: { $0.isNumber }))
     }
 }
 
-struct FixtureSet: Sendable {
-    var validDir: String
-    var corruptDir: String
-    var malformedDir: String
-    var manifest: [ManifestEntry]
-    var corrupt: [CorruptEntry]
-    var malformed: [MalformedEntry]
+public struct FixtureSet: Sendable {
+    public var validDir: String
+    public var corruptDir: String
+    public var malformedDir: String
+    public var manifest: [ManifestEntry]
+    public var corrupt: [CorruptEntry]
+    public var malformed: [MalformedEntry]
 }
 
-enum Fixtures {
+public enum Fixtures {
     /// Generated at first use; every later caller (in either test module)
     /// gets the same directories.
     private static let shared: Result<FixtureSet, TestFailure> = generateOncePerProcess()
 
     /// The fixture set; throws when QEMU is missing or generation failed.
-    static func get() throws -> FixtureSet {
+    public static func get() throws -> FixtureSet {
         guard Env.qemuAvailable else {
             throw TestFailure(Env.missingQEMUMessage + (Env.isCI ? " and CI=true: failing" : ""))
         }
@@ -291,25 +302,25 @@ enum Fixtures {
     // Argument lists for parameterized tests. Without QEMU and outside CI
     // they are empty (the tests are skipped by `.requiresQEMU`); with CI=true
     // they throw, which fails the test.
-    static func manifestArguments() throws -> [ManifestEntry] {
+    public static func manifestArguments() throws -> [ManifestEntry] {
         guard Env.qemuAvailable || Env.isCI else { return [] }
         return try get().manifest
     }
-    static func qcow2ManifestArguments() throws -> [ManifestEntry] {
+    public static func qcow2ManifestArguments() throws -> [ManifestEntry] {
         try manifestArguments().filter { $0.format == "qcow2" }
     }
-    static func corruptArguments() throws -> [CorruptEntry] {
+    public static func corruptArguments() throws -> [CorruptEntry] {
         guard Env.qemuAvailable || Env.isCI else { return [] }
         return try get().corrupt
     }
-    static func malformedArguments() throws -> [MalformedEntry] {
+    public static func malformedArguments() throws -> [MalformedEntry] {
         guard Env.qemuAvailable || Env.isCI else { return [] }
         return try get().malformed
     }
 
-    /// Both test modules run in one process, each with its own copy of this
-    /// code: a lock file in the per-process work area makes the second one
-    /// wait for, and then reuse, what the first generated.
+    /// Both test modules run in one process and share this code (the TestSupport
+    /// target); a lock file in the per-process work area still makes any second
+    /// generator wait for, and then reuse, what the first generated.
     private static func generateOncePerProcess() -> Result<FixtureSet, TestFailure> {
         let root = Paths.work + "/fixtures"
         do {
@@ -392,9 +403,9 @@ enum Fixtures {
 
 // MARK: - Comparing outputs
 
-enum Diff {
+public enum Diff {
     /// nil when equal, else where the texts first differ (1-based line, both lines).
-    static func firstDifference(_ expected: String, _ actual: String) -> String? {
+    public static func firstDifference(_ expected: String, _ actual: String) -> String? {
         if expected == actual { return nil }
         let e = expected.split(separator: "\n", omittingEmptySubsequences: false)
         let a = actual.split(separator: "\n", omittingEmptySubsequences: false)
@@ -414,7 +425,7 @@ enum Diff {
 }
 
 /// Records an issue unless the two stdouts are equal, naming the first differing line.
-func expectSameStdout(_ label: String, qemu: RunResult, qimg: RunResult,
+public func expectSameStdout(_ label: String, qemu: RunResult, qimg: RunResult,
                       sourceLocation: SourceLocation = #_sourceLocation) {
     if let d = Diff.firstDifference(qemu.out, qimg.out) {
         Issue.record("\(label): stdout differs at \(d)", sourceLocation: sourceLocation)
@@ -422,7 +433,7 @@ func expectSameStdout(_ label: String, qemu: RunResult, qimg: RunResult,
 }
 
 /// Records an issue unless qimg exited normally with qemu-img's exit code.
-func expectSameExit(_ label: String, qemu: RunResult, qimg: RunResult,
+public func expectSameExit(_ label: String, qemu: RunResult, qimg: RunResult,
                     sourceLocation: SourceLocation = #_sourceLocation) {
     if !qimg.exitedNormally || qimg.status != qemu.status {
         let stderrLine = qimg.stderrLines.first.map { " (stderr: \($0))" } ?? ""
@@ -433,7 +444,7 @@ func expectSameExit(_ label: String, qemu: RunResult, qimg: RunResult,
 
 /// Records an issue unless `r` failed with exit 1...127 and exactly one
 /// stderr line starting with "qimg: ".
-func expectCleanFailure(_ label: String, _ r: RunResult, exitCode: Int32? = nil,
+public func expectCleanFailure(_ label: String, _ r: RunResult, exitCode: Int32? = nil,
                         sourceLocation: SourceLocation = #_sourceLocation) {
     guard r.exitedNormally else {
         Issue.record("\(label): \(r.summary)", sourceLocation: sourceLocation)
@@ -448,7 +459,7 @@ func expectCleanFailure(_ label: String, _ r: RunResult, exitCode: Int32? = nil,
 }
 
 /// Records an issue unless stderr is exactly one line starting with "qimg: ".
-func expectOneErrorLine(_ label: String, _ r: RunResult,
+public func expectOneErrorLine(_ label: String, _ r: RunResult,
                         sourceLocation: SourceLocation = #_sourceLocation) {
     let lines = r.stderrLines
     if lines.count != 1 || !lines[0].hasPrefix("qimg: ") {

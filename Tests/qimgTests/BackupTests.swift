@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -9,17 +10,6 @@ import Glibc
 /// and under failures (SIGKILL, SIGTERM, unwritable directories, a full disk): a failed
 /// backup never loses bitmap bits and never leaves a TARGET behind.
 
-private let qsdPath = Env.which("qemu-storage-daemon")
-
-extension Trait where Self == ConditionTrait {
-    /// Like `.requiresQEMU`, for qemu-storage-daemon: skipped (visibly) when it is
-    /// missing, unless CI=true: then the test runs and fails.
-    fileprivate static var requiresQSDForBackup: Self {
-        .enabled(if: (Env.qemuAvailable && qsdPath != nil) || Env.isCI,
-                 "SKIPPED: qemu-storage-daemon not found on PATH; install qemu-system-common (make deps). With CI=true this is a failure.")
-    }
-}
-
 // MARK: - Helpers
 
 /// One guest operation of a workload, as a qemu-io / `qimg io` command.
@@ -27,85 +17,6 @@ private struct GuestOp {
     var command: String
     var offset: UInt64
     var length: UInt64
-}
-
-/// A process the test signals while it runs (qimg under SIGKILL/SIGTERM, qemu-storage-daemon).
-/// Started with posix_spawn, an empty signal mask and default signal dispositions: test
-/// threads (and Foundation's Process, which passes their mask on) block SIGINT and SIGTERM,
-/// and a child that inherits that mask would never see the signals the tests send.
-final class Spawned {
-    let pid: pid_t
-    private let outPath: String
-    private let errPath: String
-    private(set) var exited = false
-    private var rawStatus: Int32 = 0
-    let command: String
-
-    init(_ executable: String, _ args: [String], cwd: String) throws {
-        let id = UUID().uuidString
-        try FileManager.default.createDirectory(atPath: Paths.capture, withIntermediateDirectories: true)
-        outPath = "\(Paths.capture)/spawn-\(id).out"
-        errPath = "\(Paths.capture)/spawn-\(id).err"
-        command = ([URL(fileURLWithPath: executable).lastPathComponent] + args).joined(separator: " ")
-
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, outPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        posix_spawn_file_actions_addopen(&actions, 2, errPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        var defaults = sigset_t()
-        sigemptyset(&defaults)
-        for s in [SIGINT, SIGTERM, SIGPIPE, SIGHUP, SIGXFSZ] { sigaddset(&defaults, s) }
-        posix_spawnattr_setsigdefault(&attr, &defaults)
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-
-        // /bin/sh changes to the working directory and execs the program (same pid).
-        let argv = ["/bin/sh", "-c", "cd \"$0\" && exec \"$@\"", cwd, executable] + args
-        let envp = Runner.environment.map { "\($0.key)=\($0.value)" }
-        var cArgv: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
-        var cEnvp: [UnsafeMutablePointer<CChar>?] = envp.map { strdup($0) } + [nil]
-        defer { cArgv.forEach { free($0) }; cEnvp.forEach { free($0) } }
-        var child: pid_t = 0
-        let rc = posix_spawn(&child, "/bin/sh", &actions, &attr, &cArgv, &cEnvp)
-        guard rc == 0 else { throw TestFailure("cannot start \(command): posix_spawn error \(rc)") }
-        pid = child
-    }
-
-    deinit {
-        if !exited { kill(pid, SIGKILL); wait(timeout: 30) }
-        unlink(outPath)
-        unlink(errPath)
-    }
-
-    func send(_ sig: Int32) { if !exited { kill(pid, sig) } }
-
-    /// Waits for the exit (and reaps the child); false on timeout.
-    @discardableResult func wait(timeout: Double) -> Bool {
-        let deadline = Date().addingTimeInterval(timeout)
-        while !exited {
-            var st: Int32 = 0
-            let r = waitpid(pid, &st, WNOHANG)
-            if r == pid { rawStatus = st; exited = true; break }
-            if r < 0 && errno != EINTR { exited = true; rawStatus = 0x7f00; break }
-            if Date() > deadline { return false }
-            usleep(2_000)
-        }
-        return true
-    }
-
-    /// Exit status, or the signal number when `signaled`.
-    var status: Int32 { signaled ? rawStatus & 0x7f : (rawStatus >> 8) & 0xff }
-    var signaled: Bool { (rawStatus & 0x7f) != 0 && (rawStatus & 0x7f) != 0x7f }
-    var err: String { (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "" }
-    var stderrLines: [String] { err.split(separator: "\n").map(String.init) }
-    var summary: String { "`\(command)` -> \(signaled ? "killed by signal \(status)" : "exit \(status)")" }
 }
 
 /// A minimal QMP client over a unix socket.
@@ -216,12 +127,7 @@ private final class QMPClient {
 
     /// Runs qemu-img or qemu-io (first word), which must succeed.
     @discardableResult
-    static func tool(_ args: [String], _ dir: String) throws -> RunResult {
-        let r = args[0] == "qemu-io" ? try Runner.qemuIO(Array(args.dropFirst()), cwd: dir)
-                                      : try Runner.qemuImg(Array(args.dropFirst()), cwd: dir)
-        guard r.exitedNormally, r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
-        return r
-    }
+    static func tool(_ args: [String], _ dir: String) throws -> RunResult { try Runner.qemuStep(args, in: dir) }
 
     /// Runs qimg, which must succeed.
     @discardableResult
@@ -288,14 +194,6 @@ private final class QMPClient {
         let r = try Runner.qemuImg(["compare", a, b], cwd: dir)
         if r.status != 0 {
             Issue.record("\(label): \(a) and \(b) differ: \(r.out)\(r.err)", sourceLocation: sourceLocation)
-        }
-    }
-
-    static func expectCheckClean(_ file: String, _ dir: String, _ label: String,
-                                 sourceLocation: SourceLocation = #_sourceLocation) throws {
-        let r = try Runner.qemuImg(["check", file], cwd: dir)
-        if r.status != 0 {
-            Issue.record("\(label): qemu-img check \(file) -> exit \(r.status): \(r.out)\(r.err)", sourceLocation: sourceLocation)
         }
     }
 
@@ -382,7 +280,7 @@ private final class QMPClient {
         try Self.expectIdentical("src.qcow2", "full.qcow2", dir, "full")
         #expect(try Self.backingFile("full.qcow2", dir) == nil, "a full backup has no backing file")
         #expect(try Self.dump("src.qcow2", "b", dir).dirty == 0, "full --bitmap creates a clean bitmap")
-        try Self.expectCheckClean("full.qcow2", dir, "full")
+        try expectCheckClean("full.qcow2", dir, "full")
 
         var images = ["src.qcow2", "full.qcow2"]
         var previous = "full.qcow2"
@@ -466,7 +364,7 @@ private final class QMPClient {
     /// Runs blockdev-backup in qemu-storage-daemon from `source` (node "src") into the
     /// existing qcow2 `target` (node "tgt"), waits for the job and quits.
     static func qemuBackup(_ dir: String, source: String, target: String, sync: String, bitmap: String?) throws {
-        guard let qsd = qsdPath else { throw TestFailure("qemu-storage-daemon not found on PATH (install qemu-system-common)") }
+        guard let qsd = Env.qemuStorageDaemon else { throw TestFailure("qemu-storage-daemon not found on PATH (install qemu-system-common)") }
         var sock = dir + "/qmp.sock"
         if sock.utf8.count > 100 { sock = "/tmp/qimg-qmp-\(UUID().uuidString.prefix(8)).sock" }
         defer { unlink(sock) }
@@ -504,9 +402,9 @@ private final class QMPClient {
 
     /// The same source and bitmap state backed up by qimg and by QEMU (on a copy): the
     /// overlays hold the same clusters and read the same.
-    @Test(.requiresQEMU, .requiresQSDForBackup, arguments: qemuVariants)
+    @Test(.requiresQEMU, .requiresStorageDaemon, arguments: qemuVariants)
     func incrementalMatchesQEMU(_ v: Variant) throws {
-        guard qsdPath != nil else { throw TestFailure("qemu-storage-daemon not found on PATH (install qemu-system-common)") }
+        guard Env.qemuStorageDaemon != nil else { throw TestFailure("qemu-storage-daemon not found on PATH (install qemu-system-common)") }
         let dir = try Self.scratch("qsd")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let size = 48 * Self.mib
@@ -537,14 +435,14 @@ private final class QMPClient {
             // Both cleared the bitmap; qimg reads QEMU's cleared bitmap.
             #expect(try Self.dump("src.qcow2", "b", dir).dirty == 0, "\(label): qimg left bits")
             #expect(try Self.dump("src-q.qcow2", "b", dir).dirty == 0, "\(label): QEMU left bits")
-            for image in ["src.qcow2", "src-q.qcow2", mine, theirs] { try Self.expectCheckClean(image, dir, label) }
+            for image in ["src.qcow2", "src-q.qcow2", mine, theirs] { try expectCheckClean(image, dir, label) }
             previous = mine
         }
     }
 
     /// sync=full and sync=top against QEMU's blockdev-backup of the same chain.
-    @Test(.requiresQEMU, .requiresQSDForBackup) func fullAndTopMatchQEMU() throws {
-        guard qsdPath != nil else { throw TestFailure("qemu-storage-daemon not found on PATH (install qemu-system-common)") }
+    @Test(.requiresQEMU, .requiresStorageDaemon) func fullAndTopMatchQEMU() throws {
+        guard Env.qemuStorageDaemon != nil else { throw TestFailure("qemu-storage-daemon not found on PATH (install qemu-system-common)") }
         let dir = try Self.scratch("qsd-full")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try Self.makeChainSource(dir)
@@ -633,7 +531,7 @@ private final class QMPClient {
             if Self.hasTemporary(dir, of: "t.qcow2") { leftovers += 1 }
             let now = try Self.dump("src.qcow2", "b", dir)
             #expect(now.text == before.text, "\(label): bitmap changed:\n\(now.text)")
-            try Self.expectCheckClean("src.qcow2", dir, label)
+            try expectCheckClean("src.qcow2", dir, label)
         }
         #expect(leftovers >= 5, "only \(leftovers) of 10 kills landed mid-copy (the test is not testing much)")
         // The next run succeeds and removes the leftover.
@@ -641,7 +539,7 @@ private final class QMPClient {
         #expect(r.status == 0, "\(r.summary): \(r.err)")
         #expect(Self.exists(dir, "t.qcow2") && !Self.hasTemporary(dir, of: "t.qcow2"))
         try Self.expectIdentical("src.qcow2", "t.qcow2", dir, "after the kills")
-        try Self.expectCheckClean("t.qcow2", dir, "after the kills")
+        try expectCheckClean("t.qcow2", dir, "after the kills")
         #expect(try Self.dump("src.qcow2", "b", dir).dirty == 0)
     }
 
@@ -660,7 +558,7 @@ private final class QMPClient {
         #expect(p.stderrLines.count == 1 && p.err.hasPrefix("qimg: "), "stderr: \(p.err)")
         #expect(!Self.exists(dir, "t.qcow2") && !Self.hasTemporary(dir, of: "t.qcow2") && !Self.exists(dir, "t.qcow2.partial"))
         #expect(try Self.dump("src.qcow2", "b", dir).text == before.text, "bitmap changed")
-        try Self.expectCheckClean("src.qcow2", dir, "after signal \(sig)")
+        try expectCheckClean("src.qcow2", dir, "after signal \(sig)")
     }
 
     /// A tmpfs of `size` at DIR/small (root only); false, saying so, where mounting is not allowed.
@@ -751,7 +649,7 @@ private final class QMPClient {
         #expect(!Self.exists(dir, target) && !Self.hasTemporary(dir, of: target), "\(kind): a target was left")
         #expect(try Self.dump("src.qcow2", "b", dir).text == before.text, "\(kind): bitmap changed")
         #expect(try Self.bytes(dir, "src.qcow2") == src, "\(kind): SOURCE changed")
-        try Self.expectCheckClean("src.qcow2", dir, kind)
+        try expectCheckClean("src.qcow2", dir, kind)
     }
 
     // MARK: 5. Validation errors
@@ -861,7 +759,7 @@ private final class QMPClient {
         try Self.expectIdentical("src.qcow2", "always.qcow2", dir, "always (success)")
         #expect(try Self.dump("src.qcow2", "b", dir).dirty == 0, "bitmap-mode=always (success) left bits")
         #expect(!Self.exists(dir, "always.qcow2.partial"))
-        for f in ["src.qcow2", "full.qcow2", "never.qcow2", "ok.qcow2", "always.qcow2"] { try Self.expectCheckClean(f, dir, "modes") }
+        for f in ["src.qcow2", "full.qcow2", "never.qcow2", "ok.qcow2", "always.qcow2"] { try expectCheckClean(f, dir, "modes") }
 
         // --force replaces an existing TARGET.
         try Self.qimg(["backup", "--sync=full", "--force", "src.qcow2", "never.qcow2"], dir)
@@ -892,8 +790,8 @@ private final class QMPClient {
             Issue.record("bitmap-mode=always: no t.qcow2.partial after SIGTERM")
             return
         }
-        try Self.expectCheckClean("t.qcow2.partial", dir, "partial")
-        try Self.expectCheckClean("src.qcow2", dir, "partial")
+        try expectCheckClean("t.qcow2.partial", dir, "partial")
+        try expectCheckClean("src.qcow2", dir, "partial")
         #expect(try Self.backingFile("t.qcow2.partial", dir) == "full.qcow2")
         let copied = try Self.topLayer("t.qcow2.partial", dir)
         #expect(!copied.isEmpty, "nothing was copied before SIGTERM")
@@ -959,9 +857,8 @@ private final class QMPClient {
         #expect(r.err.contains("No space left on device") && r.err.contains("kept in \(t).partial")
                 && r.err.contains("backing file of the next backup"), "stderr: \(r.err)")
         #expect(!Self.exists(dir, t) && !Self.hasTemporary(dir, of: t))
-        let check = try Runner.qemuImg(["check", t + ".partial"], cwd: dir)
-        #expect(check.status == 0, "the partial does not check clean: \(check.out)\(check.err)")
-        try Self.expectCheckClean("src.qcow2", dir, "always on a full disk")
+        try expectCheckClean(t + ".partial", dir, "the partial")
+        try expectCheckClean("src.qcow2", dir, "always on a full disk")
         let d1 = try Self.dump("src.qcow2", "b", dir)
         #expect(d1.dirty > 0 && d1.dirty < d0.dirty, "the partial should hold part of the dirty data (\(d1.dirty) of \(d0.dirty))")
         try Self.qimg(["backup", "--sync=bitmap", "--bitmap=b", "-b", t + ".partial", "-F", "qcow2", "src.qcow2", "t2.qcow2"], dir)
@@ -992,7 +889,7 @@ private final class QMPClient {
         #expect(try Self.backingFile("full.qcow2", dir) == nil, "sync=full must flatten the chain")
         #expect(try Self.dataRanges("full.qcow2", dir) == (try Self.dataRanges("ref-full.qcow2", dir)),
                 "sync=full: data ranges differ from qemu-img convert's (zeros should stay sparse)")
-        try Self.expectCheckClean("full.qcow2", dir, "full")
+        try expectCheckClean("full.qcow2", dir, "full")
 
         try Self.qimg(["backup", "--sync=top", "-b", "base.qcow2", "-F", "qcow2", "src.qcow2", "top.qcow2"], dir)
         try Self.tool(["qemu-img", "convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "src.qcow2", "ref-top.qcow2"], dir)
@@ -1002,7 +899,7 @@ private final class QMPClient {
         let srcTop = Self.clusters(of: try Self.topLayer("src.qcow2", dir), cluster: 65536)
         let held = Self.clusters(of: try Self.topLayer("top.qcow2", dir), cluster: 65536)
         #expect(held.isSubset(of: srcTop), "sync=top copied clusters the top layer does not hold: \(held.subtracting(srcTop).sorted().map { $0 * 65536 })")
-        try Self.expectCheckClean("top.qcow2", dir, "top")
+        try expectCheckClean("top.qcow2", dir, "top")
         // A standalone restore of the top backup, as a user would do it.
         try Self.tool(["qemu-img", "convert", "-O", "raw", "top.qcow2", "top.raw"], dir)
         try Self.tool(["qemu-img", "convert", "-O", "raw", "src.qcow2", "src.raw"], dir)

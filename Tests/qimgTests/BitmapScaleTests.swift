@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Persistent bitmaps at scale: a 4 TiB disk (bitmap work must follow the dirty areas,
 /// not the disk size, in time and memory) and an image holding 1000 bitmaps.
@@ -75,11 +76,6 @@ import Testing
         }
     }
 
-    static func checkClean(_ file: String, _ dir: String, _ when: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
-        let r = try Runner.qemuImg(["check", file], cwd: dir)
-        #expect(r.exitedNormally && r.status == 0, "\(when): \(r.summary): \(r.out)\(r.err)", sourceLocation: sourceLocation)
-    }
-
     /// A 4 TiB sparse disk with data spread over it: add, track writes (including a 40 GiB
     /// discard and a 3 GiB zero write), dump, merge into a new bitmap, clear and remove;
     /// each within seconds and a small peak RSS, and QEMU exports the extents qimg dumps.
@@ -147,14 +143,51 @@ import Testing
         let union = Self.extents(ranges + [late], granularity: g, size: size)
         #expect(try BitmapTests.qemuExtents("big.qcow2", "b2", dir) == union)
         #expect(try BitmapTests.qimgExtents("big.qcow2", "b2", dir) == union)
-        try Self.checkClean("big.qcow2", dir, "before removal")
+        try expectCheckClean("big.qcow2", dir, "before removal")
         let ours = try Qimg.run(["info", "--output=json", "big.qcow2"], cwd: dir)
         #expect(ours.out == (try Runner.qemuImg(["info", "--output=json", "big.qcow2"], cwd: dir).out))
 
         try Self.bounded(["bitmap", "--remove", "big.qcow2", "b1"], cwd: dir)
         try Self.bounded(["bitmap", "--remove", "big.qcow2", "b2"], cwd: dir)
         #expect(try Self.listedBitmaps("big.qcow2", dir).isEmpty)
-        try Self.checkClean("big.qcow2", dir, "after removal")
+        try expectCheckClean("big.qcow2", dir, "after removal")
+    }
+
+    /// Regression: the human `--dump` multiplied offsets by its 64 columns in 64 bits and
+    /// trapped (SIGILL) on a disk past 2^58 bytes with a dirty granule there. A 512 PiB disk
+    /// (2 MiB clusters: an 8 MiB L1 table; qimg, like QEMU, caps the L1 table at 32 MiB,
+    /// i.e. disks at 2^61 bytes) with a 2 GiB-granularity bitmap dirtied by QEMU at 2^58 and
+    /// at the last byte: both outputs are complete, the map has '#' in columns 32 and 63, and
+    /// the 17-digit offsets are followed by a space.
+    @Test(.requiresQEMU) func dumpOfAHalfExbibyteDisk() throws {
+        let dir = try Self.scratch("512p")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let size: UInt64 = 1 << 59, g: UInt64 = 1 << 31
+        _ = try Self.ok(Runner.qemuImg(["create", "-q", "-f", "qcow2", "-o", "cluster_size=2M", "big.qcow2", String(size)], cwd: dir))
+        _ = try Self.ok(Runner.qemuImg(["bitmap", "--add", "-g", String(g), "big.qcow2", "b"], cwd: dir))
+        _ = try Self.ok(Runner.qemuIO(["-f", "qcow2", "-c", "write -P 7 \(size / 2) 64k", "-c", "write -P 8 \(size - 512) 512", "big.qcow2"], cwd: dir))
+
+        let human = try Qimg.run(["bitmap", "--dump", "big.qcow2", "b"], cwd: dir)
+        #expect(human.exitedNormally && human.status == 0 && human.err.isEmpty, "\(human.summary): \(human.err)")
+        let columns = String(repeating: ".", count: 32) + "#" + String(repeating: ".", count: 30) + "#"
+        #expect(human.out == """
+            bitmap: b
+            granularity: \(g)
+            flags: auto
+            dirty: \(2 * g) bytes (4 GiB) in 2 extents
+            map: |\(columns)| (each column 8 PiB)
+            Offset          Length
+            0x\(String(size / 2, radix: 16)) 0x\(String(g, radix: 16))
+            0x\(String(size - g, radix: 16)) 0x\(String(g, radix: 16))
+
+            """)
+        let json = try Qimg.run(["bitmap", "--dump", "--output=json", "big.qcow2", "b"], cwd: dir)
+        #expect(json.exitedNormally && json.status == 0, "\(json.summary): \(json.err)")
+        let dumped = try JSONSerialization.jsonObject(with: json.stdout) as? [String: Any] ?? [:]
+        let extents = (dumped["extents"] as? [[String: Any]] ?? []).map {
+            [($0["start"] as! NSNumber).uint64Value, ($0["length"] as! NSNumber).uint64Value]
+        }
+        #expect(extents == [[size / 2, g], [size - g, g]])
     }
 
     /// 1000 bitmaps added one by one with qimg (mixed granularities, every 7th disabled):
@@ -187,11 +220,11 @@ import Testing
         for (i, b) in listed.enumerated() where i < 1000 {
             #expect(b.granularity == granularities[i % 4] && b.flags == (disabled(i) ? [] : ["auto"]), "\(b)")
         }
-        try Self.checkClean("img.qcow2", dir, "after adding 1000 bitmaps")
+        try expectCheckClean("img.qcow2", dir, "after adding 1000 bitmaps")
 
         let write: (UInt64, UInt64) = ((3 << 20) + 1000, 70_000)
         try Self.bounded(["io", "-c", "write -P 5 \(write.0) \(write.1)", "img.qcow2"], cwd: dir)
-        try Self.checkClean("img.qcow2", dir, "after the write")
+        try expectCheckClean("img.qcow2", dir, "after the write")
         let after = try Self.listedBitmaps("img.qcow2", dir)
         #expect(after.count == 1000 && !after.contains { $0.flags.contains("in-use") })
         for i in [0, 1, 2, 3, 10, 499, 500, 997, 998, 999] {

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// The command line itself: `--version`, bare `qimg`, every subcommand's --help
 /// (value names, defaults, exit status), what the man pages and completion

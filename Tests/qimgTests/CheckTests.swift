@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `qimg check` against `qemu-img check`: the same exit code (0 clean,
 /// 2 corruptions, 3 leaks only, 63 unsupported format) and the same stdout.

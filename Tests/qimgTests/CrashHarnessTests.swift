@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// A short run of the crash-consistency harness `scripts/crashtest` (Docs/reliability.md,
 /// "Crash consistency"): 3 effective SIGKILLs per operation kind (io writes, bitmap edits,

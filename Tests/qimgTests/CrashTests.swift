@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -169,12 +170,7 @@ struct KilledRun {
         return UInt64.random(in: 1...UInt64(UInt32.max))
     }()
 
-    static func tool(_ args: [String], cwd: String) throws -> RunResult {
-        let r = args[0] == "qemu-io" ? try Runner.qemuIO(Array(args.dropFirst()), cwd: cwd)
-                                      : try Runner.qemuImg(Array(args.dropFirst()), cwd: cwd)
-        guard r.exitedNormally, r.status == 0 else { throw TestFailure("\(r.summary): \(r.err)") }
-        return r
-    }
+    static func tool(_ args: [String], cwd: String) throws -> RunResult { try Runner.qemuStep(args, in: cwd) }
 
     static func raw(_ dir: String, _ extra: [String] = []) throws -> [UInt8] {
         _ = try tool(["qemu-img", "convert"] + extra + ["-O", "raw", "img.qcow2", "crash-out.raw"], cwd: dir)
@@ -192,19 +188,6 @@ struct KilledRun {
         return d[56..<60].reduce(0) { $0 << 8 | UInt32($1) }
     }
 
-    /// nil when `qemu-img check` finds no corruption (leaks allowed), else what it said.
-    static func checkProblem(_ dir: String) throws -> String? {
-        let r = try Runner.qemuImg(["check", "--output=json", "img.qcow2"], cwd: dir)
-        guard r.exitedNormally, r.status == 0 || r.status == 3 else { return "\(r.summary): \(r.out)\(r.err)" }
-        guard let json = try? JSONSerialization.jsonObject(with: r.stdout) as? [String: Any] else {
-            return "unparsable output: \(r.out)"
-        }
-        for key in ["corruptions", "check-errors"] {
-            if let n = json[key] as? Int, n != 0 { return "\(key): \(n): \(r.out)" }
-        }
-        return nil
-    }
-
     /// Starts qimg with `args` in `cwd` (on `img.qcow2`) and SIGKILLs it `delay` seconds after
     /// it has locked the image, unless it has ended. `poll` is the polling interval (µs).
     /// With `afterOutputBytes`, the delay starts only once stdout holds that many bytes.
@@ -213,27 +196,8 @@ struct KilledRun {
         guard FileManager.default.isExecutableFile(atPath: Qimg.path) else {
             throw TestFailure("qimg binary not found at \(Qimg.path): run `swift build` first")
         }
-        let outPath = cwd + "/run.out", errPath = cwd + "/run.err"
-        guard FileManager.default.createFile(atPath: outPath, contents: nil),
-              FileManager.default.createFile(atPath: errPath, contents: nil),
-              let out = FileHandle(forWritingAtPath: outPath), let err = FileHandle(forWritingAtPath: errPath)
-        else { throw TestFailure("cannot create \(outPath)") }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Qimg.path)
-        p.arguments = args
-        p.currentDirectoryURL = URL(fileURLWithPath: cwd)
-        p.environment = Runner.environment
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = out
-        p.standardError = err
-        let done = DispatchSemaphore(value: 0)
-        p.terminationHandler = { _ in done.signal() }
-        do { try p.run() } catch {
-            try? out.close(); try? err.close()
-            throw TestFailure("cannot start qimg: \(error)")
-        }
-        try? out.close()
-        try? err.close()
+        let p = try Spawned(Qimg.path, args, cwd: cwd)
+        let pollSeconds = Double(poll) / 1e6
         // The delay counts from the moment qimg holds its write lock (byte 101), i.e. has
         // opened the image: parsing a long command list takes a while by itself.
         var st = stat()
@@ -243,22 +207,18 @@ struct KilledRun {
         if afterOutputBytes > 0 {
             let outputDeadline = Date().addingTimeInterval(10)
             while p.isRunning && Date() < outputDeadline {
-                var os = stat()
-                if stat(outPath, &os) == 0 && Int(os.st_size) >= afterOutputBytes { break }
+                if p.outputBytes >= afterOutputBytes { break }
                 usleep(poll)
             }
         }
         let started = Date()
-        if done.wait(timeout: .now() + delay) == .timedOut {
-            kill(p.processIdentifier, SIGKILL)
-            done.wait()
+        if !p.wait(timeout: delay, poll: pollSeconds) {
+            p.send(SIGKILL)
+            p.wait(timeout: 600, poll: pollSeconds)
         }
         let elapsed = Date().timeIntervalSince(started)
-        let killed = p.terminationReason == .uncaughtSignal && p.terminationStatus == SIGKILL
-        return KilledRun(killed: killed, status: p.terminationStatus,
-                         stdout: (try? String(contentsOfFile: outPath, encoding: .utf8)) ?? "",
-                         stderr: (try? String(contentsOfFile: errPath, encoding: .utf8)) ?? "",
-                         elapsed: elapsed)
+        let killed = p.signaled && p.status == SIGKILL
+        return KilledRun(killed: killed, status: p.status, stdout: p.out, stderr: p.err, elapsed: elapsed)
     }
 
     /// Index of the first byte where `a` and `b` differ in [from, to), or nil.
@@ -331,8 +291,8 @@ struct KilledRun {
                 : "completed"
 
             // (a) No corruption.
-            if let problem = try Self.checkProblem(dir) {
-                fail(runs, commands, "\(when): qemu-img check: \(problem)")
+            if let problem = try Runner.qemuCheckProblem("img.qcow2", dir, leaksAllowed: true) {
+                fail(runs, commands, "\(when): \(problem)")
                 return
             }
             // (b) Done commands are there; the one in flight is old or new, byte by byte.
@@ -374,8 +334,8 @@ struct KilledRun {
             return
         }
         for cmd in commands { cmd.apply(to: &shadow, clusterSize: c.clusterSize) }
-        if let problem = try Self.checkProblem(dir) {
-            fail(runs + 1, commands, "after the final run: qemu-img check: \(problem)")
+        if let problem = try Runner.qemuCheckProblem("img.qcow2", dir, leaksAllowed: true) {
+            fail(runs + 1, commands, "after the final run: \(problem)")
             return
         }
         let final = try Self.raw(dir)
@@ -569,8 +529,8 @@ extension CrashTests {
                 ? "killed \(String(format: "%.2f", r.elapsed * 1000)) ms after \(kind == 2 ? "the last output line" : "locking"), \(lines.count) of \(printing.count) commands done, in flight: \(inFlight.map(\.description) ?? "none")"
                 : "completed"
 
-            if let problem = try Self.checkProblem(dir) {
-                fail(runs, commands, "\(when): qemu-img check: \(problem)")
+            if let problem = try Runner.qemuCheckProblem("img.qcow2", dir, leaksAllowed: true) {
+                fail(runs, commands, "\(when): \(problem)")
                 return
             }
             let listed = try Self.qemuBitmaps(dir)
@@ -601,8 +561,8 @@ extension CrashTests {
                         fail(runs, commands, "\(when): removing in-use bitmap \(b.name): \(rm.summary): \(rm.err)")
                         return
                     }
-                    if let problem = try Self.checkProblem(dir) {
-                        fail(runs, commands, "\(when): after removing in-use bitmap \(b.name): qemu-img check: \(problem)")
+                    if let problem = try Runner.qemuCheckProblem("img.qcow2", dir, leaksAllowed: true) {
+                        fail(runs, commands, "\(when): after removing in-use bitmap \(b.name): \(problem)")
                         return
                     }
                     if try Self.qemuBitmaps(dir)[b.name] != nil {
@@ -662,8 +622,8 @@ extension CrashTests {
             fail(runs + 1, commands, "final run: \(r.summary): \(r.err)")
             return
         }
-        if let problem = try Self.checkProblem(dir) {
-            fail(runs + 1, commands, "after the final run: qemu-img check: \(problem)")
+        if let problem = try Runner.qemuCheckProblem("img.qcow2", dir, leaksAllowed: true) {
+            fail(runs + 1, commands, "after the final run: \(problem)")
             return
         }
         for b in enabled {

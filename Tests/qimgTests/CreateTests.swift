@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `qimg create` against `qemu-img create` with the same options: the same
 /// "Formatting" line, the same `qemu-img info --output=json` (filename and
@@ -117,8 +118,7 @@ struct CreateCase: Sendable, CustomTestStringConvertible {
         }
         #expect(view(mm.out) == view(mq.out))
         if !isRaw && !c.args.contains("-u") {
-            let check = try Runner.qemuImg(["check", "new.qcow2"], cwd: dir)
-            #expect(check.status == 0 && check.out.hasPrefix("No errors were found on the image."), "\(check.out)\(check.err)")
+            try expectCheckClean("new.qcow2", dir, c.testDescription)
         }
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// Fault injection into the qimg binary (QIMG_FAULTS, a testing aid; see
 /// Sources/QCow2/IO/FaultInjection.swift): a command whose write or sync fails exits 1
@@ -67,9 +68,7 @@ import Testing
                 #expect(line.contains("failed: \(errnoText)"), "\(label): the error does not name the call and errno: \(line)")
             }
             for name in try FileManager.default.contentsOfDirectory(atPath: dir) where name.hasSuffix(".qcow2") {
-                let chk = try Runner.qemuImg(["check", name], cwd: dir)
-                #expect(chk.exitedNormally && (chk.status == 0 || chk.status == 3),
-                        "\(label): qemu-img check \(name): \(chk.summary)\n\(chk.out)\(chk.err)")
+                try expectCheckClean(name, dir, label, leaksAllowed: true)
             }
             #expect(!FileManager.default.fileExists(atPath: dir + "/full.qcow2"), "\(label): a backup target exists after a failure")
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `qimg io -c 'read [-P PATTERN] OFF LEN'` on ranges whose content
 /// Fixtures/README.md documents, cross-checked with qemu-io.

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `qimg info` and `qimg map` against qemu-img 7.2 on every valid fixture:
 /// stdout must be byte-identical and the exit codes equal. Both tools run

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -7,45 +8,6 @@ import Glibc
 /// qimg against QEMU processes through QEMU's image locks, both ways:
 /// a qemu-storage-daemon holding an image read-write stops qimg's writers and
 /// locking readers (not `-U`), and a running `qimg io` writer stops qemu-img.
-
-extension Env {
-    static let qemuStorageDaemon = which("qemu-storage-daemon")
-}
-
-extension Trait where Self == ConditionTrait {
-    /// Like `.requiresQEMU`, and qemu-storage-daemon too (qemu-system-common).
-    static var requiresStorageDaemon: Self {
-        .enabled(if: (Env.qemuAvailable && Env.qemuStorageDaemon != nil) || Env.isCI,
-                 "SKIPPED: qemu-storage-daemon (qemu-system-common) or qemu-img/qemu-io not found on PATH; install them (make deps). With CI=true this is a failure.")
-    }
-}
-
-/// Waits (up to `timeout` seconds) until /proc/locks shows a lock covering `byte`
-/// of the file at `path` (matched by inode); `alive` is polled to stop early.
-func waitForLock(on path: String, byte: Int, timeout: Double = 10,
-                 alive: () -> Bool = { true }) throws {
-    var st = stat()
-    guard stat(path, &st) == 0 else { throw TestFailure("stat \(path): errno \(errno)") }
-    let deadline = Date().addingTimeInterval(timeout)
-    while Date() < deadline {
-        if lockHeld(inode: UInt64(st.st_ino), byte: byte) { return }
-        guard alive() else { throw TestFailure("the lock holder ended before locking byte \(byte) of \(path)") }
-        usleep(1_000)
-    }
-    throw TestFailure("no lock on byte \(byte) of \(path) after \(timeout) s")
-}
-
-func lockHeld(inode: UInt64, byte: Int) -> Bool {
-    let text = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
-    for line in text.split(separator: "\n") {
-        // "1: OFDLCK ADVISORY  READ -1 fe:00:16220299 100 101" (adjacent bytes are merged)
-        let f = line.split(separator: " ", omittingEmptySubsequences: true)
-        guard f.count >= 8, f[5].hasSuffix(":\(inode)"), let lo = Int(f[6]) else { continue }
-        let hi = f[7] == "EOF" ? Int.max : Int(f[7]) ?? -1
-        if (lo...max(lo, hi)).contains(byte) { return true }
-    }
-    return false
-}
 
 @Suite(.timeLimit(.minutes(2))) struct LockingTests {
     static func makeDir(_ name: String) throws -> String {
@@ -74,23 +36,12 @@ func lockHeld(inode: UInt64, byte: Int) -> Bool {
         try Self.ok(try Runner.qemuImg(["create", "-q", "-f", "qcow2", img, "4M"]))
         try Self.ok(try Runner.qemuIO(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", img]))
 
-        // In the foreground, as our child: with --daemonize the daemon would inherit the
-        // descriptor Foundation uses to see its parent exit, and Process would never
-        // report that exit while the daemon lives.
-        let daemon = Process()
-        daemon.executableURL = URL(fileURLWithPath: qsd)
-        daemon.arguments = ["--blockdev", "driver=file,node-name=f,filename=\(img)",
-                            "--blockdev", "driver=qcow2,node-name=q,file=f"]
-        daemon.environment = Runner.environment
-        daemon.standardInput = FileHandle.nullDevice
-        daemon.standardOutput = FileHandle.nullDevice
-        daemon.standardError = FileHandle.nullDevice
-        let ended = DispatchSemaphore(value: 0)
-        daemon.terminationHandler = { _ in ended.signal() }
-        try daemon.run()
+        // In the foreground, as our child (which we see exit).
+        let daemon = try Spawned(qsd, ["--blockdev", "driver=file,node-name=f,filename=\(img)",
+                                       "--blockdev", "driver=qcow2,node-name=q,file=f"], cwd: dir)
         defer {
-            kill(daemon.processIdentifier, SIGKILL)
-            _ = ended.wait(timeout: .now() + 10)
+            daemon.send(SIGKILL)
+            daemon.wait(timeout: 10)
         }
         try waitForLock(on: img, byte: 101, alive: { daemon.isRunning })
 
@@ -122,22 +73,14 @@ func lockHeld(inode: UInt64, byte: Int) -> Bool {
         // stopped (SIGSTOP keeps its locks) so the checks below run while it holds the image.
         var args = ["io"]
         for i in 0..<400 { args += ["-c", "write -P \(i % 255 + 1) \((i % 16) * 4)M 4M"] }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Qimg.path)
-        p.arguments = args + ["img.qcow2"]
-        p.currentDirectoryURL = URL(fileURLWithPath: dir)
-        p.environment = Runner.environment
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        let p = try Spawned(Qimg.path, args + ["img.qcow2"], cwd: dir)
         defer {
-            kill(p.processIdentifier, SIGKILL)
-            kill(p.processIdentifier, SIGCONT)
-            p.waitUntilExit()
+            p.send(SIGKILL)
+            p.send(SIGCONT)
+            p.wait(timeout: 600)
         }
         try waitForLock(on: img, byte: 101, alive: { p.isRunning })
-        kill(p.processIdentifier, SIGSTOP)
+        p.send(SIGSTOP)
         #expect(p.isRunning, "the qimg writer ended before the checks")
 
         let locked = try Runner.qemuImg(["info", "img.qcow2"], cwd: dir)

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// `qimg measure` against `qemu-img measure`: the same stdout (human and JSON), the same
 /// exit code, and qemu-img's error message with `qimg: ` in front (a message qemu-img

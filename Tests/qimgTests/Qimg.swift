@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// The qimg binary under test: `.build/debug/qimg` in the package root, or
 /// $QIMG_BINARY (the sanitizer runs point it at their own build).

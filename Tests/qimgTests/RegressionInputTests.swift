@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 
 /// The inputs in Tests/regressions (images on which qimg once crashed, hung or
 /// changed its input; most were found by scripts/fuzz, and each has a .txt

@@ -46,18 +46,19 @@ enum Codec {
         guard let inBase = input.baseAddress, input.count > 0 else { return nil }
         switch type {
         case .zlib:
-            var strm = z_stream()
-            guard deflateInit2_(&strm, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY,
+            // zlib keeps the stream's address (deflateInit2_ to deflateEnd): a stable one.
+            let strm = ZStream()
+            guard deflateInit2_(strm.pointer, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY,
                                 ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return nil }
-            defer { deflateEnd(&strm) }
+            defer { deflateEnd(strm.pointer) }
             var out = [UInt8](repeating: 0, count: input.count - 1)
             let produced: Int? = out.withUnsafeMutableBytes { o in
-                strm.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: Bytef.self))
-                strm.avail_in = uInt(input.count)
-                strm.next_out = o.baseAddress!.assumingMemoryBound(to: Bytef.self)
-                strm.avail_out = uInt(o.count)
-                let r = deflate(&strm, Z_FINISH)
-                return r == Z_STREAM_END ? o.count - Int(strm.avail_out) : nil
+                strm.pointer.pointee.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: Bytef.self))
+                strm.pointer.pointee.avail_in = uInt(input.count)
+                strm.pointer.pointee.next_out = o.baseAddress!.assumingMemoryBound(to: Bytef.self)
+                strm.pointer.pointee.avail_out = uInt(o.count)
+                let r = deflate(strm.pointer, Z_FINISH)
+                return r == Z_STREAM_END ? o.count - Int(strm.pointer.pointee.avail_out) : nil
             }
             guard let n = produced else { return nil }
             return Array(out[0..<n])
@@ -86,15 +87,15 @@ enum Codec {
     /// and the larger-window streams QEMU itself also reads.
     static func inflateRaw(input: UnsafeRawBufferPointer, output: UnsafeMutableRawBufferPointer) -> Bool {
         guard let inBase = input.baseAddress, let outBase = output.baseAddress else { return false }
-        var strm = z_stream()
-        guard inflateInit2_(&strm, -15, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return false }
-        defer { inflateEnd(&strm) }
-        strm.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: Bytef.self))
-        strm.avail_in = uInt(input.count)
-        strm.next_out = outBase.assumingMemoryBound(to: Bytef.self)
-        strm.avail_out = uInt(output.count)
-        let r = inflate(&strm, Z_FINISH)
-        return (r == Z_STREAM_END || r == Z_BUF_ERROR) && strm.avail_out == 0
+        let strm = ZStream()
+        guard inflateInit2_(strm.pointer, -15, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return false }
+        defer { inflateEnd(strm.pointer) }
+        strm.pointer.pointee.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: Bytef.self))
+        strm.pointer.pointee.avail_in = uInt(input.count)
+        strm.pointer.pointee.next_out = outBase.assumingMemoryBound(to: Bytef.self)
+        strm.pointer.pointee.avail_out = uInt(output.count)
+        let r = inflate(strm.pointer, Z_FINISH)
+        return (r == Z_STREAM_END || r == Z_BUF_ERROR) && strm.pointer.pointee.avail_out == 0
     }
 
     /// One zstd frame; bytes after it (padding or the next cluster's frame) are ignored.
@@ -112,6 +113,17 @@ enum Codec {
             if before == (inb.pos, outb.pos) { return false }  // no progress: truncated input
         }
         return outb.pos == outb.size
+    }
+}
+
+/// A z_stream at a fixed address: zlib stores the stream's address at init and checks it
+/// on every call, and `&variable` is only valid for the one call it is passed to.
+private final class ZStream {
+    let pointer = UnsafeMutablePointer<z_stream>.allocate(capacity: 1)
+    init() { pointer.initialize(to: z_stream()) }
+    deinit {
+        pointer.deinitialize(count: 1)
+        pointer.deallocate()
     }
 }
 

@@ -10,7 +10,6 @@ public struct BitmapDirectoryEntry: Equatable, Sendable {
 
     public static let flagInUse: UInt32 = 1 << 0
     public static let flagAuto: UInt32 = 1 << 1
-    public static let flagExtraDataCompatible: UInt32 = 1 << 2
     public static let knownFlags: UInt32 = 0x3
     public static let maxNameSize = 1023
     public static let maxTableEntries: UInt64 = 0x800_0000

@@ -10,12 +10,11 @@ public enum Features {
     public static let lazyRefcounts: UInt64 = 1 << 0
 
     public static let autoclearBitmaps: UInt64 = 1 << 0
-    public static let autoclearRawExternalData: UInt64 = 1 << 1
 }
 
 /// One entry of the feature name table extension (48 bytes).
 public struct FeatureName: Equatable, Sendable {
-    public enum Kind: UInt8, Sendable { case incompatible = 0, compatible = 1, autoclear = 2 }
+    /// 0 incompatible, 1 compatible, 2 autoclear.
     public var type: UInt8
     public var bit: UInt8
     public var name: String

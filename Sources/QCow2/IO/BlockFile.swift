@@ -6,8 +6,8 @@ import Darwin
 
 /// An open file with positional I/O. Reads past the end of the file return
 /// zeros (qcow2 files need not end on a cluster boundary). Short transfers and
-/// EINTR are retried. Every call consults the armed `FaultInjector`s, if any
-/// (a testing aid; see FaultInjection.swift).
+/// EINTR are retried. In debug builds every call consults the armed `FaultInjector`s,
+/// if any (a testing aid; see FaultInjection.swift).
 public final class BlockFile {
     public let path: String
     public let fd: Int32
@@ -48,10 +48,12 @@ public final class BlockFile {
 
     /// Makes the file's data and metadata durable (fsync).
     public func fullSync() throws {
+        #if QIMG_FAULT_INJECTION
         if FaultInjector.isArmed, let e = FaultInjector.beforeSync(path) {
             if e == FaultPlan.kill { raise(SIGKILL) }
             throw QCow2Error.io(path: path, operation: "fsync", errno: e)
         }
+        #endif
         while syncCall(full: true) != 0 {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "fsync", errno: errno)
@@ -60,13 +62,16 @@ public final class BlockFile {
 
     /// One fsync/fdatasync system call (interrupted once first under fault injection).
     @inline(__always) private func syncCall(full: Bool) -> Int32 {
+        #if QIMG_FAULT_INJECTION
         if FaultInjector.isArmed, FaultInjector.syscall(.sync, path, count: 1).interrupt {
             errno = EINTR
             return -1
         }
+        #endif
         return full ? fsync(fd) : fdatasync(fd)
     }
 
+    #if QIMG_FAULT_INJECTION
     /// The bytes one system call may transfer: `count`, or less (short transfer), or nil
     /// (interrupted) under fault injection.
     @inline(__always) private func allowedCount(_ kind: FaultInjector.Transfer, _ count: Int) -> Int? {
@@ -74,17 +79,22 @@ public final class BlockFile {
         let t = FaultInjector.syscall(kind, path, count: count)
         return t.interrupt ? nil : t.count
     }
+    #endif
 
     /// One pread system call (short or interrupted under fault injection).
     @inline(__always) private func preadCall(_ p: UnsafeMutableRawPointer, _ count: Int, _ offset: UInt64) -> Int {
-        guard let n = allowedCount(.read, count) else { errno = EINTR; return -1 }
-        return pread(fd, p, n, off_t(offset))
+        #if QIMG_FAULT_INJECTION
+        guard let count = allowedCount(.read, count) else { errno = EINTR; return -1 }
+        #endif
+        return pread(fd, p, count, off_t(offset))
     }
 
     /// One pwrite system call (short or interrupted under fault injection).
     @inline(__always) private func pwriteCall(_ p: UnsafeRawPointer, _ count: Int, _ offset: UInt64) -> Int {
-        guard let n = allowedCount(.write, count) else { errno = EINTR; return -1 }
-        return pwrite(fd, p, n, off_t(offset))
+        #if QIMG_FAULT_INJECTION
+        guard let count = allowedCount(.write, count) else { errno = EINTR; return -1 }
+        #endif
+        return pwrite(fd, p, count, off_t(offset))
     }
 
     deinit { close(fd) }
@@ -123,9 +133,11 @@ public final class BlockFile {
         guard offset <= UInt64(Int64.max) - UInt64(total) else {
             throw QCow2Error.io(path: path, operation: "read", errno: EINVAL)
         }
+        #if QIMG_FAULT_INJECTION
         if FaultInjector.isArmed, let e = FaultInjector.beforeRead(path) {
             throw QCow2Error.io(path: path, operation: "read", errno: e)
         }
+        #endif
         while done < total {
             let n = preadCall(base + done, total - done, offset + UInt64(done))
             if n < 0 {
@@ -158,6 +170,7 @@ public final class BlockFile {
         guard offset <= UInt64(Int64.max) - UInt64(buffer.count) else {
             throw QCow2Error.io(path: path, operation: "write", errno: EINVAL)
         }
+        #if QIMG_FAULT_INJECTION
         var total = buffer.count
         var injected: Int32?
         if FaultInjector.isArmed, let f = FaultInjector.beforeWrite(path, offset: offset, count: total) {
@@ -165,6 +178,9 @@ public final class BlockFile {
             injected = f.errno
             total = f.prefix
         }
+        #else
+        let total = buffer.count
+        #endif
         var done = 0
         while done < total {
             let n = pwriteCall(base + done, total - done, offset + UInt64(done))
@@ -176,10 +192,12 @@ public final class BlockFile {
             if n == 0 { throw QCow2Error.io(path: path, operation: "write", errno: EIO) }
             done += n
         }
+        #if QIMG_FAULT_INJECTION
         if let e = injected {
             if e == FaultPlan.kill { raise(SIGKILL) }
             throw QCow2Error.io(path: path, operation: "write", errno: e)
         }
+        #endif
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws {
@@ -194,10 +212,12 @@ public final class BlockFile {
     /// Makes written data durable (fdatasync).
     public func sync() throws {
         if deferSync { return }
+        #if QIMG_FAULT_INJECTION
         if FaultInjector.isArmed, let e = FaultInjector.beforeSync(path) {
             if e == FaultPlan.kill { raise(SIGKILL) }
             throw QCow2Error.io(path: path, operation: "fdatasync", errno: e)
         }
+        #endif
         while syncCall(full: false) != 0 {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "fdatasync", errno: errno)
@@ -206,10 +226,12 @@ public final class BlockFile {
 
     /// Sets the file length.
     public func truncate(to length: UInt64) throws {
+        #if QIMG_FAULT_INJECTION
         if FaultInjector.isArmed, let f = FaultInjector.beforeWrite(path, offset: length, count: 0) {
             if f.errno == FaultPlan.kill { raise(SIGKILL) }
             throw QCow2Error.io(path: path, operation: "truncate", errno: f.errno)
         }
+        #endif
         while ftruncate(fd, off_t(length)) != 0 {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "truncate", errno: errno)

@@ -1,3 +1,7 @@
+// Fault injection below the library — a TESTING AID, compiled into debug builds only
+// (QIMG_FAULT_INJECTION, set by Package.swift for the debug configuration): a release
+// build has no injector, no hooks in `BlockFile` and no QIMG_FAULTS.
+#if QIMG_FAULT_INJECTION
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Darwin)
@@ -5,7 +9,6 @@ import Darwin
 #endif
 import Synchronization
 
-// Fault injection below the library — a TESTING AID.
 //
 // Every byte the library reads or writes goes through `BlockFile`; when a
 // `FaultInjector` is armed, `BlockFile` asks it, before each call, whether to fail
@@ -18,6 +21,10 @@ import Synchronization
 //
 // The qimg command arms one injector from the environment variable QIMG_FAULTS
 // (see `FaultPlan.init(specification:)`), for black-box tests only.
+//
+// Injectors are process-wide (a registry scoped by path prefix) rather than handed to
+// each `BlockFile`: the files an operation touches are opened deep inside the library
+// (backing chains, temporary targets, sources), and QIMG_FAULTS arms the whole process.
 
 /// What to inject, and where.
 public struct FaultPlan: Sendable, Equatable {
@@ -285,3 +292,4 @@ public final class FaultInjector: Sendable {
         return (interrupt, max(1, n))
     }
 }
+#endif

@@ -112,15 +112,6 @@ public final class StagedFile {
         return removed
     }
 
-    /// Whether a live run holds `path` (a temporary file) — for tests and diagnostics.
-    public static func isHeldByLiveRun(_ path: String) -> Bool {
-        let fd = Sys.open(path, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
-        guard fd >= 0 else { return false }
-        defer { close(fd) }
-        if case .busy = lockGuard(fd) { return true }
-        return false
-    }
-
     // MARK: - System calls
 
     enum GuardResult { case locked, busy, unsupported }

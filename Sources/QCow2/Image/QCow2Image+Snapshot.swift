@@ -15,7 +15,7 @@ public enum SnapshotLoader {
         guard let q = image as? QCow2Image else {
             throw QCow2Error.unsupported(path: "", detail: "Block format '\(image.formatName)' used by device '' does not support temporarily loading internal snapshots")
         }
-        guard !q.isWritable else {
+        guard q.allocator == nil else {
             throw QCow2Error.unsupported(path: "", detail: "Cannot load snapshot into an image opened for writing")
         }
         let found: SnapshotEntry?

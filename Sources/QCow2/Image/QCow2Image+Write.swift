@@ -45,8 +45,6 @@ extension QCow2Image {
         try writeFeatureBits(incompatible: true)
     }
 
-    var isWritable: Bool { allocator != nil }
-
     func requireAllocator() throws -> Allocator {
         guard let a = allocator else {
             throw QCow2Error.invalidArgument(path: path, detail: "the image is open read-only")

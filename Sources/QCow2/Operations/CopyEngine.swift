@@ -124,7 +124,7 @@ public struct CopyEngine {
         if let q = target as? QCow2Image {
             try q.writeZeroes(at: guest, length: len)
         } else if let r = target as? RawImage {
-            try r.write([UInt8](repeating: 0, count: Int(len)).withUnsafeBytes { $0 }, at: guest)
+            try [UInt8](repeating: 0, count: Int(len)).withUnsafeBytes { try r.write($0, at: guest) }
         }
     }
 
@@ -175,10 +175,6 @@ public struct CopyEngine {
         }
         return out
     }
-}
-
-extension UnsafeRawBufferPointer {
-    var mutable: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(mutating: self) }
 }
 
 func monotonicNanoseconds() -> UInt64 {

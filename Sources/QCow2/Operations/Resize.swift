@@ -8,7 +8,7 @@
 /// then tables of the new size replace the old ones.
 extension QCow2Image {
     public func resize(to newSize: UInt64, allowShrink: Bool, preallocation: CreateOptions.Preallocation = .off) throws {
-        let alloc = try requireAllocator()
+        _ = try requireAllocator()
         let g = geometry
         guard newSize % 512 == 0 else {
             throw QCow2Error.invalidArgument(path: path, detail: "The new size must be a multiple of 512")
@@ -57,7 +57,6 @@ extension QCow2Image {
         header.size = newSize
         if preallocation != .off { try preallocate(preallocation, from: oldSize) }
         if !consistent.isEmpty { try resizeBitmaps(consistent, oldSize: oldSize) }
-        _ = alloc
     }
 
     /// Whether anything is allocated at or past guest offset `from` in this layer.

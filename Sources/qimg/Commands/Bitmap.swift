@@ -48,7 +48,6 @@ struct Bitmap: ParsableCommand {
 
     func parse() throws -> Parsed {
         var p = Parsed()
-        var disableWithAdd = false
         var i = 0
         func value(_ flag: String) throws -> String {
             if let eq = arguments[i].firstIndex(of: "="), arguments[i].hasPrefix("--") {
@@ -75,7 +74,7 @@ struct Bitmap: ParsableCommand {
             case "--enable": p.actions.append(.enable)
             case "--disable":
                 // Right after --add, qemu-img creates the bitmap disabled.
-                if case .add(let g, false)? = p.actions.last { p.actions[p.actions.count - 1] = .add(granularity: g, disabled: true); disableWithAdd = true } else { p.actions.append(.disable) }
+                if case .add(let g, false)? = p.actions.last { p.actions[p.actions.count - 1] = .add(granularity: g, disabled: true) } else { p.actions.append(.disable) }
             case "--merge": p.actions.append(.merge(source: try value(key)))
             case "-b", "--source-file": p.sourceFile = try value(key)
             case "-F", "--source-format": p.sourceFormat = try value(key)
@@ -95,7 +94,6 @@ struct Bitmap: ParsableCommand {
             }
             i += 1
         }
-        _ = disableWithAdd
         if let g = p.granularity {
             p.actions = p.actions.map { if case .add(_, let d) = $0 { return .add(granularity: g, disabled: d) } else { return $0 } }
         }
@@ -183,16 +181,20 @@ enum BitmapDump {
         let columns: UInt64 = 64
         var picture = [Character](repeating: ".", count: Int(columns))
         if diskSize > 0 {
-            for (start, length) in extents {
-                let a = start * columns / diskSize
-                let z = min(columns - 1, (start + length - 1) * columns / diskSize)
-                for c in a...z { picture[Int(c)] = "#" }
+            // offset * 64 / diskSize in 128 bits: offsets past 2^58 would overflow 64.
+            func column(_ offset: UInt64) -> Int {
+                Int(min(columns - 1, diskSize.dividingFullWidth(min(offset, diskSize - 1).multipliedFullWidth(by: columns)).quotient))
+            }
+            for (start, length) in extents where length > 0 {
+                for c in column(start)...column(start + (length - 1)) { picture[c] = "#" }
             }
         }
-        s += "map: |" + String(picture) + "| (each column \(Human.size((diskSize + columns - 1) / columns)))\n"
+        let columnBytes = diskSize / columns + (diskSize % columns == 0 ? 0 : 1)
+        s += "map: |" + String(picture) + "| (each column \(Human.size(columnBytes)))\n"
         if !extents.isEmpty {
             s += "Offset          Length\n"
-            for (start, length) in extents { s += Human.hexColumn(start) + Human.hexColumn(length).trimmingTrailingSpaces() + "\n" }
+            // Offsets of 16 hex digits or more (past 2^56) still get a space before the length.
+            for (start, length) in extents { s += Human.pad(Human.hexColumn(start), 15) + " " + Human.hexColumn(length).trimmingTrailingSpaces() + "\n" }
         }
         return s
     }

@@ -97,8 +97,7 @@ public struct DirtyBitmap: Equatable, Sendable {
                     let lo = UInt64(w.trailingZeroBitCount)
                     let ones = UInt64((~(w >> lo)).trailingZeroBitCount)
                     let first = base + UInt64(wi) * 64 + lo
-                    if let s = runStart, first == runEnd {
-                        _ = s
+                    if runStart != nil, first == runEnd {
                         runEnd = first + ones
                     } else {
                         if let s = runStart { try body(s * granularity, min(size, runEnd * granularity) - s * granularity) }
@@ -132,9 +131,7 @@ public struct DirtyBitmap: Equatable, Sendable {
     public mutating func resize(_ newSize: UInt64) {
         if newSize < size {
             let keep = newSize == 0 ? 0 : (newSize - 1) / granularity + 1
-            let oldCount = bitCount
             size = newSize
-            _ = oldCount
             for ci in chunks.keys where (ci << Self.chunkBitsLog2) >= keep { chunks[ci] = nil }
             if keep & ((1 << Self.chunkBitsLog2) - 1) != 0, var words = chunks[keep >> Self.chunkBitsLog2] {
                 let inChunk = Int(keep & ((1 << Self.chunkBitsLog2) - 1))
