@@ -19,6 +19,7 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # absolute path (a header) that must exist.
 DEPS := \
 	pkg-config:pkgconf \
+	prlimit:util-linux \
 	/usr/include/zlib.h:zlib1g-dev \
 	/usr/include/zstd.h:libzstd-dev \
 	qemu-img:qemu-utils \

@@ -4,7 +4,7 @@
 //
 // What it provides:
 //  * Env       - CI detection and the QEMU tools on PATH;
-//  * Runner    - runs a process with a timeout, capturing stdout/stderr;
+//  * Runner    - runs a process under a CPU-time limit, capturing stdout/stderr;
 //  * Fixtures  - generates the fixture images ONCE per test process (even
 //                across the two test modules, which share one process) and
 //                parses manifest.tsv, corrupt.tsv and malformed.tsv;
@@ -90,7 +90,13 @@ struct RunResult: Sendable {
     /// Exit status, or the signal number when `signaled`.
     var status: Int32
     var signaled: Bool
+    /// Killed for using more than its CPU-time limit (SIGXCPU or SIGKILL), or for
+    /// still running after `Runner.backstopSeconds` of wall-clock time.
     var timedOut: Bool
+    /// Killed by the wall-clock backstop (not by the CPU-time limit).
+    var backstopped = false
+    /// The CPU-time limit the child ran under (seconds).
+    var cpuLimit: Int = 0
     var stdout: Data
     var stderr: Data
     var command: String
@@ -107,7 +113,9 @@ struct RunResult: Sendable {
     }
 
     var summary: String {
-        let how = timedOut ? "timed out" : signaled ? "killed by signal \(status)" : "exit \(status)"
+        let how = backstopped ? "timed out: still running after \(Int(Runner.backstopSeconds)) s (killed)"
+            : timedOut ? "timed out: killed by signal \(status) past its CPU-time limit of \(cpuLimit) s"
+            : signaled ? "killed by signal \(status)" : "exit \(status)"
         return "`\(command)` -> \(how)"
     }
 }
@@ -127,12 +135,28 @@ enum Runner {
         return true
     }()
 
-    /// Runs `executable args` in `cwd`; stdout and stderr go to temporary
-    /// files (no pipe deadlocks). After `timeout` seconds the process is
-    /// killed with SIGKILL and the result says `timedOut`.
+    /// The wall-clock backstop of `run`: only for a child that blocks forever
+    /// without using CPU time. Far beyond anything a loaded machine makes of a run.
+    static let backstopSeconds: Double = 30 * 60
+
+    static let prlimit = Env.which("prlimit")
+
+    /// Runs `executable args` in `cwd` (with `environment` plus `extraEnvironment`);
+    /// stdout and stderr go to temporary files (no pipe deadlocks).
+    ///
+    /// `timeout` is a CPU-time limit, not a wall-clock one: the child runs through
+    /// `prlimit --cpu=N:N+1 --core=0 -- executable args` (prlimit sets the limit and execs
+    /// the command: same pid; the limit is inherited by the command's own children, each
+    /// counting its own time). Past N seconds of CPU the kernel sends SIGXCPU (SIGKILL at
+    /// N+1) and the result says `timedOut`. A machine busy with other work slows the child
+    /// down but does not make it use more CPU time, so a loaded machine cannot trip the
+    /// limit; a child stuck in a loop on malformed input still does. A child that blocks
+    /// forever without using CPU is killed after `backstopSeconds` of wall-clock time.
     static func run(_ executable: String, _ args: [String], cwd: String? = nil,
-                    timeout: Double = 120) throws -> RunResult {
+                    timeout: Double = 120, extraEnvironment: [String: String] = [:]) throws -> RunResult {
         _ = prepared
+        guard let prlimit else { throw TestFailure("prlimit not found on PATH (install util-linux)") }
+        let cpuLimit = max(1, Int(timeout.rounded(.up)))
         let fm = FileManager.default
         let id = UUID().uuidString
         let outPath = "\(Paths.capture)/\(id).out"
@@ -148,10 +172,10 @@ enum Runner {
         let errHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
 
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = args
+        p.executableURL = URL(fileURLWithPath: prlimit)
+        p.arguments = ["--cpu=\(cpuLimit):\(cpuLimit + 1)", "--core=0", "--", executable] + args
         if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
-        p.environment = environment
+        p.environment = environment.merging(extraEnvironment) { $1 }
         p.standardInput = FileHandle.nullDevice
         p.standardOutput = outHandle
         p.standardError = errHandle
@@ -169,17 +193,20 @@ enum Runner {
         try? outHandle.close()
         try? errHandle.close()
 
-        var timedOut = false
-        if done.wait(timeout: .now() + timeout) == .timedOut {
-            timedOut = true
+        var backstopped = false
+        if done.wait(timeout: .now() + backstopSeconds) == .timedOut {
+            backstopped = true
             kill(p.processIdentifier, SIGKILL)
             done.wait()
         }
         let signaled = p.terminationReason == .uncaughtSignal
+        let overCPU = signaled && (p.terminationStatus == SIGXCPU || p.terminationStatus == SIGKILL)
         return RunResult(
             status: p.terminationStatus,
             signaled: signaled,
-            timedOut: timedOut,
+            timedOut: backstopped || overCPU,
+            backstopped: backstopped,
+            cpuLimit: cpuLimit,
             stdout: (try? Data(contentsOf: URL(fileURLWithPath: outPath))) ?? Data(),
             stderr: (try? Data(contentsOf: URL(fileURLWithPath: errPath))) ?? Data(),
             command: command)

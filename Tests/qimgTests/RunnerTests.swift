@@ -1,0 +1,32 @@
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The test harness's own guarantees (Tests/Support/TestSupport.swift): `Runner.run`'s
+/// `timeout` is a limit on the child's CPU time, which a loaded machine cannot trip.
+@Suite struct RunnerTests {
+    @Test func cpuLimitStopsASpinningChild() throws {
+        let r = try Runner.run("/bin/sh", ["-c", "while :; do :; done"], cwd: Paths.packageRoot, timeout: 1)
+        #expect(r.timedOut && r.signaled && (r.status == SIGXCPU || r.status == SIGKILL), "\(r.summary)")
+        #expect(!r.exitedNormally)
+        #expect(r.summary.contains("CPU-time limit of 1 s"), "\(r.summary)")
+    }
+
+    /// Two seconds of sleeping use no CPU time: a child that waits (or is kept waiting by
+    /// a busy machine) longer than its limit is not killed.
+    @Test func waitingIsNotLimited() throws {
+        let r = try Runner.run("/bin/sleep", ["2"], cwd: Paths.packageRoot, timeout: 1)
+        #expect(r.exitedNormally && r.status == 0, "\(r.summary)")
+    }
+
+    /// The command runs (prlimit execs it in place) with the limit asked for and the extra
+    /// environment.
+    @Test func childRunsUnderItsLimitWithItsEnvironment() throws {
+        let r = try Runner.run("/bin/sh", ["-c", "echo $QIMG_RUNNER_TEST; ulimit -t"], cwd: Paths.packageRoot,
+                               timeout: 7, extraEnvironment: ["QIMG_RUNNER_TEST": "x1"])
+        #expect(r.exitedNormally && r.status == 0, "\(r.summary)")
+        #expect(r.out == "x1\n7\n", "\(r.out)")
+    }
+}
