@@ -33,47 +33,26 @@ private final class LockScratch {
     deinit { try? FileManager.default.removeItem(atPath: dir) }
 }
 
-/// A QEMU process kept alive by a stdin pipe that stays open until `stop()`.
+/// qemu-io holding the image open, and locked, until `stop()`: it reads its commands from
+/// a pipe, and its answer to a first `read` proves that it has opened the image (QEMU takes
+/// its locks when it opens the image, before it reads any command).
 private final class BackgroundQEMU {
-    let process = Process()
-    let stdin = Pipe()
+    let child: PipedProcess
 
-    init(_ executable: String, _ args: [String]) throws {
-        process.executableURL = URL(fileURLWithPath: executable)
-        process.arguments = args
-        process.environment = Runner.environment
-        process.standardInput = stdin
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+    init(_ args: [String], image: String) throws {
+        child = try PipedProcess(try qemuIOPath(), args + [image])
+        try child.send("read 0 512\n")
+        try child.waitForLine(containing: "read 512/512 bytes at offset 0")
     }
 
-    /// Waits (up to `timeout` seconds) until /proc/locks shows a lock on
-    /// `path` covering `byte` (the kernel merges adjacent ranges: "100 101").
-    func waitForLock(on path: String, byte: Int, timeout: Double = 5) throws {
-        var st = stat()
-        guard stat(path, &st) == 0 else { throw TestFailure("stat \(path): errno \(errno)") }
-        let deadline = Date().addingTimeInterval(timeout)
-        while Date() < deadline {
-            guard process.isRunning else { throw TestFailure("QEMU exited early (status \(process.terminationStatus))") }
-            let text = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
-            for line in text.split(separator: "\n") {
-                let f = line.split(separator: " ", omittingEmptySubsequences: true)
-                // "1: OFDLCK ADVISORY  READ -1 fe:00:16220299 100 101"
-                guard f.count >= 8, f[5].hasSuffix(":\(st.st_ino)"),
-                      let lo = Int(f[6]), let hi = Int(f[7]) else { continue }
-                if (lo...hi).contains(byte) { return }
-            }
-            usleep(20_000)
-        }
-        throw TestFailure("no lock on byte \(byte) of \(path) after \(timeout)s")
+    /// Requires the lock on `byte` of `path` to be there now.
+    func expectLock(on path: String, byte: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        try #require(lockHeld(inode: inode(of: path), byte: byte),
+                     "\(child.command) has the image open, but /proc/locks shows no lock on byte \(byte)",
+                     sourceLocation: sourceLocation)
     }
 
-    func stop() {
-        try? stdin.fileHandleForWriting.close()
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
-    }
+    func stop() { child.stop() }
 }
 
 private func expectConflict(_ mode: LockMode, fd: Int32, path: String, detail: String,
@@ -95,17 +74,15 @@ private func qemuIOPath() throws -> String {
 
 private let inUseHint = "image is in use by another process; use -U for read-only inspection"
 
-// Under a sanitizer (make sanitize) the whole suite runs several times slower and these
-// tests can wait for a free thread for over a minute: the limit is raised there.
-@Suite("ImageLock", .requiresQEMU, .timeLimit(.minutes(Env.sanitizer == nil ? 1 : 10)))
+@Suite("ImageLock", .requiresQEMU)
 struct ImageLockTests {
 
     @Test("a. QEMU writer (qemu-io) holds the image: .write and .read conflict, .none works")
     func qemuWriterBlocksUs() throws {
         let s = try LockScratch()
-        let qemu = try BackgroundQEMU(qemuIOPath(), ["-f", "qcow2", s.image])
+        let qemu = try BackgroundQEMU(["-f", "qcow2"], image: s.image)
         defer { qemu.stop() }
-        try qemu.waitForLock(on: s.image, byte: 203)
+        try qemu.expectLock(on: s.image, byte: 203)
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }
@@ -122,9 +99,9 @@ struct ImageLockTests {
     @Test("a'. QEMU reader (qemu-io -r): .write conflicts without the -U hint, .read works")
     func qemuReaderBlocksOurWrite() throws {
         let s = try LockScratch()
-        let qemu = try BackgroundQEMU(qemuIOPath(), ["-r", "-f", "qcow2", s.image])
+        let qemu = try BackgroundQEMU(["-r", "-f", "qcow2"], image: s.image)
         defer { qemu.stop() }
-        try qemu.waitForLock(on: s.image, byte: 203)
+        try qemu.expectLock(on: s.image, byte: 203)
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }
@@ -136,9 +113,9 @@ struct ImageLockTests {
     @Test("a''. QEMU force-share reader (qemu-io -r -U, byte 100 only) does not block .write")
     func forceShareReaderDoesNotBlock() throws {
         let s = try LockScratch()
-        let qemu = try BackgroundQEMU(qemuIOPath(), ["-r", "-U", "-f", "qcow2", s.image])
+        let qemu = try BackgroundQEMU(["-r", "-U", "-f", "qcow2"], image: s.image)
         defer { qemu.stop() }
-        try qemu.waitForLock(on: s.image, byte: 100)
+        try qemu.expectLock(on: s.image, byte: 100)
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }

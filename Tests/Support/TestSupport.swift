@@ -5,6 +5,8 @@
 // What it provides:
 //  * Env       - CI detection and the QEMU tools on PATH;
 //  * Runner    - runs a process under a CPU-time limit, capturing stdout/stderr;
+//  * PipedProcess - a background child that tells, on a pipe, when it is ready;
+//  * lockHeld  - whether /proc/locks shows a lock on a byte of a file;
 //  * Fixtures  - generates the fixture images ONCE per test process (even
 //                across the two test modules, which share one process) and
 //                parses manifest.tsv, corrupt.tsv and malformed.tsv;
@@ -233,6 +235,121 @@ enum Runner {
         guard r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
         return r
     }
+}
+
+/// A child that runs in the background while a test works next to it (a QEMU process
+/// holding an image, a qimg writer), with stdin, stdout and stderr on one end of a socket
+/// pair (a bidirectional pipe). The test knows the child is ready when it prints a line:
+/// `waitForLine` blocks reading until that line comes, however long a loaded machine
+/// takes, and end of file means the child died (its output so far is in the error). No
+/// deadline: nothing to time out.
+///
+/// Our end is close-on-exec from its creation (SOCK_CLOEXEC), so children other tests
+/// spawn meanwhile do not keep it open (which would hide the end of file, or keep the
+/// child's stdin open).
+final class PipedProcess {
+    let process = Process()
+    let command: String
+    /// Our end: we write the child's stdin and read its stdout and stderr.
+    private let socket: Int32
+    private var received = Data()
+    private let ended = DispatchSemaphore(value: 0)
+    private var stopped = false
+
+    init(_ executable: String, _ args: [String], cwd: String? = nil) throws {
+        command = ([URL(fileURLWithPath: executable).lastPathComponent] + args).joined(separator: " ")
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw TestFailure("socketpair: errno \(errno)")
+        }
+        // The child's end is dup2()ed onto 0, 1 and 2 (which clears close-on-exec there).
+        let childEnd = FileHandle(fileDescriptor: pair[1], closeOnDealloc: false)
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = args
+        if let cwd { process.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        process.environment = Runner.environment
+        process.standardInput = childEnd
+        process.standardOutput = childEnd
+        process.standardError = childEnd
+        process.terminationHandler = { [ended] _ in ended.signal() }
+        defer { close(pair[1]) }
+        do { try process.run() } catch {
+            close(pair[0])
+            throw TestFailure("cannot start \(command): \(error)")
+        }
+        socket = pair[0]
+    }
+
+    deinit {
+        stop()
+        close(socket)
+    }
+
+    /// Everything the child has printed that was read so far.
+    var printed: String { String(decoding: received, as: UTF8.self) }
+
+    /// Writes `text` to the child's stdin.
+    func send(_ text: String) throws {
+        var bytes = Array(text.utf8)[...]
+        while !bytes.isEmpty {
+            let n = bytes.withUnsafeBytes { write(socket, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw TestFailure("\(command): cannot write to its stdin: errno \(errno)") }
+            bytes = bytes.dropFirst(n)
+        }
+    }
+
+    /// Blocks until the child prints a line containing `marker` and returns that line;
+    /// throws if its output ends first (it exited, or died).
+    @discardableResult
+    func waitForLine(containing marker: String) throws -> String {
+        var scanned = 0
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let text = received[scanned...]
+            if let nl = text.lastIndex(of: UInt8(ascii: "\n")) {
+                let lines = String(decoding: received[scanned..<nl], as: UTF8.self).split(separator: "\n")
+                if let line = lines.first(where: { $0.contains(marker) }) { return String(line) }
+                scanned = nl + 1
+            }
+            let n = read(socket, &buffer, buffer.count)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                throw TestFailure("\(command) ended before printing \"\(marker)\"; it printed:\n\(printed)")
+            }
+            received.append(contentsOf: buffer[0..<n])
+        }
+    }
+
+    /// Ends the child's stdin, kills the child if it is still running (SIGKILL), and waits
+    /// for its end. A wall-clock backstop only guards against an end that never comes.
+    func stop() {
+        guard !stopped else { return }
+        stopped = true
+        shutdown(socket, Int32(SHUT_WR))
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        _ = ended.wait(timeout: .now() + Runner.backstopSeconds)
+    }
+}
+
+/// Whether /proc/locks shows a lock (POSIX, OFD or flock) covering `byte` of the file
+/// with inode `inode` (adjacent bytes are merged: "100 101"; "EOF" ends an open range).
+func lockHeld(inode: UInt64, byte: Int) -> Bool {
+    let text = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
+    for line in text.split(separator: "\n") {
+        // "1: OFDLCK ADVISORY  READ -1 fe:00:16220299 100 101"
+        let f = line.split(separator: " ", omittingEmptySubsequences: true)
+        guard f.count >= 8, f[5].hasSuffix(":\(inode)"), let lo = Int(f[6]) else { continue }
+        let hi = f[7] == "EOF" ? Int.max : Int(f[7]) ?? -1
+        if (lo...max(lo, hi)).contains(byte) { return true }
+    }
+    return false
+}
+
+/// The inode of `path` (0 when it cannot be stat()ed).
+func inode(of path: String) -> UInt64 {
+    var st = stat()
+    return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
 }
 
 /// Removes this process's work area at exit, and work areas left behind by

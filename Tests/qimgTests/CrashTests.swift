@@ -274,7 +274,7 @@ struct KilledRun {
         }
     }
 
-    @Test(.requiresQEMU, .timeLimit(.minutes(3)), arguments: CrashCase.all)
+    @Test(.requiresQEMU, arguments: CrashCase.all)
     func killedWriterLeavesConsistentImage(_ c: CrashCase) throws {
         let dir = try Paths.newScratch("crash-\(c.name)")
         var keep = false
@@ -490,7 +490,7 @@ extension CrashTests {
     /// A third of the runs are long (killed during the commands); the others are a few
     /// commands long, killed at a random moment of a duration measured on completed runs,
     /// half of them only after the last output line, i.e. during the final write-back.
-    @Test(.requiresQEMU, .timeLimit(.minutes(2)), arguments: BitmapCrashCase.all)
+    @Test(.requiresQEMU, arguments: BitmapCrashCase.all)
     func killedWriterKeepsBitmapsSound(_ c: BitmapCrashCase) throws {
         guard BitmapTests.nbdinfo != nil, BitmapTests.qemuNBD != nil else {
             throw TestFailure("nbdinfo/qemu-nbd not found (install libnbd-bin and qemu-utils)")

@@ -5,7 +5,8 @@ import Glibc
 #endif
 
 /// The test harness's own guarantees (Tests/Support/TestSupport.swift): `Runner.run`'s
-/// `timeout` is a limit on the child's CPU time, which a loaded machine cannot trip.
+/// `timeout` is a limit on the child's CPU time, which a loaded machine cannot trip, and
+/// `PipedProcess` reports a child's death instead of waiting for a line forever.
 @Suite struct RunnerTests {
     @Test func cpuLimitStopsASpinningChild() throws {
         let r = try Runner.run("/bin/sh", ["-c", "while :; do :; done"], cwd: Paths.packageRoot, timeout: 1)
@@ -28,5 +29,16 @@ import Glibc
                                timeout: 7, extraEnvironment: ["QIMG_RUNNER_TEST": "x1"])
         #expect(r.exitedNormally && r.status == 0, "\(r.summary)")
         #expect(r.out == "x1\n7\n", "\(r.out)")
+    }
+
+    @Test func pipedProcessReportsADeadChild() throws {
+        let p = try PipedProcess("/bin/sh", ["-c", "echo starting; exit 3"])
+        #expect(throws: TestFailure.self) { try p.waitForLine(containing: "ready") }
+        #expect(p.printed == "starting\n")
+        let q = try PipedProcess("/bin/sh", ["-c", "read line; echo \"got $line\"; exec sleep 600"])
+        try q.send("ping\n")
+        #expect(try q.waitForLine(containing: "got") == "got ping")
+        q.stop()
+        #expect(!q.process.isRunning)
     }
 }
