@@ -79,7 +79,7 @@ private final class Spawned {
     }
 
     deinit {
-        if !exited { kill(pid, SIGKILL); wait(timeout: 30) }
+        if !exited { kill(pid, SIGKILL); wait(timeout: Runner.backstopSeconds) }
         unlink(outPath)
         unlink(errPath)
     }
@@ -108,13 +108,16 @@ private final class Spawned {
     var summary: String { "`\(command)` -> \(signaled ? "killed by signal \(status)" : "exit \(status)")" }
 }
 
-/// A minimal QMP client over a unix socket.
+/// A minimal QMP client over a unix socket. Its waits have no deadline that a loaded
+/// machine could reach: connecting retries while the daemon is `alive`, and reads end
+/// when the daemon closes the connection; `Runner.backstopSeconds` only guards a hang.
 private final class QMPClient {
     private let fd: Int32
     private var pending: [UInt8] = []
     private var events: [[String: Any]] = []
 
-    init(socketPath: String, timeout: Double) throws {
+    init(socketPath: String, alive: () -> Bool) throws {
+        let timeout = Runner.backstopSeconds
         let deadline = Date().addingTimeInterval(timeout)
         let bytes = Array(socketPath.utf8)
         var addr = sockaddr_un()
@@ -135,7 +138,7 @@ private final class QMPClient {
             if rc == 0 { fd = s; break }
             let e = errno
             close(s)
-            if Date() > deadline { throw TestFailure("cannot connect to QMP socket \(socketPath): errno \(e)") }
+            if !alive() || Date() > deadline { throw TestFailure("cannot connect to QMP socket \(socketPath): errno \(e)") }
             usleep(20_000)
         }
         let greeting = try readMessage(timeout: timeout)
@@ -173,7 +176,7 @@ private final class QMPClient {
 
     /// Sends a command and returns its "return" value; a QMP error throws.
     @discardableResult
-    func execute(_ name: String, _ arguments: [String: Any]? = nil, timeout: Double = 30) throws -> Any {
+    func execute(_ name: String, _ arguments: [String: Any]? = nil, timeout: Double = Runner.backstopSeconds) throws -> Any {
         var msg: [String: Any] = ["execute": name]
         if let arguments { msg["arguments"] = arguments }
         var data = try JSONSerialization.data(withJSONObject: msg)
@@ -196,7 +199,7 @@ private final class QMPClient {
     }
 
     /// Waits for an event (possibly already received) and returns its data.
-    func waitForEvent(_ name: String, timeout: Double) throws -> [String: Any] {
+    func waitForEvent(_ name: String, timeout: Double = Runner.backstopSeconds) throws -> [String: Any] {
         let deadline = Date().addingTimeInterval(timeout)
         while true {
             if let i = events.firstIndex(where: { $0["event"] as? String == name }) {
@@ -233,6 +236,13 @@ private final class QMPClient {
 
     static func exists(_ dir: String, _ name: String) -> Bool {
         FileManager.default.fileExists(atPath: dir + "/" + name)
+    }
+
+    /// Whether a temporary file of `target` exists in `dir`: `target.qimg-tmp`, or
+    /// `target.<something>.qimg-tmp`.
+    static func temporaryExists(_ dir: String, of target: String) -> Bool {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return names.contains { $0.hasPrefix(target + ".") && $0.hasSuffix(".qimg-tmp") }
     }
 
     static func bytes(_ dir: String, _ name: String) throws -> Data {
@@ -479,19 +489,19 @@ private final class QMPClient {
             "--monitor", "chardev=qmp0",
         ], cwd: dir)
         do {
-            let qmp = try QMPClient(socketPath: sock, timeout: 15)
+            let qmp = try QMPClient(socketPath: sock, alive: { !d.wait(timeout: 0) })
             var args: [String: Any] = ["job-id": "j", "device": "src", "target": "tgt", "sync": sync]
             if let bitmap { args["bitmap"] = bitmap }
             try qmp.execute("blockdev-backup", args)
-            let ev = try qmp.waitForEvent("BLOCK_JOB_COMPLETED", timeout: 60)
+            let ev = try qmp.waitForEvent("BLOCK_JOB_COMPLETED")
             if let e = ev["error"] { throw TestFailure("QEMU's backup job failed: \(e)") }
             try qmp.execute("quit")
         } catch {
             d.send(SIGKILL)
-            d.wait(timeout: 10)
+            d.wait(timeout: Runner.backstopSeconds)
             throw TestFailure("qemu-storage-daemon backup (\(sync)): \(error); stderr: \(d.err)")
         }
-        guard d.wait(timeout: 20) else { throw TestFailure("qemu-storage-daemon did not exit after quit") }
+        guard d.wait(timeout: Runner.backstopSeconds) else { throw TestFailure("qemu-storage-daemon did not exit after quit") }
         guard !d.signaled, d.status == 0 else { throw TestFailure("\(d.summary): \(d.err)") }
     }
 
@@ -579,14 +589,14 @@ private final class QMPClient {
         try qimg(["io"] + cmds + ["src.qcow2"], dir)
     }
 
-    /// Starts qimg, waits until the temporary target exists and `extra` seconds more, then sends `sig`.
-    fileprivate static func interrupt(_ args: [String], _ dir: String, tmp: String, extra: Double, signal sig: Int32) throws -> Spawned {
+    /// Starts qimg, waits until the temporary file of `target` exists (or qimg has ended:
+    /// no deadline) and `extra` seconds more, then sends `sig`.
+    fileprivate static func interrupt(_ args: [String], _ dir: String, target: String, extra: Double, signal sig: Int32) throws -> Spawned {
         let p = try Spawned(Qimg.path, args, cwd: dir)
-        let deadline = Date().addingTimeInterval(20)
-        while !exists(dir, tmp) && Date() < deadline && !p.wait(timeout: 0.005) {}
+        while !temporaryExists(dir, of: target) && !p.wait(timeout: 0.005) {}
         usleep(useconds_t(extra * 1e6))
         p.send(sig)
-        guard p.wait(timeout: 30) else { throw TestFailure("qimg did not stop after signal \(sig)") }
+        guard p.wait(timeout: Runner.backstopSeconds) else { throw TestFailure("qimg did not stop after signal \(sig)") }
         return p
     }
 
@@ -611,12 +621,11 @@ private final class QMPClient {
             if !fromStart { unlink(dir + "/t.qcow2.qimg-tmp") }
             let p = try Spawned(Qimg.path, args, cwd: dir)
             if !fromStart {
-                let deadline = Date().addingTimeInterval(20)
-                while !Self.exists(dir, "t.qcow2.qimg-tmp") && Date() < deadline && !p.wait(timeout: 0.002) {}
+                while !Self.temporaryExists(dir, of: "t.qcow2") && !p.wait(timeout: 0.002) {}
             }
             usleep(useconds_t(UInt64.random(in: fromStart ? 20_000...750_000 : 0...600_000, using: &rng)))
             p.send(SIGKILL)
-            guard p.wait(timeout: 30) else { throw TestFailure("qimg did not die") }
+            guard p.wait(timeout: Runner.backstopSeconds) else { throw TestFailure("qimg did not die") }
             let label = "attempt \(attempt) (\(args.joined(separator: " ")))"
             #expect(p.signaled && p.status == SIGKILL, "\(label): finished before the kill: \(p.summary) \(p.err)")
             #expect(!Self.exists(dir, "t.qcow2"), "\(label): TARGET exists after SIGKILL")
@@ -644,7 +653,7 @@ private final class QMPClient {
         try Self.makeDirtySource(dir, size: "64M", dirtyMiB: 40)
         let before = try Self.dump("src.qcow2", "b", dir)
         let p = try Self.interrupt(["backup", "--sync=incremental", "--bitmap=b", "--speed=16M", "src.qcow2", "t.qcow2"],
-                                   dir, tmp: "t.qcow2.qimg-tmp", extra: 0.5, signal: sig)
+                                   dir, target: "t.qcow2", extra: 0.5, signal: sig)
         #expect(!p.signaled && p.status == 130, "\(p.summary): \(p.err)")
         #expect(p.stderrLines.count == 1 && p.err.hasPrefix("qimg: "), "stderr: \(p.err)")
         #expect(!Self.exists(dir, "t.qcow2") && !Self.exists(dir, "t.qcow2.qimg-tmp") && !Self.exists(dir, "t.qcow2.partial"))
@@ -838,7 +847,7 @@ private final class QMPClient {
         let d0 = try Self.dump("src.qcow2", "b", dir)
         let p = try Self.interrupt(["backup", "--sync=bitmap", "--bitmap=b", "--bitmap-mode=always", "--speed=16M",
                                     "-b", "full.qcow2", "-F", "qcow2", "src.qcow2", "t.qcow2"],
-                                   dir, tmp: "t.qcow2.qimg-tmp", extra: 0.6, signal: SIGTERM)
+                                   dir, target: "t.qcow2", extra: 0.6, signal: SIGTERM)
         #expect(!p.signaled && p.status == 130, "\(p.summary): \(p.err)")
         #expect(p.stderrLines.count == 1 && p.err.hasPrefix("qimg: "), "stderr: \(p.err)")
         #expect(!Self.exists(dir, "t.qcow2") && !Self.exists(dir, "t.qcow2.qimg-tmp"))
