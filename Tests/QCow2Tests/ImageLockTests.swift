@@ -47,8 +47,8 @@ private final class BackgroundQEMU {
 
     /// Requires the lock on `byte` of `path` to be there now.
     func expectLock(on path: String, byte: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
-        try #require(lockHeld(inode: inode(of: path), byte: byte),
-                     "\(child.command) has the image open, but /proc/locks shows no lock on byte \(byte)",
+        try #require(lockHeld(on: path, byte: byte),
+                     "\(child.command) has the image open, but holds no lock on byte \(byte)",
                      sourceLocation: sourceLocation)
     }
 

@@ -6,7 +6,7 @@
 //  * Env       - CI detection and the QEMU tools on PATH;
 //  * Runner    - runs a process under a CPU-time limit, capturing stdout/stderr;
 //  * PipedProcess - a background child that tells, on a pipe, when it is ready;
-//  * lockHeld  - whether /proc/locks shows a lock on a byte of a file;
+//  * lockHeld  - whether another process holds a lock on a byte of a file;
 //  * Fixtures  - generates the fixture images ONCE per test process (even
 //                across the two test modules, which share one process) and
 //                parses manifest.tsv, corrupt.tsv and malformed.tsv;
@@ -332,24 +332,24 @@ final class PipedProcess {
     }
 }
 
-/// Whether /proc/locks shows a lock (POSIX, OFD or flock) covering `byte` of the file
-/// with inode `inode` (adjacent bytes are merged: "100 101"; "EOF" ends an open range).
-func lockHeld(inode: UInt64, byte: Int) -> Bool {
-    let text = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
-    for line in text.split(separator: "\n") {
-        // "1: OFDLCK ADVISORY  READ -1 fe:00:16220299 100 101"
-        let f = line.split(separator: " ", omittingEmptySubsequences: true)
-        guard f.count >= 8, f[5].hasSuffix(":\(inode)"), let lo = Int(f[6]) else { continue }
-        let hi = f[7] == "EOF" ? Int.max : Int(f[7]) ?? -1
-        if (lo...max(lo, hi)).contains(byte) { return true }
-    }
-    return false
-}
-
-/// The inode of `path` (0 when it cannot be stat()ed).
-func inode(of path: String) -> UInt64 {
-    var st = stat()
-    return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
+/// Whether another process holds a lock (OFD or POSIX, read or write) on `byte` of the
+/// file at `path`: asked of the kernel with F_OFD_GETLK on a descriptor of our own, as QEMU
+/// does. (Not by reading /proc/locks: under load, with locks coming and going, a read of
+/// it in several chunks can skip an entry that was there all along.)
+func lockHeld(on path: String, byte: Int) -> Bool {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var fl = flock()
+    fl.l_type = Int16(F_WRLCK)
+    fl.l_whence = Int16(SEEK_SET)
+    fl.l_start = off_t(byte)
+    fl.l_len = 1
+    fl.l_pid = 0  // required by OFD commands
+    let getOFDLock: Int32 = 36  // F_OFD_GETLK (<fcntl.h> has it only under _GNU_SOURCE)
+    var rc: Int32
+    repeat { rc = fcntl(fd, getOFDLock, &fl) } while rc < 0 && errno == EINTR
+    return rc == 0 && Int32(fl.l_type) != F_UNLCK
 }
 
 /// Removes this process's work area at exit, and work areas left behind by

@@ -237,8 +237,7 @@ struct KilledRun {
         // The delay counts from the moment qimg holds its write lock (byte 101), i.e. has
         // opened the image: parsing a long command list takes a while by itself (and much
         // longer on a loaded machine). No deadline: qimg either locks or ends.
-        let image = inode(of: cwd + "/img.qcow2")
-        while p.isRunning && !lockHeld(inode: image, byte: 101) { usleep(poll) }
+        while p.isRunning && !lockHeld(on: cwd + "/img.qcow2", byte: 101) { usleep(poll) }
         if afterOutputBytes > 0 {
             while p.isRunning {
                 var os = stat()

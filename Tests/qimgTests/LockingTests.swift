@@ -54,7 +54,7 @@ extension Trait where Self == ConditionTrait {
                                             "--chardev", "stdio,id=m0", "--monitor", "chardev=m0"])
         defer { daemon.stop() }
         try daemon.waitForLine(containing: "\"QMP\"")
-        try #require(lockHeld(inode: inode(of: img), byte: 101), "qemu-storage-daemon holds no write lock on \(img)")
+        try #require(lockHeld(on: img, byte: 101), "qemu-storage-daemon holds no write lock on \(img)")
 
         let before = try Data(contentsOf: URL(fileURLWithPath: img))
         Self.expectInUse("qimg io write", try Qimg.run(["io", "-c", "write 0 4k", "img.qcow2"], cwd: dir))
@@ -102,6 +102,6 @@ extension Trait where Self == ConditionTrait {
         #expect(shared.exitedNormally && shared.status == 0, "qemu-img info -U: \(shared.summary): \(shared.err)")
         // A second qimg writer is refused too.
         Self.expectInUse("second qimg writer", try Qimg.run(["io", "-c", "write 0 4k", "img.qcow2"], cwd: dir))
-        #expect(lockHeld(inode: inode(of: img), byte: 101), "the qimg writer no longer holds its lock")
+        #expect(lockHeld(on: img, byte: 101), "the qimg writer no longer holds its lock")
     }
 }
