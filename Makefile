@@ -24,6 +24,7 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # absolute path (a header) that must exist.
 DEPS := \
 	pkg-config:pkgconf \
+	prlimit:util-linux \
 	/usr/include/zlib.h:zlib1g-dev \
 	/usr/include/zstd.h:libzstd-dev \
 	qemu-img:qemu-utils \
@@ -34,8 +35,7 @@ DEPS := \
 	nbdinfo:libnbd-bin \
 	openssl:openssl \
 	python3:python3 \
-	script:bsdutils \
-	prlimit:util-linux
+	script:bsdutils
 
 .PHONY: all deps build test demo bench fuzz crashtest sanitize release install uninstall clean
 

@@ -11,13 +11,16 @@ is < 200 KiB.  Writes OUTDIR/malformed.tsv:
 
 FORMAT_OPTION is `qcow2` (open with an explicit qcow2 format) or `auto`
 (format probing).  QEMU_INFO_EXIT is the exit status of
-`timeout 5 qemu-img info [-f qcow2] NAME` run in OUTDIR (124 = hang,
-128+N = killed by signal N).  Plain `qemu-img info` does not open backing
+`qemu-img info [-f qcow2] NAME` run in OUTDIR under a 5 s CPU-time limit
+(prlimit; 124 = hang: over the limit, 128+N = killed by signal N).  A CPU-time
+limit, not a wall-clock one, so that a loaded machine cannot turn a slow run
+into a "hang".  Plain `qemu-img info` does not open backing
 files, so for the backing cases the description also records the exit status
 of `qemu-img info --backing-chain`.
 """
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -287,7 +290,7 @@ def main():
             f.write(data)
 
     def qemu_info(name, fmt, chain=False):
-        cmd = ["timeout", "5", "qemu-img", "info"]
+        cmd = ["prlimit", "--cpu=5:6", "--core=0", "--", "qemu-img", "info"]
         if chain:
             cmd.append("--backing-chain")
         if fmt == "qcow2":
@@ -296,6 +299,8 @@ def main():
         r = subprocess.run(cmd, cwd=out, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
         rc = r.returncode
+        if rc in (-signal.SIGXCPU, -signal.SIGKILL):
+            return 124  # over the CPU-time limit: a hang, as timeout(1) reports it
         return 128 - rc if rc < 0 else rc
 
     lines = []

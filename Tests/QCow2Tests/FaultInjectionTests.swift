@@ -781,17 +781,38 @@ enum Harness {
         }
     }
 
-    /// Runs `body`, again after a pause when it failed only because an image was "in use
-    /// by another process": a test artifact. Tests run in parallel threads of one process,
-    /// and a child another thread is spawning inherits (until it execs) a copy of our
-    /// descriptors, so the open file description of an image closed a moment ago, and its
-    /// OFD lock, can outlive the close.
+    /// Runs `body`, again when it failed only because an image was "in use by another
+    /// process": a test artifact. Tests run in parallel threads of one process, and a child
+    /// another thread is spawning inherits (until it execs) a copy of our descriptors, so
+    /// the open file description of an image closed a moment ago, and its OFD lock, can
+    /// outlive the close. No deadline (a loaded machine can keep such a child from exec'ing
+    /// for long): it retries while a child of ours has not exec'd yet, then once more; an
+    /// image still in use after that is in use for real.
     static func retryingLockRace(_ body: () throws -> Void) throws {
-        for attempt in 0... {
-            do { return try body() } catch let e as QCow2Error where attempt < 10 && e.message.contains("in use by another process") {
-                usleep(50_000)
+        var lastAttempt = false
+        while true {
+            do { return try body() } catch let e as QCow2Error where !lastAttempt && e.message.contains("in use by another process") {
+                if childBeforeExec() { usleep(10_000) } else { lastAttempt = true }
             }
         }
+    }
+
+    /// Whether a child of this process is still a copy of it (spawned, not exec'd yet). A
+    /// child that runs this test binary again (WriteMemoryTests') counts too: it only
+    /// delays the verdict on a real "in use".
+    static func childBeforeExec() -> Bool {
+        let me = getpid()
+        guard let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe"),
+              let entries = try? FileManager.default.contentsOfDirectory(atPath: "/proc") else { return false }
+        for pid in entries.compactMap({ Int32($0) }) where pid != me {
+            // "PID (comm) S PPID ...": comm may hold spaces and parentheses, so from the last ')'.
+            guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { continue }
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 1, Int32(fields[1]) == me else { continue }
+            if (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/exe")) == exe { return true }
+        }
+        return false
     }
 
     /// One fault: run, then every guarantee.

@@ -34,18 +34,28 @@ private final class LockScratch {
     deinit { try? FileManager.default.removeItem(atPath: dir) }
 }
 
-/// Starts a QEMU tool (qemu-io) kept alive by a stdin pipe that stays open until `stop`,
-/// and waits (up to 5 s) until it holds a lock covering `byte` of `image`.
-private func backgroundQEMU(_ args: [String], in s: LockScratch, lockedByte byte: Int) throws -> Spawned {
-    let q = try Spawned(try qemuIOPath(), args, cwd: s.dir, stdinPipe: true)
-    do { try waitForLock(on: s.image, byte: byte, timeout: 5, alive: { q.isRunning }) } catch { stop(q); throw error }
-    return q
-}
+/// qemu-io holding the image open, and locked, until `stop()`: it reads its commands from
+/// a pipe, and its answer to a first `read` proves that it has opened the image (QEMU takes
+/// its locks when it opens the image, before it reads any command).
+private final class BackgroundQEMU {
+    let child: PipedProcess
 
-private func stop(_ q: Spawned) {
-    q.closeStdin()
-    q.send(SIGKILL)
-    q.wait(timeout: 30)
+    init(_ args: [String], image: String) throws {
+        child = try PipedProcess(try qemuIOPath(), args + [image])
+        try child.send("read 0 512\n")
+        try child.waitForLine(containing: "read 512/512 bytes at offset 0")
+    }
+
+    /// Requires the lock on `byte` of `path` to be there now.
+    func expectLock(on path: String, byte: Int, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        try #require(lockHeld(on: path, byte: byte),
+                     "\(child.command) has the image open, but holds no lock on byte \(byte)",
+                     sourceLocation: sourceLocation)
+    }
+
+    var pid: Int32 { child.process.processIdentifier }
+
+    func stop() { child.stop() }
 }
 
 private func expectConflict(_ mode: LockMode, fd: Int32, path: String, detail: String,
@@ -73,16 +83,15 @@ private func inUse(by holder: String, hint: Bool = true) -> String {
     "image is in use by \(holder)" + (hint ? "; use -U for read-only inspection" : "")
 }
 
-// Under a sanitizer (make sanitize) the whole suite runs several times slower and these
-// tests can wait for a free thread for over a minute: the limit is raised there.
-@Suite("ImageLock", .requiresQEMU, .timeLimit(.minutes(Env.sanitizer == nil ? 1 : 10)))
+@Suite("ImageLock", .requiresQEMU)
 struct ImageLockTests {
 
     @Test("a. QEMU writer (qemu-io) holds the image: .write and .read conflict, .none works")
     func qemuWriterBlocksUs() throws {
         let s = try LockScratch()
-        let qemu = try backgroundQEMU(["-f", "qcow2", s.image], in: s, lockedByte: 203)
-        defer { stop(qemu) }
+        let qemu = try BackgroundQEMU(["-f", "qcow2"], image: s.image)
+        defer { qemu.stop() }
+        try qemu.expectLock(on: s.image, byte: 203)
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }
@@ -93,7 +102,7 @@ struct ImageLockTests {
         try ImageLock.acquire(fd: fd, path: s.image, mode: .none)
         // A failed acquire leaves nothing behind: QEMU's writer is undisturbed
         // and, once it is gone, we can lock.
-        stop(qemu)
+        qemu.stop()
         try ImageLock.acquire(fd: fd, path: s.image, mode: .write)
         ImageLock.release(fd: fd)
     }
@@ -101,8 +110,9 @@ struct ImageLockTests {
     @Test("a'. QEMU reader (qemu-io -r): .write conflicts without the -U hint, .read works")
     func qemuReaderBlocksOurWrite() throws {
         let s = try LockScratch()
-        let qemu = try backgroundQEMU(["-r", "-f", "qcow2", s.image], in: s, lockedByte: 203)
-        defer { stop(qemu) }
+        let qemu = try BackgroundQEMU(["-r", "-f", "qcow2"], image: s.image)
+        defer { qemu.stop() }
+        try qemu.expectLock(on: s.image, byte: 203)
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }
@@ -114,8 +124,9 @@ struct ImageLockTests {
     @Test("a''. QEMU force-share reader (qemu-io -r -U, byte 100 only) does not block .write")
     func forceShareReaderDoesNotBlock() throws {
         let s = try LockScratch()
-        let qemu = try backgroundQEMU(["-r", "-U", "-f", "qcow2", s.image], in: s, lockedByte: 100)
-        defer { stop(qemu) }
+        let qemu = try BackgroundQEMU(["-r", "-U", "-f", "qcow2"], image: s.image)
+        defer { qemu.stop() }
+        try qemu.expectLock(on: s.image, byte: 100)
 
         let fd = try s.openImage(writable: true)
         defer { close(fd) }

@@ -25,7 +25,7 @@ import Glibc
     static let cacheCap = 1 << 20
     static let bound = (64 << 20 + cacheCap) * Env.memoryBoundScale
 
-    @Test(.timeLimit(.minutes(5)))
+    @Test
     func writingGibibytesKeepsMemoryBounded() throws {
         if Self.isChild { return try Self.workload() }
         guard let exe = Self.testBinary() else { return try Self.workload() }

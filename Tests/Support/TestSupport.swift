@@ -3,9 +3,11 @@
 //
 // What it provides (this file; the others of Tests/Support are named for what they hold):
 //  * Env       - CI detection and the QEMU tools on PATH;
-//  * Runner    - runs a process with a timeout, capturing stdout/stderr;
-//  * Fixtures  - generates the fixture images ONCE per test process (the
-//                two test modules share one process) and
+//  * Runner    - runs a process under a CPU-time limit, capturing stdout/stderr;
+//  * PipedProcess - a background child that tells, on a pipe, when it is ready;
+//  * lockHeld  - whether another process holds a lock on a byte of a file;
+//  * Fixtures  - generates the fixture images ONCE per test process (even
+//                across the two test modules, which share one process) and
 //                parses manifest.tsv, corrupt.tsv and malformed.tsv;
 //  * helpers to compare outputs and to report the first differing line.
 
@@ -96,7 +98,13 @@ public struct RunResult: Sendable {
     /// Exit status, or the signal number when `signaled`.
     public var status: Int32
     public var signaled: Bool
+    /// Killed for using more than its CPU-time limit (SIGXCPU or SIGKILL), or for
+    /// still running after `Runner.backstopSeconds` of wall-clock time.
     public var timedOut: Bool
+    /// Killed by the wall-clock backstop (not by the CPU-time limit).
+    public var backstopped = false
+    /// The CPU-time limit the child ran under (seconds).
+    public var cpuLimit: Int = 0
     public var stdout: Data
     public var stderr: Data
     public var command: String
@@ -113,7 +121,9 @@ public struct RunResult: Sendable {
     }
 
     public var summary: String {
-        let how = timedOut ? "timed out" : signaled ? "killed by signal \(status)" : "exit \(status)"
+        let how = backstopped ? "timed out: still running after \(Int(Runner.backstopSeconds)) s (killed)"
+            : timedOut ? "timed out: killed by signal \(status) past its CPU-time limit of \(cpuLimit) s"
+            : signaled ? "killed by signal \(status)" : "exit \(status)"
         return "`\(command)` -> \(how)"
     }
 }
@@ -133,12 +143,28 @@ public enum Runner {
         return true
     }()
 
-    /// Runs `executable args` in `cwd` (with `environment`, plus `extraEnvironment`);
-    /// stdout and stderr go to temporary files (no pipe deadlocks). After `timeout`
-    /// seconds the process is killed with SIGKILL and the result says `timedOut`.
+    /// The wall-clock backstop of `run`: only for a child that blocks forever
+    /// without using CPU time. Far beyond anything a loaded machine makes of a run.
+    public static let backstopSeconds: Double = 30 * 60
+
+    static let prlimit = Env.which("prlimit")
+
+    /// Runs `executable args` in `cwd` (with `environment` plus `extraEnvironment`);
+    /// stdout and stderr go to temporary files (no pipe deadlocks).
+    ///
+    /// `timeout` is a CPU-time limit, not a wall-clock one: the child runs through
+    /// `prlimit --cpu=N:N+1 --core=0 -- executable args` (prlimit sets the limit and execs
+    /// the command: same pid; the limit is inherited by the command's own children, each
+    /// counting its own time). Past N seconds of CPU the kernel sends SIGXCPU (SIGKILL at
+    /// N+1) and the result says `timedOut`. A machine busy with other work slows the child
+    /// down but does not make it use more CPU time, so a loaded machine cannot trip the
+    /// limit; a child stuck in a loop on malformed input still does. A child that blocks
+    /// forever without using CPU is killed after `backstopSeconds` of wall-clock time.
     public static func run(_ executable: String, _ args: [String], cwd: String? = nil,
                            extraEnvironment: [String: String] = [:], timeout: Double = 120) throws -> RunResult {
         _ = prepared
+        guard let prlimit else { throw TestFailure("prlimit not found on PATH (install util-linux)") }
+        let cpuLimit = max(1, Int(timeout.rounded(.up)))
         let fm = FileManager.default
         let id = UUID().uuidString
         let outPath = "\(Paths.capture)/\(id).out"
@@ -154,8 +180,8 @@ public enum Runner {
         let errHandle = try FileHandle(forWritingTo: URL(fileURLWithPath: errPath))
 
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = args
+        p.executableURL = URL(fileURLWithPath: prlimit)
+        p.arguments = ["--cpu=\(cpuLimit):\(cpuLimit + 1)", "--core=0", "--", executable] + args
         if let cwd { p.currentDirectoryURL = URL(fileURLWithPath: cwd) }
         p.environment = environment.merging(extraEnvironment) { $1 }
         p.standardInput = FileHandle.nullDevice
@@ -175,17 +201,20 @@ public enum Runner {
         try? outHandle.close()
         try? errHandle.close()
 
-        var timedOut = false
-        if done.wait(timeout: .now() + timeout) == .timedOut {
-            timedOut = true
+        var backstopped = false
+        if done.wait(timeout: .now() + backstopSeconds) == .timedOut {
+            backstopped = true
             kill(p.processIdentifier, SIGKILL)
             done.wait()
         }
         let signaled = p.terminationReason == .uncaughtSignal
+        let overCPU = signaled && (p.terminationStatus == SIGXCPU || p.terminationStatus == SIGKILL)
         return RunResult(
             status: p.terminationStatus,
             signaled: signaled,
-            timedOut: timedOut,
+            timedOut: backstopped || overCPU,
+            backstopped: backstopped,
+            cpuLimit: cpuLimit,
             stdout: (try? Data(contentsOf: URL(fileURLWithPath: outPath))) ?? Data(),
             stderr: (try? Data(contentsOf: URL(fileURLWithPath: errPath))) ?? Data(),
             command: command)
@@ -212,6 +241,121 @@ public enum Runner {
         guard r.status == 0 else { throw TestFailure("\(r.summary): \(r.out)\(r.err)") }
         return r
     }
+}
+
+/// A child that runs in the background while a test works next to it (a QEMU process
+/// holding an image, a qimg writer), with stdin, stdout and stderr on one end of a socket
+/// pair (a bidirectional pipe). The test knows the child is ready when it prints a line:
+/// `waitForLine` blocks reading until that line comes, however long a loaded machine
+/// takes, and end of file means the child died (its output so far is in the error). No
+/// deadline: nothing to time out.
+///
+/// Our end is close-on-exec from its creation (SOCK_CLOEXEC), so children other tests
+/// spawn meanwhile do not keep it open (which would hide the end of file, or keep the
+/// child's stdin open).
+public final class PipedProcess {
+    public let process = Process()
+    public let command: String
+    /// Our end: we write the child's stdin and read its stdout and stderr.
+    private let socket: Int32
+    private var received = Data()
+    private let ended = DispatchSemaphore(value: 0)
+    private var stopped = false
+
+    public init(_ executable: String, _ args: [String], cwd: String? = nil) throws {
+        command = ([URL(fileURLWithPath: executable).lastPathComponent] + args).joined(separator: " ")
+        var pair: [Int32] = [-1, -1]
+        guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
+            throw TestFailure("socketpair: errno \(errno)")
+        }
+        // The child's end is dup2()ed onto 0, 1 and 2 (which clears close-on-exec there).
+        let childEnd = FileHandle(fileDescriptor: pair[1], closeOnDealloc: false)
+        process.executableURL = URL(fileURLWithPath: executable)
+        process.arguments = args
+        if let cwd { process.currentDirectoryURL = URL(fileURLWithPath: cwd) }
+        process.environment = Runner.environment
+        process.standardInput = childEnd
+        process.standardOutput = childEnd
+        process.standardError = childEnd
+        process.terminationHandler = { [ended] _ in ended.signal() }
+        defer { close(pair[1]) }
+        do { try process.run() } catch {
+            close(pair[0])
+            throw TestFailure("cannot start \(command): \(error)")
+        }
+        socket = pair[0]
+    }
+
+    deinit {
+        stop()
+        close(socket)
+    }
+
+    /// Everything the child has printed that was read so far.
+    public var printed: String { String(decoding: received, as: UTF8.self) }
+
+    /// Writes `text` to the child's stdin.
+    public func send(_ text: String) throws {
+        var bytes = Array(text.utf8)[...]
+        while !bytes.isEmpty {
+            let n = bytes.withUnsafeBytes { write(socket, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { throw TestFailure("\(command): cannot write to its stdin: errno \(errno)") }
+            bytes = bytes.dropFirst(n)
+        }
+    }
+
+    /// Blocks until the child prints a line containing `marker` and returns that line;
+    /// throws if its output ends first (it exited, or died).
+    @discardableResult
+    public func waitForLine(containing marker: String) throws -> String {
+        var scanned = 0
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let text = received[scanned...]
+            if let nl = text.lastIndex(of: UInt8(ascii: "\n")) {
+                let lines = String(decoding: received[scanned..<nl], as: UTF8.self).split(separator: "\n")
+                if let line = lines.first(where: { $0.contains(marker) }) { return String(line) }
+                scanned = nl + 1
+            }
+            let n = read(socket, &buffer, buffer.count)
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else {
+                throw TestFailure("\(command) ended before printing \"\(marker)\"; it printed:\n\(printed)")
+            }
+            received.append(contentsOf: buffer[0..<n])
+        }
+    }
+
+    /// Ends the child's stdin, kills the child if it is still running (SIGKILL), and waits
+    /// for its end. A wall-clock backstop only guards against an end that never comes.
+    public func stop() {
+        guard !stopped else { return }
+        stopped = true
+        shutdown(socket, Int32(SHUT_WR))
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
+        _ = ended.wait(timeout: .now() + Runner.backstopSeconds)
+    }
+}
+
+/// Whether another process holds a lock (OFD or POSIX, read or write) on `byte` of the
+/// file at `path`: asked of the kernel with F_OFD_GETLK on a descriptor of our own, as QEMU
+/// does. (Not by reading /proc/locks: under load, with locks coming and going, a read of
+/// it in several chunks can skip an entry that was there all along.)
+public func lockHeld(on path: String, byte: Int) -> Bool {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return false }
+    defer { close(fd) }
+    var fl = flock()
+    fl.l_type = Int16(F_WRLCK)
+    fl.l_whence = Int16(SEEK_SET)
+    fl.l_start = off_t(byte)
+    fl.l_len = 1
+    fl.l_pid = 0  // required by OFD commands
+    let getOFDLock: Int32 = 36  // F_OFD_GETLK (<fcntl.h> has it only under _GNU_SOURCE)
+    var rc: Int32
+    repeat { rc = fcntl(fd, getOFDLock, &fl) } while rc < 0 && errno == EINTR
+    return rc == 0 && Int32(fl.l_type) != F_UNLCK
 }
 
 /// Removes this process's work area at exit, and work areas left behind by

@@ -113,7 +113,7 @@ import Glibc
         #expect(B.temporaryFiles(dir, of: "t.qcow2") == tmp, "the live run's temporary file was touched")
 
         first.send(SIGCONT)
-        first.wait(timeout: 600)
+        first.wait(timeout: Runner.backstopSeconds)
         #expect(!first.signaled && first.status == 0, "first run: \(first.summary): \(first.err)")
         #expect(!B.hasTemporary(dir, of: "t.qcow2"))
         try B.expectIdentical("src.qcow2", "t.qcow2", dir, "first run")
@@ -132,15 +132,10 @@ import Glibc
         try B.makeDirtySource(dir, size: "16M", dirtyMiB: 1)
         let vm = try Spawned(qemu, ["-S", "-display", "none", "-nodefaults", "-machine", "none",
                                     "-blockdev", "driver=qcow2,node-name=disk,file.driver=file,file.filename=src.qcow2"], cwd: dir)
-        defer { vm.send(SIGKILL); vm.wait(timeout: 600) }
-        // The VM has the image once /proc/locks shows a lock on its inode (no probe that
-        // could take the lock itself and make the VM fail to start).
-        var st = stat()
-        #expect(stat(dir + "/src.qcow2", &st) == 0)
-        Self.waitUntil(vm) {
-            let locks = (try? String(contentsOfFile: "/proc/locks", encoding: .utf8)) ?? ""
-            return locks.split(separator: "\n").contains { $0.contains(":\(st.st_ino) ") }
-        }
+        defer { vm.send(SIGKILL); vm.wait(timeout: Runner.backstopSeconds) }
+        // The VM has the image once it holds the write lock (byte 101), asked of the kernel
+        // (no probe that could take the lock itself and make the VM fail to start).
+        Self.waitUntil(vm) { lockHeld(on: dir + "/src.qcow2", byte: 101) }
         #expect(!vm.exited, "the VM exited: \(vm.summary): \(vm.err)")
         let r = try Qimg.run(["backup", "--sync=incremental", "--bitmap=b", "--no-backing", "src.qcow2", "t.qcow2"], cwd: dir)
         expectCleanFailure("backup of a running VM", r)

@@ -19,13 +19,16 @@ private struct GuestOp {
     var length: UInt64
 }
 
-/// A minimal QMP client over a unix socket.
+/// A minimal QMP client over a unix socket. Its waits have no deadline that a loaded
+/// machine could reach: connecting retries while the daemon is `alive`, and reads end
+/// when the daemon closes the connection; `Runner.backstopSeconds` only guards a hang.
 private final class QMPClient {
     private let fd: Int32
     private var pending: [UInt8] = []
     private var events: [[String: Any]] = []
 
-    init(socketPath: String, timeout: Double) throws {
+    init(socketPath: String, alive: () -> Bool) throws {
+        let timeout = Runner.backstopSeconds
         let deadline = Date().addingTimeInterval(timeout)
         let bytes = Array(socketPath.utf8)
         var addr = sockaddr_un()
@@ -46,7 +49,7 @@ private final class QMPClient {
             if rc == 0 { fd = s; break }
             let e = errno
             close(s)
-            if Date() > deadline { throw TestFailure("cannot connect to QMP socket \(socketPath): errno \(e)") }
+            if !alive() || Date() > deadline { throw TestFailure("cannot connect to QMP socket \(socketPath): errno \(e)") }
             usleep(20_000)
         }
         let greeting = try readMessage(timeout: timeout)
@@ -84,7 +87,7 @@ private final class QMPClient {
 
     /// Sends a command and returns its "return" value; a QMP error throws.
     @discardableResult
-    func execute(_ name: String, _ arguments: [String: Any]? = nil, timeout: Double = 30) throws -> Any {
+    func execute(_ name: String, _ arguments: [String: Any]? = nil, timeout: Double = Runner.backstopSeconds) throws -> Any {
         var msg: [String: Any] = ["execute": name]
         if let arguments { msg["arguments"] = arguments }
         var data = try JSONSerialization.data(withJSONObject: msg)
@@ -107,7 +110,7 @@ private final class QMPClient {
     }
 
     /// Waits for an event (possibly already received) and returns its data.
-    func waitForEvent(_ name: String, timeout: Double) throws -> [String: Any] {
+    func waitForEvent(_ name: String, timeout: Double = Runner.backstopSeconds) throws -> [String: Any] {
         let deadline = Date().addingTimeInterval(timeout)
         while true {
             if let i = events.firstIndex(where: { $0["event"] as? String == name }) {
@@ -377,19 +380,19 @@ private final class QMPClient {
             "--monitor", "chardev=qmp0",
         ], cwd: dir)
         do {
-            let qmp = try QMPClient(socketPath: sock, timeout: 15)
+            let qmp = try QMPClient(socketPath: sock, alive: { !d.wait(timeout: 0) })
             var args: [String: Any] = ["job-id": "j", "device": "src", "target": "tgt", "sync": sync]
             if let bitmap { args["bitmap"] = bitmap }
             try qmp.execute("blockdev-backup", args)
-            let ev = try qmp.waitForEvent("BLOCK_JOB_COMPLETED", timeout: 60)
+            let ev = try qmp.waitForEvent("BLOCK_JOB_COMPLETED")
             if let e = ev["error"] { throw TestFailure("QEMU's backup job failed: \(e)") }
             try qmp.execute("quit")
         } catch {
             d.send(SIGKILL)
-            d.wait(timeout: 10)
+            d.wait(timeout: Runner.backstopSeconds)
             throw TestFailure("qemu-storage-daemon backup (\(sync)): \(error); stderr: \(d.err)")
         }
-        guard d.wait(timeout: 20) else { throw TestFailure("qemu-storage-daemon did not exit after quit") }
+        guard d.wait(timeout: Runner.backstopSeconds) else { throw TestFailure("qemu-storage-daemon did not exit after quit") }
         guard !d.signaled, d.status == 0 else { throw TestFailure("\(d.summary): \(d.err)") }
     }
 
@@ -477,7 +480,6 @@ private final class QMPClient {
         try qimg(["io"] + cmds + ["src.qcow2"], dir)
     }
 
-    /// Starts qimg, waits until the temporary target exists and `extra` seconds more, then sends `sig`.
     /// The temporary files of runs writing `target` (TARGET.PID-TOKEN.qimg-tmp).
     static func temporaryFiles(_ dir: String, of target: String) -> [String] {
         ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter {
@@ -487,13 +489,14 @@ private final class QMPClient {
 
     static func hasTemporary(_ dir: String, of target: String) -> Bool { !temporaryFiles(dir, of: target).isEmpty }
 
+    /// Starts qimg, waits until the temporary file of `target` exists (or qimg has ended:
+    /// no deadline) and `extra` seconds more, then sends `sig`.
     static func interrupt(_ args: [String], _ dir: String, tmp target: String, extra: Double, signal sig: Int32) throws -> Spawned {
         let p = try Spawned(Qimg.path, args, cwd: dir)
-        let deadline = Date().addingTimeInterval(20)
-        while !hasTemporary(dir, of: target) && Date() < deadline && !p.wait(timeout: 0.005) {}
+        while !hasTemporary(dir, of: target) && !p.wait(timeout: 0.005) {}
         usleep(useconds_t(extra * 1e6))
         p.send(sig)
-        guard p.wait(timeout: 30) else { throw TestFailure("qimg did not stop after signal \(sig)") }
+        guard p.wait(timeout: Runner.backstopSeconds) else { throw TestFailure("qimg did not stop after signal \(sig)") }
         return p
     }
 
@@ -518,12 +521,11 @@ private final class QMPClient {
             if !fromStart { for t in Self.temporaryFiles(dir, of: "t.qcow2") { unlink(dir + "/" + t) } }
             let p = try Spawned(Qimg.path, args, cwd: dir)
             if !fromStart {
-                let deadline = Date().addingTimeInterval(20)
-                while !Self.hasTemporary(dir, of: "t.qcow2") && Date() < deadline && !p.wait(timeout: 0.002) {}
+                while !Self.hasTemporary(dir, of: "t.qcow2") && !p.wait(timeout: 0.002) {}
             }
             usleep(useconds_t(UInt64.random(in: fromStart ? 20_000...750_000 : 0...600_000, using: &rng)))
             p.send(SIGKILL)
-            guard p.wait(timeout: 30) else { throw TestFailure("qimg did not die") }
+            guard p.wait(timeout: Runner.backstopSeconds) else { throw TestFailure("qimg did not die") }
             let label = "attempt \(attempt) (\(args.joined(separator: " ")))"
             #expect(p.signaled && p.status == SIGKILL, "\(label): finished before the kill: \(p.summary) \(p.err)")
             #expect(!Self.exists(dir, "t.qcow2"), "\(label): TARGET exists after SIGKILL")

@@ -5,8 +5,10 @@ import TestSupport
 /// Persistent bitmaps at scale: a 4 TiB disk (bitmap work must follow the dirty areas,
 /// not the disk size, in time and memory) and an image holding 1000 bitmaps.
 @Suite struct BitmapScaleTests {
-    /// Each bitmap command on the 4 TiB disk, in this debug build.
-    static let maxSeconds = 5.0
+    /// CPU time (user + system) of each bitmap command on the 4 TiB disk, in this debug
+    /// build. CPU time, not wall-clock time: a loaded machine slows a command down without
+    /// making it use more CPU, while work that followed the disk size would still show.
+    static let maxCPUSeconds = 5.0
     /// Peak RSS of each such command (GNU time's %M, KiB).
     static let maxRSSKiB = 64 * 1024 * Env.memoryBoundScale
     static let gnuTime = "/usr/bin/time"
@@ -18,8 +20,8 @@ import TestSupport
         return r
     }
 
-    /// Runs qimg under GNU time: the result, wall seconds and peak RSS in KiB.
-    static func measured(_ args: [String], cwd: String) throws -> (RunResult, seconds: Double, rssKiB: Int) {
+    /// Runs qimg under GNU time: the result, CPU seconds (user + system) and peak RSS in KiB.
+    static func measured(_ args: [String], cwd: String) throws -> (RunResult, cpuSeconds: Double, rssKiB: Int) {
         guard FileManager.default.isExecutableFile(atPath: gnuTime) else {
             throw TestFailure("GNU time not found at \(gnuTime) (install the 'time' package)")
         }
@@ -28,23 +30,22 @@ import TestSupport
         }
         let rssFile = cwd + "/rss-\(UUID().uuidString.prefix(8)).txt"
         defer { try? FileManager.default.removeItem(atPath: rssFile) }
-        let start = Date()
-        let r = try Runner.run(gnuTime, ["-f", "%M", "-o", rssFile, Qimg.path] + args, cwd: cwd, timeout: 60)
-        let seconds = Date().timeIntervalSince(start)
+        let r = try Runner.run(gnuTime, ["-f", "%M %U %S", "-o", rssFile, Qimg.path] + args, cwd: cwd, timeout: 60)
         let text = (try? String(contentsOfFile: rssFile, encoding: .utf8)) ?? ""
-        guard let rss = text.split(separator: "\n").last.flatMap({ Int($0.trimmingCharacters(in: .whitespaces)) }) else {
-            throw TestFailure("\(gnuTime) wrote no RSS for qimg \(args.joined(separator: " ")): '\(text)'")
+        let fields = text.split(separator: "\n").last?.split(separator: " ") ?? []
+        guard fields.count == 3, let rss = Int(fields[0]), let user = Double(fields[1]), let system = Double(fields[2]) else {
+            throw TestFailure("\(gnuTime) wrote no '%M %U %S' line for qimg \(args.joined(separator: " ")): '\(text)'")
         }
-        return (r, seconds, rss)
+        return (r, user + system, rss)
     }
 
     /// Runs a qimg command that must succeed within the time and memory limits.
     @discardableResult
     static func bounded(_ args: [String], cwd: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> RunResult {
-        let (r, seconds, rss) = try measured(args, cwd: cwd)
+        let (r, cpu, rss) = try measured(args, cwd: cwd)
         let label = "qimg " + args.joined(separator: " ")
         guard r.exitedNormally, r.status == 0 else { throw TestFailure("\(label): \(r.summary): \(r.err)") }
-        #expect(seconds < maxSeconds, "\(label) took \(String(format: "%.2f", seconds)) s", sourceLocation: sourceLocation)
+        #expect(cpu < maxCPUSeconds, "\(label) used \(String(format: "%.2f", cpu)) s of CPU", sourceLocation: sourceLocation)
         #expect(rss < maxRSSKiB, "\(label): peak RSS \(rss / 1024) MiB", sourceLocation: sourceLocation)
         return r
     }
@@ -78,8 +79,8 @@ import TestSupport
 
     /// A 4 TiB sparse disk with data spread over it: add, track writes (including a 40 GiB
     /// discard and a 3 GiB zero write), dump, merge into a new bitmap, clear and remove;
-    /// each within seconds and a small peak RSS, and QEMU exports the extents qimg dumps.
-    @Test(.requiresQEMU, .timeLimit(.minutes(2))) func fourTebibyteDisk() throws {
+    /// each within seconds of CPU time and a small peak RSS, and QEMU exports the extents qimg dumps.
+    @Test(.requiresQEMU) func fourTebibyteDisk() throws {
         let dir = try Self.scratch("4t")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let size: UInt64 = 4 << 40
@@ -193,7 +194,7 @@ import TestSupport
     /// 1000 bitmaps added one by one with qimg (mixed granularities, every 7th disabled):
     /// QEMU lists them all, the image checks clean, one write dirties every enabled one,
     /// and qimg info matches qemu-img info.
-    @Test(.requiresQEMU, .timeLimit(.minutes(3))) func thousandBitmaps() throws {
+    @Test(.requiresQEMU) func thousandBitmaps() throws {
         let dir = try Self.scratch("1000")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let size: UInt64 = 64 << 20
@@ -202,17 +203,14 @@ import TestSupport
         func name(_ i: Int) -> String { "bitmap-" + String(1000 + i).dropFirst() }
         func disabled(_ i: Int) -> Bool { i % 7 == 3 }
         let start = Date()
-        var slowest = 0.0
         for i in 0..<1000 {
-            let t = Date()
+            // Each --add may use 2 s of CPU time (Runner's limit): one that rewrote work
+            // proportional to all the bitmaps every time would not stay within it.
             let r = try Qimg.run(["bitmap", "--add", "-g", String(granularities[i % 4])]
-                                 + (disabled(i) ? ["--disable"] : []) + ["img.qcow2", name(i)], cwd: dir)
+                                 + (disabled(i) ? ["--disable"] : []) + ["img.qcow2", name(i)], cwd: dir, timeout: 2)
             guard r.exitedNormally, r.status == 0 else { throw TestFailure("adding bitmap \(i): \(r.summary): \(r.err)") }
-            slowest = max(slowest, Date().timeIntervalSince(t))
         }
-        let addSeconds = Date().timeIntervalSince(start)
-        print("BitmapScaleTests: 1000 x qimg bitmap --add in \(String(format: "%.1f", addSeconds)) s (slowest \(String(format: "%.3f", slowest)) s)")
-        #expect(slowest < 2, "one --add took \(slowest) s")
+        print("BitmapScaleTests: 1000 x qimg bitmap --add in \(String(format: "%.1f", Date().timeIntervalSince(start))) s")
 
         let listed = try Self.listedBitmaps("img.qcow2", dir)
         #expect(listed.count == 1000)

@@ -12,7 +12,7 @@ import TestSupport
     static let script = Paths.packageRoot + "/scripts/crashtest"
     static let seed = "20261127"
 
-    @Test(.requiresQEMU, .timeLimit(.minutes(3)))
+    @Test(.requiresQEMU)
     func shortCrashCampaignPasses() throws {
         guard let python3 = Env.python3 else { throw TestFailure("python3 not found on PATH") }
         for tool in ["qemu-nbd", "nbdinfo"] where Env.which(tool) == nil {

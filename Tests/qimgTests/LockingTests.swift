@@ -9,7 +9,7 @@ import Glibc
 /// a qemu-storage-daemon holding an image read-write stops qimg's writers and
 /// locking readers (not `-U`), and a running `qimg io` writer stops qemu-img.
 
-@Suite(.timeLimit(.minutes(2))) struct LockingTests {
+@Suite struct LockingTests {
     static func makeDir(_ name: String) throws -> String {
         let dir = try Paths.newScratch("\(name)")
         return dir
@@ -36,14 +36,14 @@ import Glibc
         try Self.ok(try Runner.qemuImg(["create", "-q", "-f", "qcow2", img, "4M"]))
         try Self.ok(try Runner.qemuIO(["-f", "qcow2", "-c", "write -P 0x5a 0 64k", img]))
 
-        // In the foreground, as our child (which we see exit).
-        let daemon = try Spawned(qsd, ["--blockdev", "driver=file,node-name=f,filename=\(img)",
-                                       "--blockdev", "driver=qcow2,node-name=q,file=f"], cwd: dir)
-        defer {
-            daemon.send(SIGKILL)
-            daemon.wait(timeout: 10)
-        }
-        try waitForLock(on: img, byte: 101, alive: { daemon.isRunning })
+        // In the foreground, as our child, with its QMP monitor on stdio: the greeting it
+        // prints there comes after the --blockdev options have opened (and locked) the image.
+        let daemon = try PipedProcess(qsd, ["--blockdev", "driver=file,node-name=f,filename=\(img)",
+                                            "--blockdev", "driver=qcow2,node-name=q,file=f",
+                                            "--chardev", "stdio,id=m0", "--monitor", "chardev=m0"])
+        defer { daemon.stop() }
+        try daemon.waitForLine(containing: "\"QMP\"")
+        try #require(lockHeld(on: img, byte: 101), "qemu-storage-daemon holds no write lock on \(img)")
 
         let before = try Data(contentsOf: URL(fileURLWithPath: img))
         Self.expectInUse("qimg io write", try Qimg.run(["io", "-c", "write 0 4k", "img.qcow2"], cwd: dir))
@@ -56,7 +56,7 @@ import Glibc
         #expect(map.exitedNormally && map.status == 0, "qimg map -U: \(map.summary): \(map.err)")
         let after = try Data(contentsOf: URL(fileURLWithPath: img))
         #expect(after == before, "the image changed while qemu-storage-daemon held it")
-        #expect(daemon.isRunning, "qemu-storage-daemon ended during the test")
+        #expect(daemon.process.isRunning, "qemu-storage-daemon ended during the test")
     }
 
     @Test(.requiresQEMU)
@@ -69,19 +69,20 @@ import Glibc
             throw TestFailure("qimg binary not found at \(Qimg.path): run `swift build` first")
         }
 
-        // A writer with a long list of large writes; once its write lock shows, it is
-        // stopped (SIGSTOP keeps its locks) so the checks below run while it holds the image.
+        // A writer with a long list of large writes; once it has printed its first line (it
+        // has opened and locked the image, and written), it is stopped (SIGSTOP keeps its
+        // locks) so the checks below run while it holds the image.
         var args = ["io"]
         for i in 0..<400 { args += ["-c", "write -P \(i % 255 + 1) \((i % 16) * 4)M 4M"] }
-        let p = try Spawned(Qimg.path, args + ["img.qcow2"], cwd: dir)
+        let p = try PipedProcess(Qimg.path, args + ["img.qcow2"], cwd: dir)
         defer {
-            p.send(SIGKILL)
-            p.send(SIGCONT)
-            p.wait(timeout: 600)
+            kill(p.process.processIdentifier, SIGKILL)
+            kill(p.process.processIdentifier, SIGCONT)
+            p.stop()
         }
-        try waitForLock(on: img, byte: 101, alive: { p.isRunning })
-        p.send(SIGSTOP)
-        #expect(p.isRunning, "the qimg writer ended before the checks")
+        try p.waitForLine(containing: "wrote 4194304/4194304 bytes at offset 0")
+        kill(p.process.processIdentifier, SIGSTOP)
+        #expect(p.process.isRunning, "the qimg writer ended before the checks")
 
         let locked = try Runner.qemuImg(["info", "img.qcow2"], cwd: dir)
         #expect(locked.exitedNormally && locked.status != 0, "qemu-img info while qimg writes: \(locked.summary)")
@@ -90,11 +91,6 @@ import Glibc
         #expect(shared.exitedNormally && shared.status == 0, "qemu-img info -U: \(shared.summary): \(shared.err)")
         // A second qimg writer is refused too.
         Self.expectInUse("second qimg writer", try Qimg.run(["io", "-c", "write 0 4k", "img.qcow2"], cwd: dir))
-        #expect(lockHeld(inode: Self.inode(img), byte: 101), "the qimg writer no longer holds its lock")
-    }
-
-    static func inode(_ path: String) -> UInt64 {
-        var st = stat()
-        return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0
+        #expect(lockHeld(on: img, byte: 101), "the qimg writer no longer holds its lock")
     }
 }

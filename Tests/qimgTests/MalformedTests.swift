@@ -62,7 +62,7 @@ struct FileState: Equatable {
             let r = try Qimg.run(cmd.args(entry), cwd: f.malformedDir, timeout: 5)
             let label = "\(entry.name) (\(entry.description)): \(r.command)"
             if r.timedOut {
-                Issue.record("\(label): still running after 5 s (killed)")
+                Issue.record("\(label): \(r.summary)")
                 continue
             }
             if r.signaled {

@@ -65,7 +65,7 @@ enum RegressionCommand: String, CaseIterable, Sendable {
             let r = try Qimg.run(cmd.args(name), cwd: dir, timeout: 5)
             let label = "\(name): \(r.command)"
             if r.timedOut {
-                Issue.record("\(label): still running after 5 s (killed)")
+                Issue.record("\(label): \(r.summary)")
                 continue
             }
             if r.signaled {
