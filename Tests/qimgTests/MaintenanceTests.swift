@@ -86,14 +86,46 @@ import Testing
         }
         let r = try Runner.qemuIO(["-c", "read -P 0x61 0 300k", "-c", "read -P 0x62 900k 100k", "-c", "read -P 0 1000k 24k", "m.qcow2"], cwd: dir)
         #expect(!r.out.contains("Pattern verification failed"), "\(r.out)")
-        // Shrinking over data needs --shrink; over unallocated space it does not.
+        // Shrinking needs --shrink, as in qemu-img, even over unallocated space.
         let refused = try Qimg.run(["resize", "m.qcow2", "512k"], cwd: dir)
-        #expect(refused.status == 1 && refused.stderrLines.count == 1, "\(refused.err)")
+        #expect(refused.status == 1 && refused.stderrLines.first == "qimg: Use the --shrink option to perform a shrink operation.", "\(refused.err)")
         _ = try Qimg.run(["resize", "m.qcow2", "8M"], cwd: dir)
-        let ok = try Qimg.run(["resize", "m.qcow2", "4M"], cwd: dir)
+        let ok = try Qimg.run(["resize", "--shrink", "m.qcow2", "4M"], cwd: dir)
         #expect(ok.status == 0, "\(ok.err)")
         let bad = try Qimg.run(["resize", "m.qcow2", "+1000"], cwd: dir)
         #expect(bad.status == 1 && bad.err.contains("multiple of 512"))
+    }
+
+    /// The size is always the last argument (a negative one needs no `--`), and any
+    /// shrink needs --shrink: exit code, messages and resulting size as qemu-img's.
+    @Test(.requiresQEMU, arguments: ["qcow2", "raw"])
+    func resizeArgumentsMatchQemuImg(_ fmt: String) throws {
+        let dir = try Self.scratch("resize-args")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cases: [[String]] = [
+            ["IMG", "-7M"], ["--shrink", "IMG", "-7M"], ["IMG", "--", "-7M"], ["IMG", "--", "4M"], ["IMG", "4M"],
+            ["-f", fmt, "IMG", "-1M"], ["--shrink", "IMG", "--", "-1M"], ["IMG", "--shrink", "--", "-2M"], ["IMG", "-0"],
+            ["IMG", "-20M"], ["IMG", "-16M"], ["IMG", "-x"], ["IMG", "-q"], ["IMG", "--", "+1M"], ["IMG", "+1M"],
+            ["--preallocation=full", "IMG", "-1M"], ["--preallocation=falloc", "--shrink", "IMG", "4M"], ["-q", "--shrink", "IMG", "-3M"],
+        ]
+        // Raw images get -f raw: qemu-img warns about a probed raw image, qimg does not.
+        for c in cases.map({ fmt == "raw" && !$0.contains("-f") ? ["-f", "raw"] + $0 : $0 }) {
+            for name in ["q", "m"] {
+                try? FileManager.default.removeItem(atPath: "\(dir)/\(name).img")
+                _ = try Self.sh(["qemu-img", "create", "-q", "-f", fmt, "\(name).img", "16M"], dir)
+                _ = try Self.sh(["qemu-io", "-f", fmt, "-c", "write -P 0x5a 0 1M", "\(name).img"], dir)
+            }
+            let q = try Runner.qemuImg(["resize"] + c.map { $0 == "IMG" ? "q.img" : $0 }, cwd: dir)
+            let m = try Qimg.run(["resize"] + c.map { $0 == "IMG" ? "m.img" : $0 }, cwd: dir)
+            let label = "resize \(c.joined(separator: " ")) [\(fmt)]"
+            expectSameExit(label, qemu: q, qimg: m)
+            expectSameStdout(label, qemu: q, qimg: m)
+            #expect(m.err == qimgMessages(q.err.replacingOccurrences(of: "q.img", with: "m.img")), "\(label): stderr\nqemu-img: \(q.err)\nqimg: \(m.err)")
+            func size(_ f: String) throws -> String {
+                try Runner.qemuImg(["info", "-f", fmt, "--output=json", f], cwd: dir).out.split(separator: "\n").first { $0.contains("virtual-size") }.map(String.init) ?? "?"
+            }
+            #expect(try size("m.img") == (try size("q.img")), "\(label)")
+        }
     }
 
     @Test(.requiresQEMU) func amendMatchesQemuImg() throws {
