@@ -158,6 +158,62 @@ import Testing
         #expect(c.status == 1 && c.stderrLines.count == 1)
     }
 
+    /// A refused amend (issue 13, item 6) leaves the image byte for byte as it was, with
+    /// qemu-img's exit code and message: a downgrade is refused while a snapshot's size
+    /// differs from the image's (after a resize in the same amend: qemu-img resizes, then
+    /// refuses, and keeps the resize); everything is checked before the first write.
+    /// A downgrade that qemu-img does (resize to the snapshot's size, then downgrade) works.
+    @Test(.requiresQEMU) func refusedAmendChangesNothing() throws {
+        let dir = try Self.scratch("amend-refused")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let setups: [(String, [[String]])] = [
+            ("grown.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "grown.qcow2", "4M"], ["qemu-io", "-c", "write -P 1 0 64k", "grown.qcow2"],
+                             ["qemu-img", "snapshot", "-c", "sn1", "grown.qcow2"], ["qemu-img", "resize", "-q", "grown.qcow2", "8M"]]),
+            ("snap.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "snap.qcow2", "4M"], ["qemu-img", "snapshot", "-c", "sn1", "snap.qcow2"]]),
+            ("v2.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "4M"]]),
+            ("shrunk.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "shrunk.qcow2", "4M"], ["qemu-io", "-c", "write -P 1 0 64k", "shrunk.qcow2"],
+                              ["qemu-img", "snapshot", "-c", "sn1", "shrunk.qcow2"], ["qemu-img", "resize", "-q", "--shrink", "shrunk.qcow2", "2M"]]),
+        ]
+        for (_, steps) in setups { for step in steps { _ = try Self.sh(step, dir) } }
+        let refused: [(String, String)] = [
+            ("grown.qcow2", "compat=0.10"), ("snap.qcow2", "compat=0.10,size=8M"), ("grown.qcow2", "compat=0.10,size=6M"),
+            ("v2.qcow2", "compat=1.1,size=1000"), ("v2.qcow2", "lazy_refcounts=on"), ("v2.qcow2", "lazy_refcounts=on,size=8M"),
+            ("snap.qcow2", "compat=0.10,size=1000"),
+        ]
+        let fm = FileManager.default
+        for (image, opts) in refused {
+            let label = "amend -o \(opts) \(image)"
+            for n in ["q.qcow2", "m.qcow2"] {
+                try? fm.removeItem(atPath: dir + "/" + n)
+                try fm.copyItem(atPath: dir + "/" + image, toPath: dir + "/" + n)
+            }
+            let before = try Data(contentsOf: URL(fileURLWithPath: dir + "/m.qcow2"))
+            let q = try Runner.qemuImg(["amend", "-o", opts, "q.qcow2"], cwd: dir)
+            let m = try Qimg.run(["amend", "-o", opts, "m.qcow2"], cwd: dir)
+            #expect(q.status == 1, "\(label): qemu-img \(q.status)")
+            expectSameExit(label, qemu: q, qimg: m)
+            #expect(m.err == qimgMessages(q.err), "\(label): stderr\nqemu-img: \(q.err)\nqimg:     \(m.err)")
+            #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/m.qcow2")) == before, "\(label): the image was changed")
+        }
+        // Resized to the snapshot's size first, then downgraded: as qemu-img does, and the
+        // snapshot still applies.
+        for n in ["q.qcow2", "m.qcow2"] {
+            try? fm.removeItem(atPath: dir + "/" + n)
+            try fm.copyItem(atPath: dir + "/shrunk.qcow2", toPath: dir + "/" + n)
+        }
+        let q = try Runner.qemuImg(["amend", "-o", "compat=0.10,size=4M", "q.qcow2"], cwd: dir)
+        let m = try Qimg.run(["amend", "-o", "compat=0.10,size=4M", "m.qcow2"], cwd: dir)
+        #expect(q.status == 0 && m.status == 0, "\(m.err)")
+        func info(_ f: String) throws -> String {
+            try Runner.qemuImg(["info", "--output=json", f], cwd: dir).out.split(separator: "\n")
+                .filter { !$0.contains("filename") && !$0.contains("actual-size") && !$0.contains("date-") }.joined(separator: "\n")
+        }
+        #expect(try info("m.qcow2") == (try info("q.qcow2")))
+        #expect(try Runner.qemuImg(["check", "m.qcow2"], cwd: dir).status == 0)
+        let apply = try Runner.qemuImg(["snapshot", "-a", "sn1", "m.qcow2"], cwd: dir)
+        #expect(apply.status == 0, "\(apply.err)")
+    }
+
     /// A broken bitmap table makes the image unopenable for every QEMU tool; `check`
     /// reports it and `check -r all` drops the bitmaps, keeping the guest data. An
     /// inconsistent (in use) bitmap is reported and removed by `-r all` too.
