@@ -90,4 +90,56 @@ import Testing
         let skip = try Qimg.run(["convert", "-O", "qcow2", "--bitmaps", "--skip-broken-bitmaps", "s.qcow2", "y.qcow2"], cwd: dir)
         #expect(skip.status == 0, "\(skip.err)")
     }
+
+    /// -o as qemu-img takes it (issue 13, item 10): refused with -n; backing_file,
+    /// backing_fmt, encryption=off and size accepted for qcow2, -B/-F winning over them;
+    /// the errors qemu-img reports, with its wording. Same exit code, same messages, the
+    /// same image (or none), and an -n target left as it was.
+    @Test(.requiresQEMU) func createOptionsMatchQemuImg() throws {
+        let dir = try Paths.newScratch("convert-options")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for args in [["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M"], ["qemu-io", "-c", "write -P 1 0 2M", "base.qcow2"],
+                     ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "s.qcow2"],
+                     ["qemu-io", "-c", "write -P 2 1M 64k", "s.qcow2"], ["qemu-img", "create", "-q", "-f", "qcow2", "n.qcow2", "4M"]] {
+            try Runner.qemuStep(args, in: dir)
+        }
+        let cases: [[String]] = [
+            ["-n", "-o", "preallocation=metadata"], ["-n", "-O", "qcow2", "-o", "preallocation=metadata"],
+            ["-n", "-O", "qcow2", "-o", "cluster_size=4k"], ["-n", "-O", "qcow2", "-o", "help"], ["-n", "-O", "qcow2", "-o", "bogus=1"],
+            ["-O", "qcow2", "-o", "backing_fmt=qcow2"], ["-O", "qcow2", "-o", "backing_fmt=raw"], ["-O", "qcow2", "-F", "qcow2"],
+            ["-O", "qcow2", "-o", "backing_file=base.qcow2"], ["-O", "qcow2", "-B", "base.qcow2"],
+            ["-O", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2"], ["-O", "qcow2", "-B", "base.qcow2", "-o", "backing_fmt=qcow2"],
+            ["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "-o", "backing_fmt=raw"],
+            ["-O", "qcow2", "-o", "backing_fmt=bogus,backing_file=base.qcow2"], ["-O", "raw", "-o", "backing_fmt=qcow2"],
+            ["-O", "qcow2", "-o", "encryption=off"], ["-O", "qcow2", "-o", "encryption=off,compat=0.10"], ["-O", "qcow2", "-o", "encryption=on"],
+            ["-O", "qcow2", "-o", "encryption=yes"], ["-O", "qcow2", "-o", "encryption=OFF"], ["-O", "raw", "-o", "encryption=off"],
+            ["-O", "qcow2", "-o", "size=1M"], ["-O", "qcow2", "-o", "bogus=1"], ["-O", "raw", "-o", "bogus=1"],
+            ["-O", "qcow2", "-o", "compat=bad"], ["-O", "qcow2", "-o", "preallocation=bad"], ["-O", "raw", "-o", "preallocation=bad"],
+        ]
+        let fm = FileManager.default
+        for c in cases {
+            let label = "convert \(c.joined(separator: " "))"
+            let skip = c.contains("-n")
+            let (qt, mt) = skip ? ("nref.img", "nnew.img") : ("ref.img", "new.img")
+            for t in [qt, mt] {
+                try? fm.removeItem(atPath: dir + "/" + t)
+                if skip { try fm.copyItem(atPath: dir + "/n.qcow2", toPath: dir + "/" + t) }
+            }
+            let before = try Data(contentsOf: URL(fileURLWithPath: dir + "/n.qcow2"))
+            let q = try Runner.qemuImg(["convert"] + c + ["s.qcow2", qt], cwd: dir)
+            let m = try Qimg.run(["convert"] + c + ["s.qcow2", mt], cwd: dir)
+            expectSameExit(label, qemu: q, qimg: m)
+            #expect(m.err == qimgMessages(q.err.replacingOccurrences(of: "ref.img", with: "new.img")),
+                    "\(label): stderr\nqemu-img: \(q.err)\nqimg:     \(m.err)")
+            if skip {
+                #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/" + mt)) == before, "\(label): the -n target was changed")
+            } else if q.status != 0 {
+                #expect(!fm.fileExists(atPath: dir + "/" + mt), "\(label): a failed convert left its target")
+            } else {
+                #expect(try CreateTests.info(mt, cwd: dir) == (try CreateTests.info(qt, cwd: dir)), "\(label)")
+                #expect(try Runner.qemuImg(["compare", qt, mt], cwd: dir).status == 0, "\(label): contents differ")
+            }
+        }
+    }
+
 }
