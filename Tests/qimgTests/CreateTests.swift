@@ -35,6 +35,7 @@ struct CreateCase: Sendable, CustomTestStringConvertible {
         CreateCase(args: ["-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", "compat=0.10"], size: nil),
         CreateCase(args: ["-f", "qcow2", "-u", "-b", "absent.qcow2", "-F", "qcow2"], size: "7M"),
         CreateCase(args: ["-f", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2,extended_l2=on"], size: nil),
+        CreateCase(args: ["-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2"], size: nil),
         CreateCase(args: ["-f", "qcow2", "-o", "encryption=off"]),
         CreateCase(args: ["-f", "qcow2", "-o", "encryption=on,encryption=off,compat=0.10"]),
         CreateCase(args: ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o", "encryption=off"], size: nil),
