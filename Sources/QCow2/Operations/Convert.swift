@@ -132,6 +132,7 @@ public enum ConvertOperation {
         engine.progress = { progress?($0, total) }
         for (a, n) in ranges { try engine.copy(a, n, maskZeros: o.skipCreate) }
         if let q = target as? QCow2Image {
+            if o.compressed { try q.padToSector() }
             for (e, bm) in bitmaps {
                 try q.applyBitmapActions([.add(granularity: e.granularity, disabled: !e.isAuto)], to: e.name)
                 try q.applyBitmapActions([.merge(source: e.name)], to: e.name, mergeSource: { _ in bm })
