@@ -3,7 +3,7 @@ import Glibc
 #endif
 
 /// `qemu-img convert`: a new standalone image (or an overlay with -B) holding the
-/// source's guest data; zero ranges stay sparse.
+/// source's guest data; zero ranges stay sparse (-S).
 public struct ConvertOptions: Sendable {
     public var create = CreateOptions()
     public var compressed = false
@@ -118,15 +118,23 @@ public enum ConvertOperation {
         engine.shouldStop = o.shouldStop
         engine.targetBacking = backing
         let size = source.virtualSize
+        // Ranges in target clusters (raw: sectors; the holes of a raw source stay holes).
+        let unit = target is QCow2Image ? engine.unit : 512
+        // -S: zero runs count in aligned pieces of S (a power of two: qemu-img aligns the
+        // runs it leaves out to it), and in whole clusters of a qcow2 target at least.
+        if o.minSparse > 0 {
+            let floor = UInt64(1) << UInt64(63 - o.minSparse.leadingZeroBitCount)
+            engine.sparseUnit = min(max(floor, (target as? QCow2Image).map { UInt64($0.geometry.clusterSize) } ?? 512), 2 << 20)
+        }
         // Only ranges that hold data (in the source, or in the target's backing file,
-        // whose data zeros of the source must hide) are visited; an existing target
-        // (-n) is overwritten entirely. Progress counts the bytes visited (as qemu-img
-        // counts the allocated data), so it reaches 100% on a sparse image.
+        // whose data zeros of the source must hide) are visited, all of the disk with
+        // -S 0; an existing target (-n) is overwritten entirely. Progress counts the bytes
+        // visited (as qemu-img counts the allocated data), so it reaches 100% on a sparse image.
         var ranges: [(UInt64, UInt64)] = [(0, size)]
         if !o.skipCreate {
-            ranges = try CopyEngine.nonZeroRanges(source)
+            ranges = o.minSparse == 0 ? [(UInt64(0), size)] : try CopyEngine.nonZeroRanges(source)
             if let b = engine.targetBacking { ranges += try CopyEngine.nonZeroRanges(b).filter { $0.0 < size } }
-            ranges = CopyEngine.normalize(ranges, unit: engine.unit, size: size)
+            ranges = CopyEngine.normalize(ranges, unit: unit, size: size)
         }
         let total = ranges.reduce(0) { $0 + $1.1 }
         engine.progress = { progress?($0, total) }
