@@ -173,6 +173,47 @@ import Testing
         }
     }
 
+    /// -B (issue 13, item 3): the new overlay holds what the source's top layer holds (its
+    /// data, its zeros as zero clusters), not everything that differs from zero; a standalone
+    /// source gives its data and, up to the end of BACKING, its zeros as zero clusters.
+    /// Same allocation as qemu-img's output, same content.
+    @Test(.requiresQEMU) func backingOverlayMatchesQemuImg() throws {
+        let dir = try Paths.newScratch("convert-backing")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for step in [["qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "16M"], ["qemu-io", "-c", "write -P 1 0 8M", "base.qcow2"],
+                     ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"],
+                     ["qemu-io", "-c", "write -P 2 1M 64k", "top.qcow2"],
+                     ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "mixed.qcow2"],
+                     ["qemu-io", "-c", "write -P 2 1M 64k", "-c", "write -P 1 2M 64k", "-c", "write -z 3M 64k", "-c", "write -P 0 5M 64k",
+                      "-c", "write -P 3 12M 100k", "-c", "write -z 14M 64k", "mixed.qcow2"],
+                     ["qemu-img", "convert", "-O", "qcow2", "mixed.qcow2", "flat.qcow2"],
+                     ["qemu-img", "convert", "-O", "raw", "mixed.qcow2", "flat.raw"],
+                     ["qemu-img", "create", "-q", "-f", "qcow2", "small.qcow2", "4M"], ["qemu-io", "-c", "write -P 4 0 3M", "small.qcow2"],
+                     ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "small.qcow2", "-F", "qcow2", "long.qcow2", "9M"],
+                     ["qemu-io", "-c", "write -P 5 1M 64k", "-c", "write -P 5 6M 64k", "-c", "write -z 7M 64k", "long.qcow2"]] {
+            try Runner.qemuStep(step, in: dir)
+        }
+        // The issue's case: 8 MiB in the base, 64 KiB in the overlay.
+        try Self.expectSameConversion(["-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2"], "top.qcow2", format: "qcow2", dir)
+        let mine = try Self.guestMap("m.out", format: "qcow2", dir)
+        #expect(mine.split(separator: "\n").filter { $0.contains("\"depth\": 0") && $0.contains("\"data\": true") }.count == 1, "\(mine)")
+        for (src, args) in [("mixed.qcow2", [String]()), ("mixed.qcow2", ["-o", "cluster_size=4k"]), ("mixed.qcow2", ["-c"]),
+                            ("mixed.qcow2", ["-o", "compat=0.10"]), ("flat.qcow2", []), ("flat.raw", []), ("flat.qcow2", ["-o", "cluster_size=512"]),
+                            ("long.qcow2", ["-B", "small.qcow2"]), ("flat.qcow2", ["-B", "small.qcow2"])] {
+            let b = args.contains("-B") ? [] : ["-B", "base.qcow2"]
+            try Self.expectSameConversion(["-O", "qcow2"] + b + ["-F", "qcow2"] + args, src, format: "qcow2", dir)
+            #expect(try Runner.qemuImg(["compare", src, "m.out"], cwd: dir).status == 0, "\(src) \(args)")
+        }
+        // Where qemu-img would lose data, qimg does not: -B naming a lower layer of the
+        // source's chain (qemu-img assumes the layers in between hold nothing).
+        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "mixed.qcow2", "-F", "qcow2", "upper.qcow2"], in: dir)
+        try Runner.qemuStep(["qemu-io", "-c", "write -P 6 4M 64k", "upper.qcow2"], in: dir)
+        let m = try Qimg.run(["convert", "-O", "qcow2", "-B", "base.qcow2", "-F", "qcow2", "upper.qcow2", "lower.qcow2"], cwd: dir)
+        #expect(m.status == 0, "\(m.err)")
+        let same = try Runner.qemuImg(["compare", "upper.qcow2", "lower.qcow2"], cwd: dir)
+        #expect(same.status == 0, "\(same.out)")
+    }
+
     /// -S (issue 13, item 4): 0 writes every byte (the whole disk), other sizes leave out
     /// the zero runs qemu-img leaves out (aligned pieces of S, whole clusters of a qcow2
     /// target), for qcow2 targets of several cluster sizes, compressed ones and raw.
