@@ -41,9 +41,10 @@ struct Qimg: ParsableCommand {
             try FaultInjector.armFromEnvironment()
             #endif
             // Arguments are bytes: file names that are not UTF-8 pass through unchanged.
-            let arguments = (1..<Int(CommandLine.argc)).map { i in
+            var arguments = (1..<Int(CommandLine.argc)).map { i in
                 PathCodec.decode(cString: CommandLine.unsafeArgv[i]!)
             }
+            if arguments.first == "resize" { arguments = Resize.sizeLast(arguments) }
             var command = try parseAsRoot(arguments)
             // ArgumentParser takes the root's -V/--version after a subcommand too: refuse it there.
             if !(command is Qimg), let flag = arguments.prefix(while: { $0 != "--" })

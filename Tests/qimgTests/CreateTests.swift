@@ -36,6 +36,10 @@ struct CreateCase: Sendable, CustomTestStringConvertible {
         CreateCase(args: ["-f", "qcow2", "-b", "base.raw", "-F", "raw", "-o", "compat=0.10"], size: nil),
         CreateCase(args: ["-f", "qcow2", "-u", "-b", "absent.qcow2", "-F", "qcow2"], size: "7M"),
         CreateCase(args: ["-f", "qcow2", "-o", "backing_file=base.qcow2,backing_fmt=qcow2,extended_l2=on"], size: nil),
+        CreateCase(args: ["-f", "qcow2", "-o", "cluster_size=512", "-b", "base.qcow2", "-F", "qcow2"], size: nil),
+        CreateCase(args: ["-f", "qcow2", "-o", "encryption=off"]),
+        CreateCase(args: ["-f", "qcow2", "-o", "encryption=on,encryption=off,compat=0.10"]),
+        CreateCase(args: ["-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "-o", "encryption=off"], size: nil),
         CreateCase(args: ["-f", "raw"], size: "1000"),
         CreateCase(args: ["-f", "raw", "-o", "preallocation=full"], size: "1M"),
         CreateCase(args: [], size: "64k"),
@@ -61,6 +65,11 @@ struct CreateCase: Sendable, CustomTestStringConvertible {
         CreateCase(args: ["-f", "qcow2", "-o", "preallocation=metadata", "-b", "base.qcow2", "-F", "qcow2"], size: nil),
         CreateCase(args: ["-f", "raw", "-o", "preallocation=metadata"], size: "1M"),
         CreateCase(args: ["-f", "qcow2", "-o", "cluster_size=512"], size: "1T"),
+        CreateCase(args: ["-f", "qcow2", "-o", "encryption=on"]),
+        CreateCase(args: ["-f", "qcow2", "-o", "encryption"]),
+        CreateCase(args: ["-f", "qcow2", "-o", "encryption=no"]),
+        CreateCase(args: ["-f", "qcow2", "-o", "encryption=OFF"]),
+        CreateCase(args: ["-f", "raw", "-o", "encryption=off"]),
     ]
 }
 
@@ -131,6 +140,11 @@ struct CreateCase: Sendable, CustomTestStringConvertible {
         let m = try Qimg.run(["create"] + c.args + ["new.img"] + tail, cwd: dir)
         #expect(q.status == 1 && m.status == 1, "qemu \(q.status), qimg \(m.status): \(m.err)")
         #expect(m.stderrLines.count == 1 && m.err.hasPrefix("qimg: "), "\(m.err)")
+        if c.args.contains(where: { $0.hasPrefix("encryption") }) {
+            // qemu-img's words, and its "Formatting" line when it prints one.
+            #expect(m.err == qimgMessages(q.err.replacingOccurrences(of: "ref.img", with: "new.img")), "\(m.err) vs \(q.err)")
+            #expect(m.out == q.out.replacingOccurrences(of: "ref.img", with: "new.img"), "\(m.out) vs \(q.out)")
+        }
         #expect(!FileManager.default.fileExists(atPath: dir + "/new.img"))
         // An existing file is never destroyed by a failed create (qemu-img deletes it).
         try Data("keep me".utf8).write(to: URL(fileURLWithPath: dir + "/old.img"))

@@ -85,14 +85,46 @@ import TestSupport
         }
         let r = try Runner.qemuIO(["-c", "read -P 0x61 0 300k", "-c", "read -P 0x62 900k 100k", "-c", "read -P 0 1000k 24k", "m.qcow2"], cwd: dir)
         #expect(!r.out.contains("Pattern verification failed"), "\(r.out)")
-        // Shrinking over data needs --shrink; over unallocated space it does not.
+        // Shrinking needs --shrink, as in qemu-img, even over unallocated space.
         let refused = try Qimg.run(["resize", "m.qcow2", "512k"], cwd: dir)
-        #expect(refused.status == 1 && refused.stderrLines.count == 1, "\(refused.err)")
+        #expect(refused.status == 1 && refused.stderrLines.first == "qimg: Use the --shrink option to perform a shrink operation.", "\(refused.err)")
         _ = try Qimg.run(["resize", "m.qcow2", "8M"], cwd: dir)
-        let ok = try Qimg.run(["resize", "m.qcow2", "4M"], cwd: dir)
+        let ok = try Qimg.run(["resize", "--shrink", "m.qcow2", "4M"], cwd: dir)
         #expect(ok.status == 0, "\(ok.err)")
         let bad = try Qimg.run(["resize", "m.qcow2", "+1000"], cwd: dir)
         #expect(bad.status == 1 && bad.err.contains("multiple of 512"))
+    }
+
+    /// The size is always the last argument (a negative one needs no `--`), and any
+    /// shrink needs --shrink: exit code, messages and resulting size as qemu-img's.
+    @Test(.requiresQEMU, arguments: ["qcow2", "raw"])
+    func resizeArgumentsMatchQemuImg(_ fmt: String) throws {
+        let dir = try Self.scratch("resize-args")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let cases: [[String]] = [
+            ["IMG", "-7M"], ["--shrink", "IMG", "-7M"], ["IMG", "--", "-7M"], ["IMG", "--", "4M"], ["IMG", "4M"],
+            ["-f", fmt, "IMG", "-1M"], ["--shrink", "IMG", "--", "-1M"], ["IMG", "--shrink", "--", "-2M"], ["IMG", "-0"],
+            ["IMG", "-20M"], ["IMG", "-16M"], ["IMG", "-x"], ["IMG", "-q"], ["IMG", "--", "+1M"], ["IMG", "+1M"],
+            ["--preallocation=full", "IMG", "-1M"], ["--preallocation=falloc", "--shrink", "IMG", "4M"], ["-q", "--shrink", "IMG", "-3M"],
+        ]
+        // Raw images get -f raw: qemu-img warns about a probed raw image, qimg does not.
+        for c in cases.map({ fmt == "raw" && !$0.contains("-f") ? ["-f", "raw"] + $0 : $0 }) {
+            for name in ["q", "m"] {
+                try? FileManager.default.removeItem(atPath: "\(dir)/\(name).img")
+                _ = try Self.sh(["qemu-img", "create", "-q", "-f", fmt, "\(name).img", "16M"], dir)
+                _ = try Self.sh(["qemu-io", "-f", fmt, "-c", "write -P 0x5a 0 1M", "\(name).img"], dir)
+            }
+            let q = try Runner.qemuImg(["resize"] + c.map { $0 == "IMG" ? "q.img" : $0 }, cwd: dir)
+            let m = try Qimg.run(["resize"] + c.map { $0 == "IMG" ? "m.img" : $0 }, cwd: dir)
+            let label = "resize \(c.joined(separator: " ")) [\(fmt)]"
+            expectSameExit(label, qemu: q, qimg: m)
+            expectSameStdout(label, qemu: q, qimg: m)
+            #expect(m.err == qimgMessages(q.err.replacingOccurrences(of: "q.img", with: "m.img")), "\(label): stderr\nqemu-img: \(q.err)\nqimg: \(m.err)")
+            func size(_ f: String) throws -> String {
+                try Runner.qemuImg(["info", "-f", fmt, "--output=json", f], cwd: dir).out.split(separator: "\n").first { $0.contains("virtual-size") }.map(String.init) ?? "?"
+            }
+            #expect(try size("m.img") == (try size("q.img")), "\(label)")
+        }
     }
 
     @Test(.requiresQEMU) func amendMatchesQemuImg() throws {
@@ -123,6 +155,62 @@ import TestSupport
         #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/m.qcow2")) == before)
         let c = try Qimg.run(["amend", "-o", "cluster_size=4k", "m.qcow2"], cwd: dir)
         #expect(c.status == 1 && c.stderrLines.count == 1)
+    }
+
+    /// A refused amend (issue 13, item 6) leaves the image byte for byte as it was, with
+    /// qemu-img's exit code and message: a downgrade is refused while a snapshot's size
+    /// differs from the image's (after a resize in the same amend: qemu-img resizes, then
+    /// refuses, and keeps the resize); everything is checked before the first write.
+    /// A downgrade that qemu-img does (resize to the snapshot's size, then downgrade) works.
+    @Test(.requiresQEMU) func refusedAmendChangesNothing() throws {
+        let dir = try Self.scratch("amend-refused")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let setups: [(String, [[String]])] = [
+            ("grown.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "grown.qcow2", "4M"], ["qemu-io", "-c", "write -P 1 0 64k", "grown.qcow2"],
+                             ["qemu-img", "snapshot", "-c", "sn1", "grown.qcow2"], ["qemu-img", "resize", "-q", "grown.qcow2", "8M"]]),
+            ("snap.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "snap.qcow2", "4M"], ["qemu-img", "snapshot", "-c", "sn1", "snap.qcow2"]]),
+            ("v2.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", "v2.qcow2", "4M"]]),
+            ("shrunk.qcow2", [["qemu-img", "create", "-q", "-f", "qcow2", "shrunk.qcow2", "4M"], ["qemu-io", "-c", "write -P 1 0 64k", "shrunk.qcow2"],
+                              ["qemu-img", "snapshot", "-c", "sn1", "shrunk.qcow2"], ["qemu-img", "resize", "-q", "--shrink", "shrunk.qcow2", "2M"]]),
+        ]
+        for (_, steps) in setups { for step in steps { _ = try Self.sh(step, dir) } }
+        let refused: [(String, String)] = [
+            ("grown.qcow2", "compat=0.10"), ("snap.qcow2", "compat=0.10,size=8M"), ("grown.qcow2", "compat=0.10,size=6M"),
+            ("v2.qcow2", "compat=1.1,size=1000"), ("v2.qcow2", "lazy_refcounts=on"), ("v2.qcow2", "lazy_refcounts=on,size=8M"),
+            ("snap.qcow2", "compat=0.10,size=1000"),
+        ]
+        let fm = FileManager.default
+        for (image, opts) in refused {
+            let label = "amend -o \(opts) \(image)"
+            for n in ["q.qcow2", "m.qcow2"] {
+                try? fm.removeItem(atPath: dir + "/" + n)
+                try fm.copyItem(atPath: dir + "/" + image, toPath: dir + "/" + n)
+            }
+            let before = try Data(contentsOf: URL(fileURLWithPath: dir + "/m.qcow2"))
+            let q = try Runner.qemuImg(["amend", "-o", opts, "q.qcow2"], cwd: dir)
+            let m = try Qimg.run(["amend", "-o", opts, "m.qcow2"], cwd: dir)
+            #expect(q.status == 1, "\(label): qemu-img \(q.status)")
+            expectSameExit(label, qemu: q, qimg: m)
+            #expect(m.err == qimgMessages(q.err), "\(label): stderr\nqemu-img: \(q.err)\nqimg:     \(m.err)")
+            #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/m.qcow2")) == before, "\(label): the image was changed")
+        }
+        // Resized to the snapshot's size first, then downgraded: as qemu-img does, and the
+        // snapshot still applies.
+        for n in ["q.qcow2", "m.qcow2"] {
+            try? fm.removeItem(atPath: dir + "/" + n)
+            try fm.copyItem(atPath: dir + "/shrunk.qcow2", toPath: dir + "/" + n)
+        }
+        let q = try Runner.qemuImg(["amend", "-o", "compat=0.10,size=4M", "q.qcow2"], cwd: dir)
+        let m = try Qimg.run(["amend", "-o", "compat=0.10,size=4M", "m.qcow2"], cwd: dir)
+        #expect(q.status == 0 && m.status == 0, "\(m.err)")
+        func info(_ f: String) throws -> String {
+            try Runner.qemuImg(["info", "--output=json", f], cwd: dir).out.split(separator: "\n")
+                .filter { !$0.contains("filename") && !$0.contains("actual-size") && !$0.contains("date-") }.joined(separator: "\n")
+        }
+        #expect(try info("m.qcow2") == (try info("q.qcow2")))
+        #expect(try Runner.qemuImg(["check", "m.qcow2"], cwd: dir).status == 0)
+        let apply = try Runner.qemuImg(["snapshot", "-a", "sn1", "m.qcow2"], cwd: dir)
+        #expect(apply.status == 0, "\(apply.err)")
     }
 
     /// A broken bitmap table makes the image unopenable for every QEMU tool; `check`

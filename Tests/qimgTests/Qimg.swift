@@ -19,6 +19,22 @@ enum Qimg {
     }
 }
 
+/// qemu-img's stderr as qimg prints it: `qimg: ` for `qemu-img: `, continuation lines
+/// joined to their message with a space.
+func qimgMessages(_ err: String) -> String {
+    var lines: [String] = []
+    for l in err.split(separator: "\n") {
+        if l.hasPrefix("qemu-img: ") {
+            lines.append("qimg: " + l.dropFirst(10))
+        } else if lines.isEmpty {
+            lines.append(String(l))
+        } else {
+            lines[lines.count - 1] += " " + l
+        }
+    }
+    return lines.map { $0 + "\n" }.joined()
+}
+
 /// Runs the same arguments through qemu-img and qimg in `cwd`.
 func runBoth(_ args: [String], cwd: String) throws -> (qemu: RunResult, qimg: RunResult) {
     let qemu = try Runner.qemuImg(args, cwd: cwd)

@@ -28,6 +28,14 @@ extension QCow2Image {
         }
     }
 
+    /// Rounds the file length up to a whole sector, as qemu-img convert -c leaves it: a
+    /// compressed descriptor counts whole sectors, so the last stream's may end past the
+    /// last byte written.
+    public func padToSector() throws {
+        let n = try file.size()
+        if n % 512 != 0 { try file.truncate(to: (n | 511) + 1) }
+    }
+
     /// `stream`: the compressed cluster when the caller made it already (nil inside: it
     /// does not compress); nil: compress here.
     private func writeCompressedUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64, stream given: [UInt8]??) throws {
@@ -50,9 +58,11 @@ extension QCow2Image {
         let old = l2Entry(table, index)
         try validateForWrite(old, index: index, table: tableOffset ?? 0)
 
-        // 1. Refcounts: the stream goes into the current packing cluster when it fits,
-        //    else into fresh clusters.
+        // 1. Refcounts: a new L2 table first (QEMU takes it before the stream's bytes, so
+        //    the files are laid out alike); the stream goes into the current packing
+        //    cluster when it fits, else into fresh clusters.
         var tx = try MetadataTransaction(self)
+        let newTableOffset = tableOffset == nil ? try tx.allocate(1) : nil
         let len = UInt64(stream.count)
         var start: UInt64
         let packRefcount = try compressedPacking.map { try alloc.refcount($0.host >> UInt64(g.clusterBits)) } ?? 0
@@ -73,8 +83,6 @@ extension QCow2Image {
             let n = Int(g.clusters(forBytes: len))
             start = try tx.allocate(n)
         }
-        var newTableOffset: UInt64?
-        if tableOffset == nil { newTableOffset = try tx.allocate(1) }
         try tx.commitRefcounts()
         let end = start + len
         compressedPacking = (host: (end - 1) & ~UInt64(cs - 1), used: end - ((end - 1) & ~UInt64(cs - 1)))

@@ -59,7 +59,8 @@ extension QCow2Image {
         // discards, like QEMU's, work on whole clusters only.
         let unit = UInt64(1) << UInt64(discard ? g.clusterBits : g.subclusterBits)
         let fullStart = (off + unit - 1) & ~(unit - 1)
-        let fullEnd = end & ~(unit - 1)
+        // The end of the disk counts as aligned (nothing past it is read), as in QEMU.
+        let fullEnd = end == virtualSize ? (end + unit - 1) & ~(unit - 1) : end & ~(unit - 1)
         if fullStart >= fullEnd {
             try zeroPartial(off, len, discard: discard)
             return

@@ -35,24 +35,7 @@ extension QCow2Image {
                 exts.append(.featureNameTable(FeatureName.qemuDefault))
             }
         } else {
-            if header.hasExtendedL2 {
-                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with incompatible features 0x10 set (extended L2 entries)")
-            }
-            if compressionType != .zlib {
-                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with the zstd compression type")
-            }
-            if bitmapsExtension != nil {
-                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with persistent bitmaps: version 2 cannot store them (remove them first)")
-            }
-            if geometry.refcountBits != 16 {
-                throw QCow2Error.unsupported(path: path, detail: "compat=0.10 requires refcount_bits=16")
-            }
-            if header.isDirty {
-                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image that was not closed cleanly")
-            }
-            if try hasZeroClusters() {
-                throw QCow2Error.unsupported(path: path, detail: "Cannot downgrade an image with zero clusters (version 2 has no zero flag); write the zeros as data first")
-            }
+            if let refusal = try downgradeRefusal(finalSize: virtualSize) { throw refusal }
             h.version = 2
             h.incompatibleFeatures = 0
             h.compatibleFeatures = 0
@@ -63,6 +46,28 @@ extension QCow2Image {
         }
         try clearUnknownAutoclearBits()
         try writeHeaderCluster(h, extensions: exts)
+    }
+
+    /// Why a downgrade to version 2 would be refused once the disk is `finalSize` bytes
+    /// (amend resizes before it downgrades); nil when it can be done. Reads, never writes.
+    public func downgradeRefusal(finalSize: UInt64) throws -> QCow2Error? {
+        func no(_ d: String) -> QCow2Error { .unsupported(path: path, detail: d) }
+        if header.hasExtendedL2 { return no("Cannot downgrade an image with incompatible features 0x10 set (extended L2 entries)") }
+        if compressionType != .zlib { return no("Cannot downgrade an image with the zstd compression type") }
+        if bitmapsExtension != nil {
+            return no("Cannot downgrade an image with persistent bitmaps: version 2 cannot store them (remove them first)")
+        }
+        if geometry.refcountBits != 16 { return no("compat=0.10 requires refcount_bits=16") }
+        // Version 2 snapshots have no disk size of their own (they take the image's)
+        // and a 32-bit VM state size: others could not be applied any more.
+        if snapshots.contains(where: { ($0.diskSize ?? virtualSize) != finalSize || $0.vmStateSize > UInt64(UInt32.max) }) {
+            return no("Internal snapshots prevent downgrade of image")
+        }
+        if header.isDirty { return no("Cannot downgrade an image that was not closed cleanly") }
+        if try hasZeroClusters() {
+            return no("Cannot downgrade an image with zero clusters (version 2 has no zero flag); write the zeros as data first")
+        }
+        return nil
     }
 
     /// Whether any L2 entry of the active table or a snapshot uses the zero flag.

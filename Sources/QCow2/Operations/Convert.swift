@@ -3,7 +3,7 @@ import Glibc
 #endif
 
 /// `qemu-img convert`: a new standalone image (or an overlay with -B) holding the
-/// source's guest data; zero ranges stay sparse.
+/// source's guest data; zero ranges stay sparse (-S).
 public struct ConvertOptions: Sendable {
     public var create = CreateOptions()
     public var compressed = false
@@ -116,22 +116,36 @@ public enum ConvertOperation {
         engine.minSparse = o.minSparse
         engine.earlyWriteback = o.durable
         engine.shouldStop = o.shouldStop
-        engine.targetBacking = backing
         let size = source.virtualSize
-        // Only ranges that hold data (in the source, or in the target's backing file,
-        // whose data zeros of the source must hide) are visited; an existing target
-        // (-n) is overwritten entirely. Progress counts the bytes visited (as qemu-img
-        // counts the allocated data), so it reaches 100% on a sparse image.
-        var ranges: [(UInt64, UInt64)] = [(0, size)]
-        if !o.skipCreate {
-            ranges = try CopyEngine.nonZeroRanges(source)
-            if let b = engine.targetBacking { ranges += try CopyEngine.nonZeroRanges(b).filter { $0.0 < size } }
-            ranges = CopyEngine.normalize(ranges, unit: engine.unit, size: size)
+        // Ranges in target clusters (raw: sectors; the holes of a raw source stay holes).
+        let unit = target is QCow2Image ? engine.unit : 512
+        // -S: zero runs count in aligned pieces of S (a power of two: qemu-img aligns the
+        // runs it leaves out to it), and in whole clusters of a qcow2 target at least.
+        if o.minSparse > 0 {
+            let floor = UInt64(1) << UInt64(63 - o.minSparse.leadingZeroBitCount)
+            engine.sparseUnit = min(max(floor, (target as? QCow2Image).map { UInt64($0.geometry.clusterSize) } ?? 512), 2 << 20)
         }
-        let total = ranges.reduce(0) { $0 + $1.1 }
-        engine.progress = { progress?($0, total) }
-        for (a, n) in ranges { try engine.copy(a, n, maskZeros: o.skipCreate) }
+        // An existing target (-n) is overwritten entirely (zeros written as zeros).
+        let plan = o.skipCreate ? Plan(data: [(0, size)], zero: []) : try Plan.make(source: source, backing: backing, minSparse: o.minSparse, unit: unit)
+        // Progress counts the bytes visited (as qemu-img counts the allocated data), so it
+        // reaches 100% on a sparse image.
+        let total = plan.data.reduce(0) { $0 + $1.1 } + plan.zero.reduce(0) { $0 + $1.1 }
+        var zeroed: UInt64 = 0
+        engine.progress = { progress?($0 + zeroed, total) }
+        // With a backing file, zeros must be written: they hide what it holds.
+        let maskZeros = o.skipCreate || backing != nil
+        for (a, n, isData) in plan.inOrder {
+            if isData {
+                try engine.copy(a, n, maskZeros: maskZeros)
+            } else if let q = target as? QCow2Image {
+                if o.shouldStop() { throw QCow2Error.io(path: target.path, operation: "convert", errno: 4 /* EINTR */) }
+                try q.writeZeroes(at: a, length: n)
+                zeroed += n
+                progress?(engine.bytesDone + zeroed, total)
+            }
+        }
         if let q = target as? QCow2Image {
+            if o.compressed { try q.padToSector() }
             for (e, bm) in bitmaps {
                 try q.applyBitmapActions([.add(granularity: e.granularity, disabled: !e.isAuto)], to: e.name)
                 try q.applyBitmapActions([.merge(source: e.name)], to: e.name, mergeSource: { _ in bm })
@@ -140,5 +154,120 @@ public enum ConvertOperation {
         }
         target.file.deferSync = false
         if o.durable { try target.file.fullSync() }
+    }
+}
+
+/// What convert writes, as qemu-img decides it: `data` is read from the source and written
+/// (its zero runs left out, or written as zeros over a backing file), `zero` is written as
+/// zeros without reading; the rest stays unallocated. Ranges are whole target units (the
+/// last one may end at the end of the disk), sorted, disjoint.
+struct Plan {
+    var data: [(UInt64, UInt64)]
+    var zero: [(UInt64, UInt64)]
+
+    /// Both lists merged in guest order (true: data).
+    var inOrder: [(UInt64, UInt64, Bool)] {
+        (data.map { ($0.0, $0.1, true) } + zero.map { ($0.0, $0.1, false) }).sorted { $0.0 < $1.0 }
+    }
+
+    /// Without a backing file for the target: the source's data, through its chain (all of
+    /// the disk with -S 0). With one (-B): only what the source's top layer holds, its data,
+    /// and its zeros as zeros (as data with -S 0), except past the end of the backing file,
+    /// which reads as zeros there. Where the top layer leaves a range to its own backing
+    /// file, qemu-img assumes it reads the same as the target's backing file, and loses the
+    /// data of the layers in between when it does not (-B naming a lower layer of the
+    /// chain): unless the two are the same file, such ranges are compared here and copied
+    /// where they differ.
+    static func make(source: any DiskImage, backing: (any DiskImage)?, minSparse: UInt64, unit: UInt64) throws -> Plan {
+        let size = source.virtualSize
+        guard let backing else {
+            let data = minSparse == 0 ? [(UInt64(0), size)] : try CopyEngine.nonZeroRanges(source)
+            return Plan(data: CopyEngine.normalize(data, unit: unit, size: size), zero: [])
+        }
+        let sameBacking = try source.backing.map { try $0.file.identity() == backing.file.identity() } ?? false
+        var data: [(UInt64, UInt64)] = []
+        var zero: [(UInt64, UInt64)] = []
+        var inherited: [(UInt64, UInt64)] = []
+        let status = BlockStatus(source)
+        var pos: UInt64 = 0
+        while pos < size {
+            let s = try status.layerStatus(source, at: pos, bytes: size - pos)
+            let len = s.length > 0 ? min(s.length, size - pos) : size - pos
+            if s.zero || s.length == 0 {
+                let end = min(pos + len, max(pos, backing.virtualSize))
+                if end > pos {
+                    if minSparse == 0 { data.append((pos, end - pos)) } else { zero.append((pos, end - pos)) }
+                }
+            } else if s.data {
+                data.append((pos, len))
+            } else if !sameBacking {
+                inherited.append((pos, len))
+            }
+            pos += len
+        }
+        data += try differing(source, backing, inherited, unit: unit)
+        // Zeros go in whole units; a unit they share with anything else is copied instead.
+        var whole: [(UInt64, UInt64)] = []
+        for (a, n) in CopyEngine.normalize(zero, unit: 1, size: size) {
+            let s = (a + unit - 1) / unit * unit
+            let e = a + n == size ? size : (a + n) / unit * unit
+            if s < e {
+                whole.append((s, e - s))
+                if a < s { data.append((a, s - a)) }
+                if e < a + n { data.append((e, a + n - e)) }
+            } else {
+                data.append((a, n))
+            }
+        }
+        data = CopyEngine.normalize(data, unit: unit, size: size)
+        return Plan(data: data, zero: subtract(whole, data))
+    }
+
+    /// The units of `ranges` where `source` reads differently from `backing` (which reads
+    /// as zeros past its end).
+    static func differing(_ source: any DiskImage, _ backing: any DiskImage, _ ranges: [(UInt64, UInt64)], unit: UInt64) throws -> [(UInt64, UInt64)] {
+        var out: [(UInt64, UInt64)] = []
+        let chunk = max(unit, 2 << 20) / unit * unit
+        var a = [UInt8](repeating: 0, count: Int(chunk))
+        var b = [UInt8](repeating: 0, count: Int(chunk))
+        for (start, length) in CopyEngine.normalize(ranges, unit: unit, size: source.virtualSize) {
+            var pos = start
+            while pos < start + length {
+                let n = Int(min(chunk, start + length - pos))
+                let inBacking = Int(min(UInt64(n), backing.virtualSize > pos ? backing.virtualSize - pos : 0))
+                try a.withUnsafeMutableBytes { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
+                for i in inBacking..<n { b[i] = 0 }
+                if inBacking > 0 {
+                    try b.withUnsafeMutableBytes { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<inBacking]), at: pos) }
+                }
+                var u = 0
+                while u < n {
+                    let len = min(Int(unit), n - u)
+                    let same = a.withUnsafeBytes { pa in b.withUnsafeBytes { pb in
+                        guard let x = pa.baseAddress, let y = pb.baseAddress else { return true }
+                        return memcmp(x + u, y + u, len) == 0
+                    } }
+                    if !same { out.append((pos + UInt64(u), UInt64(len))) }
+                    u += len
+                }
+                pos += UInt64(n)
+            }
+        }
+        return out
+    }
+
+    /// `ranges` without what `cut` covers (both sorted and disjoint).
+    static func subtract(_ ranges: [(UInt64, UInt64)], _ cut: [(UInt64, UInt64)]) -> [(UInt64, UInt64)] {
+        var out: [(UInt64, UInt64)] = []
+        for (a, n) in ranges {
+            var s = a
+            let e = a + n
+            for (c, m) in cut where c < e && c + m > s {
+                if c > s { out.append((s, c - s)) }
+                s = max(s, c + m)
+            }
+            if s < e { out.append((s, e - s)) }
+        }
+        return out
     }
 }

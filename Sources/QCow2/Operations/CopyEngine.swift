@@ -13,6 +13,9 @@ public struct CopyEngine {
     public var compressed = false
     /// Zero runs at least this long are not written (qemu-img's -S); 0 writes everything.
     public var minSparse: UInt64 = 4096
+    /// Zero runs are looked for in aligned pieces of this size (nil: the unit); convert
+    /// derives it from -S. Compressed copies always work in whole clusters.
+    public var sparseUnit: UInt64?
     /// Called after each chunk with the bytes done so far.
     public var progress: ((UInt64) -> Void)?
     /// Checked between chunks; returning true stops the copy with an error.
@@ -64,6 +67,7 @@ public struct CopyEngine {
             // data units are written with one request (compressed: one per cluster).
             var u = 0
             var runStart = 0
+            let zeroUnit = compressed ? unit : (sparseUnit ?? unit)
             func flushData(upTo end: Int) throws {
                 guard end > runStart else { return }
                 let guest = pos + UInt64(runStart)
@@ -72,8 +76,8 @@ public struct CopyEngine {
                 copied?.set(guest, UInt64(end - runStart))
             }
             while u < n {
-                let len = min(Int(unit), n - u)
-                if Self.allZero(buf, u, len) {
+                let len = min(Int(zeroUnit - (pos + UInt64(u)) % zeroUnit), n - u)
+                if minSparse > 0 && Self.allZero(buf, u, len) {
                     try flushData(upTo: u)
                     runStart = u + len
                     let guest = pos + UInt64(u)

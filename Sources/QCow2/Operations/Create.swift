@@ -148,17 +148,26 @@ public enum ImageCreator {
             h.headerLength = 112
             h.compressionType = o.compressionType.rawValue
         }
-        var bytes: [UInt8] = []
-        h.serialize(into: &bytes)
-        HeaderExtension.serialize(exts, into: &bytes)
-        if let b = o.backingFile {
-            let name = PathCodec.encode(b)
-            h.backingFileOffset = UInt64(bytes.count)
-            h.backingFileSize = UInt32(name.count)
-            HeaderField.patch(&bytes, [.backingFile], of: h)
-            bytes += name
+        func layout(_ exts: [HeaderExtension]) -> [UInt8] {
+            var bytes: [UInt8] = []
+            h.serialize(into: &bytes)
+            HeaderExtension.serialize(exts, into: &bytes)
+            if let b = o.backingFile {
+                let name = PathCodec.encode(b)
+                h.backingFileOffset = UInt64(bytes.count)
+                h.backingFileSize = UInt32(name.count)
+                HeaderField.patch(&bytes, [.backingFile], of: h)
+                bytes += name
+            }
+            return bytes
         }
-        bytes += [UInt8](repeating: 0, count: g.clusterSize - bytes.count)
+        var bytes = layout(exts)
+        if bytes.count > g.clusterSize {
+            // As QEMU: the feature name table is left out when it does not fit (small
+            // clusters with a backing file); what still does not fit is refused by the caller.
+            bytes = layout(exts.filter { if case .featureNameTable = $0 { return false } else { return true } })
+        }
+        bytes += [UInt8](repeating: 0, count: max(0, g.clusterSize - bytes.count))
         return bytes
     }
 

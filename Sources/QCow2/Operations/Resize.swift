@@ -10,30 +10,9 @@ extension QCow2Image {
     public func resize(to newSize: UInt64, allowShrink: Bool, preallocation: CreateOptions.Preallocation = .off) throws {
         _ = try requireAllocator()
         let g = geometry
-        guard newSize % 512 == 0 else {
-            throw QCow2Error.invalidArgument(path: path, detail: "The new size must be a multiple of 512")
-        }
-        guard newSize > 0 else { throw QCow2Error.invalidArgument(path: path, detail: "New image size must be positive") }
-        if let bad = bitmaps.first(where: { $0.inUse }) {
-            throw QCow2Error.bitmapInconsistent(path: path, bitmap: bad.name)
-        }
-        if header.version < 3 && !snapshots.isEmpty {
-            throw QCow2Error.unsupported(path: path, detail: "Can't resize a v2 image which has snapshots")
-        }
+        if let refusal = try resizeRefusal(to: newSize, allowShrink: allowShrink, preallocation: preallocation) { throw refusal }
         let needed = g.l1EntriesNeeded(size: newSize)
-        guard needed <= UInt64(Geometry.maxL1Bytes / 8) else {
-            throw QCow2Error.invalidArgument(path: path, detail: "Failed to grow the L1 table: File too large")
-        }
         let oldSize = virtualSize
-        if preallocation != .off && newSize <= oldSize {
-            throw QCow2Error.invalidArgument(path: path, detail: "Preallocation can only be used for growing images")
-        }
-        if newSize < oldSize {
-            let tail = try hasAllocation(from: newSize)
-            if tail && !allowShrink {
-                throw QCow2Error.shrinkWouldLoseData(path: path)
-            }
-        }
         try clearUnknownAutoclearBits()
         // Bitmaps first become "in use" so that no crash leaves a table of the wrong
         // size; they get their own size back at the end.
@@ -57,6 +36,32 @@ extension QCow2Image {
         header.size = newSize
         if preallocation != .off { try preallocate(preallocation, from: oldSize) }
         if !consistent.isEmpty { try resizeBitmaps(consistent, oldSize: oldSize) }
+    }
+
+    /// Why `resize` would be refused (nil: it would go ahead), found without writing
+    /// anything. `version`: the image's version when it is resized (default: now).
+    public func resizeRefusal(to newSize: UInt64, allowShrink: Bool, preallocation: CreateOptions.Preallocation = .off,
+                              version: UInt32? = nil) throws -> QCow2Error? {
+        guard newSize % 512 == 0 else {
+            return .invalidArgument(path: path, detail: "The new size must be a multiple of 512")
+        }
+        guard newSize > 0 else { return .invalidArgument(path: path, detail: "New image size must be positive") }
+        if let bad = bitmaps.first(where: { $0.inUse }) {
+            return .bitmapInconsistent(path: path, bitmap: bad.name)
+        }
+        if (version ?? header.version) < 3 && !snapshots.isEmpty {
+            return .unsupported(path: path, detail: "Can't resize a v2 image which has snapshots")
+        }
+        guard geometry.l1EntriesNeeded(size: newSize) <= UInt64(Geometry.maxL1Bytes / 8) else {
+            return .invalidArgument(path: path, detail: "Failed to grow the L1 table: File too large")
+        }
+        if preallocation != .off && newSize <= virtualSize {
+            return .invalidArgument(path: path, detail: "Preallocation can only be used for growing images")
+        }
+        if newSize < virtualSize && !allowShrink, try hasAllocation(from: newSize) {
+            return .shrinkWouldLoseData(path: path)
+        }
+        return nil
     }
 
     /// Whether anything is allocated at or past guest offset `from` in this layer.

@@ -53,18 +53,26 @@ struct Amend: ParsableCommand {
         guard let q = image as? QCow2Image else {
             throw CommandFailure(message: "Format driver 'raw' does not support option amendment")
         }
-        if version == 2 && lazy == true {
+        let current = q.header.version
+        if lazy == true && (version ?? current) < 3 {
             throw CommandFailure(message: "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)")
         }
-        // A downgrade validates everything before it writes (and drops lazy refcounts
-        // with the other v3 fields); an upgrade comes before turning on v3 features.
-        if version == 2 {
-            try q.setVersion(2)
-        } else {
-            if let v = version, v > q.header.version { try q.setVersion(v) }
-            if let l = lazy { try q.setLazyRefcounts(l) }
+        // qemu-img's order: upgrade, lazy refcounts, size, downgrade last (a snapshot must
+        // then have the new size). All of it is checked before the first write: a refused
+        // amend leaves the image as it was.
+        do {
+            if let s = size, let refusal = try q.resizeRefusal(to: s, allowShrink: true, version: max(current, version ?? current)) {
+                throw refusal
+            }
+            if version == 2 && current > 2, let refusal = try q.downgradeRefusal(finalSize: size ?? q.virtualSize) { throw refusal }
+            if let v = version, v > current { try q.setVersion(v) }
+            if let l = lazy, version != 2 { try q.setLazyRefcounts(l) }
+            if let s = size { try q.resize(to: s, allowShrink: true) }
+            if version == 2 { try q.setVersion(2) }
+        } catch let e as QCow2Error where e.path == file {
+            // qemu-img names no file in these messages.
+            throw CommandFailure(message: e.message)
         }
-        if let s = size { try q.resize(to: s, allowShrink: true) }
         try q.flush()
     }
 }

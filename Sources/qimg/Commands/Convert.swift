@@ -24,12 +24,16 @@ struct Convert: ParsableCommand {
     @Argument(help: "Source image.") var source: String
     @Argument(help: "Output image.") var target: String
 
+    static let qcow2Keys: Set<String> = ["backing_file", "backing_fmt", "cluster_size", "compat", "compression_type", "encryption",
+                                         "extended_l2", "lazy_refcounts", "preallocation", "refcount_bits", "size"]
+
     func run() throws {
         let outFmt: ImageFormat
         do { outFmt = try ImageFormat(name: outputFormat, path: target) } catch {
             throw CommandFailure(message: "Unknown file format '\(outputFormat)'")
         }
         let list = try OptionList(options)
+        if noCreate && !options.isEmpty { throw CommandFailure(message: "-o has no effect when skipping image creation") }
         var o = ConvertOptions()
         if let c = cache {
             guard ["none", "writeback", "writethrough", "directsync", "unsafe"].contains(c) else {
@@ -38,19 +42,25 @@ struct Convert: ParsableCommand {
             o.durable = c != "unsafe"
         }
         o.create.format = outFmt
+        // qemu-img reports these after its option parsing, as errors of the image creation.
+        var late: String?
         if outFmt == .qcow2 {
-            for (k, _) in list.values where !["cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type", "preallocation"].contains(k) {
-                throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
+            for (k, _) in list.values where !Self.qcow2Keys.contains(k) {
+                throw CommandFailure(message: "Invalid parameter '\(k)'")
             }
-            if let late = try list.applyQCow2Options(to: &o.create) { throw CommandFailure(message: "\(target): \(late)") }
+            late = try list.applyQCow2Options(to: &o.create)
+            if let v = list.value("encryption") {
+                _ = try OptionList.bool("encryption", v)
+                late = late ?? OptionList.encryptionRefusal(v)
+            }
+            if let v = list.value("size") { _ = try OptionList.size("size", v) }
         } else if let k = list.values.first(where: { $0.key != "preallocation" })?.key {
-            throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
+            throw CommandFailure(message: "Invalid parameter '\(k)'")
         }
         if let v = list.value("preallocation") {
-            guard let p = CreateOptions.Preallocation(rawValue: v) else {
-                throw CommandFailure(message: "\(target): Parameter 'preallocation' does not accept value '\(v)'")
+            if let p = CreateOptions.Preallocation(rawValue: v) { o.create.preallocation = p } else {
+                late = late ?? (outFmt == .qcow2 ? "Parameter 'preallocation' does not accept value '\(v)'" : "invalid parameter value: \(v)")
             }
-            o.create.preallocation = p
         }
         if compress && outFmt != .qcow2 { throw CommandFailure(message: "Compression not supported for this file format") }
         o.compressed = compress
@@ -58,12 +68,22 @@ struct Convert: ParsableCommand {
         o.minSparse = sparse?.value ?? 4096
         o.copyBitmaps = bitmaps
         o.skipBrokenBitmaps = skipBroken
-        if let b = backing {
+        // -B and -F win over -o backing_file and backing_fmt.
+        let backingName = backing ?? list.value("backing_file")
+        let backingFmt = backingFormat ?? list.value("backing_fmt")
+        if let b = backingName {
             guard outFmt == .qcow2 else { throw CommandFailure(message: "\(target): Backing file not supported for file format '\(outFmt.rawValue)'") }
-            o.backingFile = b
-            o.backingFormat = try backingFormat.map { try ImageFormat(name: $0, path: b) }
-                ?? ImageOpener.probe(try BlockFile(path: ImageOpener.resolveBacking(b, relativeTo: target)))
+            guard let f = backingFmt else { throw CommandFailure(message: "Use of backing file requires explicit backing format") }
+            if let fmt = try? ImageFormat(name: f, path: b) {
+                o.backingFile = b
+                o.backingFormat = fmt
+            } else {
+                late = late ?? "Parameter 'backing-fmt' does not accept value '\(f)'"
+            }
+        } else if backingFmt != nil {
+            late = late ?? "Backing format cannot be used without backing file"
         }
+        if let late { throw CommandFailure(message: "\(target): error while converting \(outFmt.rawValue): \(late)") }
         var opener = ImageOpener()
         opener.forceShare = share.forceShare
         let src = try opener.open(source, format: try format.imageFormat(path: source))

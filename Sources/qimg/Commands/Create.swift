@@ -38,8 +38,8 @@ struct Create: ParsableCommand {
         """
 
     static let qcow2Keys: Set<String> = ["backing_file", "backing_fmt", "cluster_size", "compat", "compression_type",
-                                         "extended_l2", "lazy_refcounts", "preallocation", "refcount_bits", "size"]
-    static let refused: Set<String> = ["data_file", "data_file_raw", "encryption", "encrypt.format", "encrypt.key-secret",
+                                         "encryption", "extended_l2", "lazy_refcounts", "preallocation", "refcount_bits", "size"]
+    static let refused: Set<String> = ["data_file", "data_file_raw", "encrypt.format", "encrypt.key-secret",
                                        "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.hash-alg", "encrypt.iter-time",
                                        "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg"]
 
@@ -65,6 +65,12 @@ struct Create: ParsableCommand {
         var o = CreateOptions()
         o.format = fmt
         var shown: [(String, String)] = []
+        // encryption=off is the default; any other valid value fails after the "Formatting" line.
+        let encryption = fmt == .qcow2 ? list.value("encryption") : nil
+        if let v = encryption {
+            do { _ = try OptionList.bool("encryption", v) } catch let e as CommandFailure { throw fail(e.message) }
+            shown.append(("encryption", v))
+        }
         var sizeValue: UInt64?
         if let s = list.value("size") { sizeValue = try OptionList.size("size", s) }
         if let s = size {
@@ -118,6 +124,7 @@ struct Create: ParsableCommand {
                 late = late ?? "Parameter 'preallocation' does not accept value '\(v)'"
             }
         }
+        if let v = encryption { late = late ?? OptionList.encryptionRefusal(v) }
         if fmt == .qcow2 {
             if let v = list.value("preallocation") { shown.append(("preallocation", v)) }
             shown.append(("compression_type", list.value("compression_type") ?? "zlib"))

@@ -5,22 +5,28 @@ struct Resize: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "resize",
         abstract: "Change the virtual size of an image (qemu-img resize).",
-        discussion: "SIZE is absolute, or relative with + or - (use -- before a negative size).\n\n" + ExitStatus.plain)
+        discussion: "SIZE is absolute, or relative with + or -; it is always the last argument (a negative size needs no --).\n\n" + ExitStatus.plain)
 
     @OptionGroup var format: FormatOption
-    @Flag(name: .customLong("shrink"), help: "Allow shrinking even when the part cut off holds data.") var shrink = false
+    @Flag(name: .customLong("shrink"), help: "Allow shrinking (needed for any shrink, as in qemu-img).") var shrink = false
     @Option(name: .customLong("preallocation"), help: ArgumentHelp("Preallocation of the new area: off, metadata, falloc, full.", valueName: "prealloc")) var preallocation: String?
     @Flag(name: .customShort("q"), help: "Quiet.") var quiet = false
     @Argument(help: "The image file.") var file: String
     @Argument(help: "New size: [+|-]SIZE.") var size: String
 
+    /// qemu-img takes the last argument as the size whatever it looks like, so that
+    /// `resize IMG -7M` works without `--`: a `--` goes in front of it here.
+    static func sizeLast(_ args: [String]) -> [String] {
+        guard args.count >= 3, let last = args.last, last.hasPrefix("-"), last != "--",
+              args[args.count - 2] != "--" else { return args }
+        return args.dropLast() + ["--", last]
+    }
+
     func run() throws {
         var text = Substring(size)
         var sign = 0
         if text.hasPrefix("+") { sign = 1; text = text.dropFirst() } else if text.hasPrefix("-") { sign = -1; text = text.dropFirst() }
-        guard let amount = SizeArgument.parse(String(text)) else {
-            throw CommandFailure(message: "Parameter 'size' expects a non-negative number below 2^64")
-        }
+        let amount = try OptionList.size("size", String(text))
         var prealloc = CreateOptions.Preallocation.off
         if let p = preallocation {
             guard let m = CreateOptions.Preallocation(rawValue: p) else { throw CommandFailure(message: "Invalid preallocation mode '\(p)'") }
@@ -43,17 +49,20 @@ struct Resize: ParsableCommand {
         default: target = amount
         }
         guard target > 0, target <= UInt64(Int64.max) else { throw CommandFailure(message: "New image size must be positive") }
+        if prealloc != .off && target <= current {
+            throw CommandFailure(message: "Preallocation can only be used for growing images")
+        }
+        // qemu-img wants --shrink for any shrink, whatever the part cut off holds.
+        if target < current && !shrink {
+            Output.error("qimg: Use the --shrink option to perform a shrink operation.")
+            Output.error("qimg: warning: Shrinking an image will delete all data beyond the shrunken image's end. Before performing such an operation, make sure there is no important data there.")
+            throw ExitCode(1)
+        }
         if let q = image as? QCow2Image {
             try q.resize(to: target, allowShrink: shrink, preallocation: prealloc)
             try q.flush()
         } else if let r = image as? RawImage {
-            if target < current && !shrink {
-                throw CommandFailure(message: "Use the --shrink option to perform a shrink operation.")
-            }
             if prealloc == .metadata { throw CommandFailure(message: "\(file): Unsupported preallocation mode: metadata") }
-            if prealloc != .off && target <= current {
-                throw CommandFailure(message: "Preallocation can only be used for growing images")
-            }
             try r.file.truncate(to: target)
             if prealloc == .falloc { _ = r.file.preallocate(at: current, length: target - current) }
             if prealloc == .full { try ImageCreator.writeZeros(r.file, at: current, length: target - current) }

@@ -55,6 +55,16 @@ struct OptionList {
         }
     }
 
+    /// qemu-img's verdict, at image creation, on `encryption=V` (V already a valid bool):
+    /// only the literal "off" creates an image; "on" asks for a key qimg cannot take.
+    static func encryptionRefusal(_ v: String) -> String? {
+        switch v {
+        case "off": return nil
+        case "on": return "Parameter 'encrypt.key-secret' is required for cipher"
+        default: return "Parameter 'format' does not accept value '\(v)'"
+        }
+    }
+
     static func size(_ key: String, _ v: String) throws -> UInt64 {
         guard let n = SizeArgument.parse(v) else {
             throw CommandFailure(message: "Parameter '\(key)' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.")
