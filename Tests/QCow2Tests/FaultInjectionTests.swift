@@ -791,7 +791,7 @@ enum Harness {
     static func retryingLockRace(_ body: () throws -> Void) throws {
         var lastAttempt = false
         while true {
-            do { return try body() } catch let e as QCow2Error where !lastAttempt && e.message.contains("in use by another process") {
+            do { return try body() } catch QCow2Error.inUse where !lastAttempt {
                 if childBeforeExec() { usleep(10_000) } else { lastAttempt = true }
             }
         }
