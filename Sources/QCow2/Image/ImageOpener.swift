@@ -40,11 +40,22 @@ public struct ImageOpener: Sendable {
     public init() {}
 
     /// The format of the file at `path` as QEMU probes it: the qcow2 magic and a version
-    /// of at least 2 (bytes past the end of the file read as zeros), else raw.
-    public static func probe(_ file: BlockFile) throws -> ImageFormat {
-        let head = try file.read(count: 8, at: 0)
-        let version = head[4...].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
-        return head[0..<4] == [0x51, 0x46, 0x49, 0xFB] && version >= 2 ? .qcow2 : .raw
+    /// of at least 2 (bytes past the end of the file read as zeros), else raw. A file in
+    /// another format QEMU recognises (vmdk, vpc, vdi, luks, qcow, qed...) is refused,
+    /// never called raw; so is a fixed-size VHD, which QEMU itself probes as raw.
+    public static func probe(_ file: BlockFile, path: String) throws -> ImageFormat {
+        let size = try file.size()
+        guard size > 0 else { return .raw }
+        let head = try file.read(count: FormatProbe.headBytes, at: 0)
+        let version = head[4..<8].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
+        if head[0..<4] == [0x51, 0x46, 0x49, 0xFB] && version >= 2 { return .qcow2 }
+        if let name = FormatProbe.foreignFormat(head: head, path: path) {
+            throw QCow2Error.unsupported(path: path, detail: "image format '\(name)' is not supported by qimg (qemu-img reads it)")
+        }
+        if try FormatProbe.hasVPCFooter(file, size: size) {
+            throw QCow2Error.unsupported(path: path, detail: "looks like a fixed-size vpc (VHD) image, which qimg does not support (qemu-img probes it as raw; -f raw reads it as raw)")
+        }
+        return .raw
     }
 
     /// Opens `path` (format given or probed) and, unless disabled, its backing chain.
@@ -68,7 +79,7 @@ public struct ImageOpener: Sendable {
         }
         seen[id] = path
         try ImageLock.acquire(fd: file.fd, path: path, mode: forceShare ? .none : write ? .write : .read)
-        let fmt = try format ?? Self.probe(file)
+        let fmt = try format ?? Self.probe(file, path: path)
         switch fmt {
         case .raw:
             return try RawImage(path: path, file: file)

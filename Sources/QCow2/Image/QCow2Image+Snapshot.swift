@@ -26,7 +26,12 @@ public enum SnapshotLoader {
             found = find(q.snapshots, id: id, name: name)
         }
         guard let sn = found else { throw QCow2Error.invalidArgument(path: "", detail: "Can't find snapshot") }
-        // The table's place and size were validated when the image was opened.
+        if !q.geometry.isAligned(sn.l1TableOffset) || sn.l1TableOffset >= Geometry.maxHostOffset {
+            throw QCow2Error.malformed(path: "", field: "", detail: "Snapshot L1 table offset invalid")
+        }
+        guard UInt64(sn.l1Size) * 8 <= UInt64(Geometry.maxL1Bytes) else {
+            throw QCow2Error.malformed(path: "", field: "", detail: "Snapshot L1 table too large")
+        }
         var l1: [UInt64] = []
         if sn.l1Size > 0 {
             let raw = try q.file.read(count: Int(sn.l1Size) * 8, at: sn.l1TableOffset)

@@ -17,6 +17,12 @@ extension QCow2Image {
         if header.isCorrupt && !allowCorrupt {
             throw QCow2Error.needsRepair(path: path, detail: "image is marked corrupt; it can only be opened read-only")
         }
+        let size = try file.size()
+        for sn in snapshots {
+            if let problem = Self.snapshotL1Problem(sn, g: geometry, fileSize: size) {
+                throw QCow2Error.malformed(path: path, field: "snapshot table", detail: "snapshot \(sn.id) (\(sn.name)) \(problem) (snapshot table entry corrupted); the image can only be opened read-only")
+            }
+        }
         allocator = try Allocator(image: self, lenient: allowCorrupt)
         if header.isDirty && repairDirty {
             let r = try CheckOperation.repair(self, mode: .all, report: report)

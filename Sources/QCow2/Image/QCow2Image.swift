@@ -247,12 +247,8 @@ public final class QCow2Image: DiskImage {
             let chunk = try file.read(count: entryBytes, at: h.snapshotsOffset + pos)
             let (e, size): (SnapshotEntry, Int)
             do { (e, size) = try SnapshotEntry.parse(ByteReader(chunk), at: 0, version: h.version) } catch { throw error.at(path) }
-            guard g.isAligned(e.l1TableOffset), e.l1TableOffset < Geometry.maxHostOffset else {
-                throw QCow2Error.malformed(path: path, field: "snapshot L1 table offset", detail: "snapshot \(e.id): 0x\(hex(e.l1TableOffset)) is invalid")
-            }
-            guard UInt64(e.l1Size) * 8 <= UInt64(Geometry.maxL1Bytes) else {
-                throw QCow2Error.malformed(path: path, field: "snapshot L1 size", detail: "snapshot \(e.id): \(e.l1Size) entries is too large")
-            }
+            // An entry whose L1 table is unusable does not stop the image from opening (as in
+            // QEMU): check reports it, loading the snapshot and every writer refuse it.
             ids.insert(e.id)
             out.append(e)
             pos += UInt64(size)
@@ -261,6 +257,19 @@ public final class QCow2Image: DiskImage {
             throw QCow2Error.malformed(path: path, field: "snapshot table", detail: "the table is larger than 64 MiB")
         }
         return out
+    }
+
+    /// Why a snapshot's L1 table cannot be used (qemu-img check's words), if it cannot:
+    /// unaligned, too large, or (`fileSize` given, as for writers) beyond the end of the file.
+    static func snapshotL1Problem(_ sn: SnapshotEntry, g: Geometry, fileSize: UInt64? = nil) -> String? {
+        if !g.isAligned(sn.l1TableOffset) {
+            return "l1_offset=0x\(hex(sn.l1TableOffset)): L1 table is not cluster aligned"
+        }
+        if UInt64(sn.l1Size) * 8 > UInt64(Geometry.maxL1Bytes) { return "l1_size=0x\(hex(sn.l1Size)): L1 table is too large" }
+        if let fileSize, sn.l1TableOffset > fileSize || UInt64(sn.l1Size) * 8 > fileSize - sn.l1TableOffset {
+            return "l1_offset=0x\(hex(sn.l1TableOffset)): L1 table lies beyond the end of the file"
+        }
+        return nil
     }
 
     static func loadBitmapDirectory(path: String, file: BlockFile, ext: BitmapsExtension, header h: Header, g: Geometry, fileSize: UInt64) throws -> [BitmapDirectoryEntry] {

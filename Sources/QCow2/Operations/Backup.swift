@@ -156,7 +156,7 @@ public enum BackupOperation {
         c.format = .qcow2
         c.size = inputs.source.virtualSize
         c.backingFile = o.backingFile
-        let probedBacking = try inputs.backing.map { try ImageOpener.probe($0.file) }
+        let probedBacking = try inputs.backing.map { try ImageOpener.probe($0.file, path: $0.path) }
         c.backingFormat = (o.backingFormat ?? probedBacking)?.rawValue
         try ImageCreator.create(path, options: c)
         var topener = ImageOpener()

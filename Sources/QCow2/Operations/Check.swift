@@ -73,7 +73,12 @@ public final class CheckOperation {
         // Snapshots.
         var snapshotTableBytes: UInt64 = 0
         for sn in image.snapshots {
-            try checkL1(offset: sn.l1TableOffset, size: sn.l1Size, active: false, entries: nil)
+            if let problem = QCow2Image.snapshotL1Problem(sn, g: image.geometry) {
+                report("ERROR snapshot \(sn.id) (\(sn.name)) \(problem); snapshot table entry corrupted")
+                result.corruptions += 1
+            } else {
+                try checkL1(offset: sn.l1TableOffset, size: sn.l1Size, active: false, entries: nil)
+            }
             let idLen = sn.id.utf8.count, nameLen = sn.name.utf8.count
             snapshotTableBytes += UInt64((SnapshotEntry.fixedSize + sn.extraData.count + idLen + nameLen + 7) & ~7)
         }
