@@ -263,8 +263,7 @@ public struct LockHolder: Equatable, Sendable, CustomStringConvertible {
         defer { closedir(d) }
         var out: [Int32] = []
         while let e = readdir(d) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            if let n = Int32(name) { out.append(n) }
+            if let n = Int32(Sys.name(of: e)) { out.append(n) }
         }
         return out
     }

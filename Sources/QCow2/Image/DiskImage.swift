@@ -57,3 +57,17 @@ extension DiskImage {
         }
     }
 }
+
+extension DiskImage {
+    /// The layer of this image's chain (itself first) that is the file `id`, with its depth.
+    func layer(withIdentity id: FileIdentity) throws -> (layer: any DiskImage, depth: Int)? {
+        var layer: (any DiskImage)? = self
+        var depth = 0
+        while let l = layer {
+            if try l.file.identity() == id { return (l, depth) }
+            layer = l.backing
+            depth += 1
+        }
+        return nil
+    }
+}

@@ -208,23 +208,13 @@ public enum BackupOperation {
     /// their backing chains (by device and inode, whatever the spelling).
     static func refuseTargetInChains(_ target: String, source: any DiskImage, backing: (any DiskImage)?) throws {
         guard let id = try? BlockFile(path: target).identity() else { return }
-        var layer: (any DiskImage)? = source
-        var role = "the image being backed up"
-        while let l = layer {
-            if try l.file.identity() == id {
-                throw QCow2Error.invalidArgument(path: target, detail: "the target is \(role) ('\(l.path)'); it cannot be replaced by its backup")
-            }
-            role = "in the backing chain of the image being backed up"
-            layer = l.backing
+        if let (l, depth) = try source.layer(withIdentity: id) {
+            let role = depth == 0 ? "the image being backed up" : "in the backing chain of the image being backed up"
+            throw QCow2Error.invalidArgument(path: target, detail: "the target is \(role) ('\(l.path)'); it cannot be replaced by its backup")
         }
-        layer = backing
-        role = "the backup's backing file"
-        while let l = layer {
-            if try l.file.identity() == id {
-                throw QCow2Error.invalidArgument(path: target, detail: "the target is \(role) ('\(l.path)'); replacing it would break the backup chain")
-            }
-            role = "in the backing chain of the backup's backing file"
-            layer = l.backing
+        if let (l, depth) = try backing?.layer(withIdentity: id) {
+            let role = depth == 0 ? "the backup's backing file" : "in the backing chain of the backup's backing file"
+            throw QCow2Error.invalidArgument(path: target, detail: "the target is \(role) ('\(l.path)'); replacing it would break the backup chain")
         }
     }
 

@@ -82,12 +82,8 @@ public enum ConvertOperation {
     static func refuseTargetInChains(_ target: String, source: any DiskImage, backing: (any DiskImage)?) throws {
         guard let id = try? BlockFile(path: target).identity() else { return }
         for (chain, role) in [(Optional(source), "the source image or in its backing chain"), (backing, "the output's backing file or in its backing chain")] {
-            var layer = chain
-            while let l = layer {
-                if try l.file.identity() == id {
-                    throw QCow2Error.invalidArgument(path: target, detail: "the output is \(role) ('\(l.path)'); it cannot be overwritten by the copy")
-                }
-                layer = l.backing
+            if let (l, _) = try chain?.layer(withIdentity: id) {
+                throw QCow2Error.invalidArgument(path: target, detail: "the output is \(role) ('\(l.path)'); it cannot be overwritten by the copy")
             }
         }
     }
