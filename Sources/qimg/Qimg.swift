@@ -36,22 +36,14 @@ struct Qimg: ParsableCommand {
     static func main() {
         do {
             #if QIMG_FAULT_INJECTION
-            // Testing aid, debug builds only: QIMG_FAULTS arms fault injection below the
-            // library (FaultPlan(specification:)); unset in normal use.
-            try FaultInjector.armFromEnvironment()
+            // Testing aid, debug builds only: the command runs inside the scope of the fault
+            // plan in QIMG_FAULTS (FaultPlan(specification:)); unset in normal use.
+            if let injector = try FaultInjector.fromEnvironment() {
+                try injector.scope { try parseAndRun() }
+                return
+            }
             #endif
-            // Arguments are bytes: file names that are not UTF-8 pass through unchanged.
-            var arguments = (1..<Int(CommandLine.argc)).map { i in
-                PathCodec.decode(cString: CommandLine.unsafeArgv[i]!)
-            }
-            if arguments.first == "resize" { arguments = Resize.sizeLast(arguments) }
-            var command = try parseAsRoot(arguments)
-            // ArgumentParser takes the root's -V/--version after a subcommand too: refuse it there.
-            if !(command is Qimg), let flag = arguments.prefix(while: { $0 != "--" })
-                .first(where: { $0 == "-V" || $0 == "--version" }) {
-                fail("Unknown option '\(flag)'", code: 1)
-            }
-            try command.run()
+            try parseAndRun()
         } catch let e as QCow2Error {
             fail(ErrorText.line(e), code: 1)
         } catch let e as CommandFailure {
@@ -68,6 +60,22 @@ struct Qimg: ParsableCommand {
             let msg = message(for: error).split(separator: "\n").first.map(String.init) ?? "invalid arguments"
             fail(msg.hasPrefix("Error: ") ? String(msg.dropFirst(7)) : msg, code: 1)
         }
+    }
+
+    /// Parses the command line and runs the command.
+    static func parseAndRun() throws {
+        // Arguments are bytes: file names that are not UTF-8 pass through unchanged.
+        var arguments = (1..<Int(CommandLine.argc)).map { i in
+            PathCodec.decode(cString: CommandLine.unsafeArgv[i]!)
+        }
+        if arguments.first == "resize" { arguments = Resize.sizeLast(arguments) }
+        var command = try parseAsRoot(arguments)
+        // ArgumentParser takes the root's -V/--version after a subcommand too: refuse it there.
+        if !(command is Qimg), let flag = arguments.prefix(while: { $0 != "--" })
+            .first(where: { $0 == "-V" || $0 == "--version" }) {
+            fail("Unknown option '\(flag)'", code: 1)
+        }
+        try command.run()
     }
 
     static func fail(_ message: String, code: Int32) -> Never {

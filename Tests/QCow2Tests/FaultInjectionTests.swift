@@ -61,13 +61,11 @@ import Glibc
         // Dry run: counts, and the new state.
         let dry = root + "/dry"
         try Harness.copyDirectory(template, dry)
-        let counter = FaultInjector.arm(FaultPlan(pathPrefix: dry + "/"))
-        do { try Harness.retryingLockRace { try s.operation(dry, Completed()) } } catch {
-            counter.disarm()
+        let counter = FaultInjector(FaultPlan(pathPrefix: dry + "/"))
+        do { try counter.scope { try Harness.retryingLockRace { try s.operation(dry, Completed()) } } } catch {
             Issue.record("\(s.name): the operation fails without faults: \(error)")
             return
         }
-        counter.disarm()
         let writes = counter.writes, syncs = counter.syncs, reads = counter.reads
         let new = try Harness.capture(dry, s)
         try Harness.checkAll(dry, label: "\(s.name) (no faults)")
@@ -137,9 +135,7 @@ import Glibc
                     var opener = ImageOpener()
                     opener.writable = true
                     let q = try #require(try opener.open(dir + "/img.qcow2") as? QCow2Image)
-                    let injector = FaultInjector.arm(plan)
-                    let first = Result { try q.write([UInt8](repeating: 1, count: 4096), at: 0) }
-                    injector.disarm()
+                    let first = Result { try FaultInjector(plan).scope { try q.write([UInt8](repeating: 1, count: 4096), at: 0) } }
                     guard case .failure = first else { return }
                     try q.write([UInt8](repeating: 2, count: 4096), at: 65536)
                     try q.close()
@@ -162,20 +158,21 @@ import Glibc
         for name in try FileManager.default.contentsOfDirectory(atPath: f.validDir) where !name.hasPrefix(".") {
             try FileManager.default.linkItem(atPath: f.validDir + "/" + name, toPath: dir + "/" + name)
         }
-        let injector = FaultInjector.arm(FaultPlan(pathPrefix: dir + "/", shortReads: 1...4095, interrupt: true))
-        defer { injector.disarm() }
+        let injector = FaultInjector(FaultPlan(pathPrefix: dir + "/", shortReads: 1...4095, interrupt: true))
         var images = 0
-        for entry in f.manifest where entry.format == "qcow2" {
-            do {
-                let plain = try ImageOpener().open(f.validDir + "/" + entry.name, format: .qcow2)
-                let short = try ImageOpener().open(dir + "/" + entry.name, format: .qcow2)
-                try Self.expectSameContent(plain, short, label: entry.name)
-                let a = try Self.checkAndBitmaps(try #require(plain as? QCow2Image))
-                let b = try Self.checkAndBitmaps(try #require(short as? QCow2Image))
-                #expect(a == b, "\(entry.name): check or bitmaps differ with short reads:\n\(b)\nvs\n\(a)")
-                images += 1
-            } catch {
-                Issue.record("\(entry.name): \(error)")
+        injector.scope {
+            for entry in f.manifest where entry.format == "qcow2" {
+                do {
+                    let plain = try ImageOpener().open(f.validDir + "/" + entry.name, format: .qcow2)
+                    let short = try ImageOpener().open(dir + "/" + entry.name, format: .qcow2)
+                    try Self.expectSameContent(plain, short, label: entry.name)
+                    let a = try Self.checkAndBitmaps(try #require(plain as? QCow2Image))
+                    let b = try Self.checkAndBitmaps(try #require(short as? QCow2Image))
+                    #expect(a == b, "\(entry.name): check or bitmaps differ with short reads:\n\(b)\nvs\n\(a)")
+                    images += 1
+                } catch {
+                    Issue.record("\(entry.name): \(error)")
+                }
             }
         }
         #expect(injector.reads > 0)
@@ -226,13 +223,11 @@ import Glibc
             try Harness.runSetup(s.setup, in: a)
             try Harness.copyDirectory(a, b)
             try s.operation(a, Completed())
-            let injector = FaultInjector.arm(FaultPlan(pathPrefix: b + "/", shortReads: 1...4095, shortWrites: 1...4095, interrupt: true))
-            do { try s.operation(b, Completed()) } catch {
-                injector.disarm()
+            let injector = FaultInjector(FaultPlan(pathPrefix: b + "/", shortReads: 1...4095, shortWrites: 1...4095, interrupt: true))
+            do { try injector.scope { try s.operation(b, Completed()) } } catch {
                 Issue.record("\(s.name): with short writes: \(error)")
                 continue
             }
-            injector.disarm()
             #expect(injector.writes > 0)
             for name in try FileManager.default.contentsOfDirectory(atPath: a).sorted() {
                 let x = try Data(contentsOf: URL(fileURLWithPath: a + "/" + name))
@@ -824,11 +819,10 @@ enum Harness {
         case .sync: plan.failSync = run.plan
         case .read: plan.failRead = run.plan
         }
-        let injector = FaultInjector.arm(plan)
+        let injector = FaultInjector(plan)
         let done = Completed()
         var thrown: Error?
-        do { try s.operation(dir, done) } catch { thrown = error }
-        injector.disarm()
+        do { try injector.scope { try s.operation(dir, done) } } catch { thrown = error }
 
         // 1. A clear error: the injected one, naming the file and the call.
         guard injector.injected > 0 else {

@@ -22,9 +22,11 @@ import Synchronization
 // The qimg command arms one injector from the environment variable QIMG_FAULTS
 // (see `FaultPlan.init(specification:)`), for black-box tests only.
 //
-// Injectors are process-wide (a registry scoped by path prefix) rather than handed to
-// each `BlockFile`: the files an operation touches are opened deep inside the library
-// (backing chains, temporary targets, sources), and QIMG_FAULTS arms the whole process.
+// An injector applies only inside its scope (`FaultInjector.scope`): a task-local
+// binding, so there is no process-global state — tests running concurrently each see
+// only the injectors of their own scope, and the qimg command runs its whole command
+// inside the scope of the plan in QIMG_FAULTS. Threads the library starts itself (the
+// compression workers) do no file I/O, so the scope covers every call of a command.
 
 /// What to inject, and where.
 public struct FaultPlan: Sendable, Equatable {
@@ -137,8 +139,8 @@ public struct FaultPlan: Sendable, Equatable {
     }
 }
 
-/// An armed fault plan and what it has seen. Arm with `FaultInjector.arm`, read the
-/// counters, `disarm()` when done (an injector stays armed until then).
+/// A fault plan and what it has seen: armed inside `scope { ... }` only; read the
+/// counters during or after.
 public final class FaultInjector: Sendable {
     public let plan: FaultPlan
 
@@ -156,34 +158,21 @@ public final class FaultInjector: Sendable {
 
     private let state = Mutex(State())
 
-    private init(_ plan: FaultPlan) { self.plan = plan }
+    public init(_ plan: FaultPlan) { self.plan = plan }
 
-    /// Arms `plan` (process-wide, for files under `plan.pathPrefix`).
-    public static func arm(_ plan: FaultPlan) -> FaultInjector {
-        let i = FaultInjector(plan)
-        registry.withLock { $0.append(i) }
-        armedCount.add(1, ordering: .releasing)
-        return i
+    /// Runs `body` with this injector armed (for files under `plan.pathPrefix`), on
+    /// top of the injectors of any enclosing scope; the counters keep their values after.
+    public func scope<R>(_ body: () throws -> R) rethrows -> R {
+        try Self.$active.withValue(Self.active + [self]) { try body() }
     }
 
-    /// Arms the plan in the environment variable QIMG_FAULTS, if set (the qimg command
-    /// calls this once at start; a testing aid).
-    @discardableResult
-    public static func armFromEnvironment() throws -> FaultInjector? {
+    /// The injector for the plan in the environment variable QIMG_FAULTS, if set (the
+    /// qimg command runs inside its scope; a testing aid).
+    public static func fromEnvironment() throws -> FaultInjector? {
         guard let raw = getenv("QIMG_FAULTS") else { return nil }
         let spec = String(cString: raw)
         guard !spec.isEmpty else { return nil }
-        return arm(try FaultPlan(specification: spec))
-    }
-
-    /// Stops injecting; the counters keep their values.
-    public func disarm() {
-        let removed = Self.registry.withLock { list -> Bool in
-            guard let k = list.firstIndex(where: { $0 === self }) else { return false }
-            list.remove(at: k)
-            return true
-        }
-        if removed { Self.armedCount.subtract(1, ordering: .releasing) }
+        return FaultInjector(try FaultPlan(specification: spec))
     }
 
     /// Writes (`write` and `truncate` calls) seen since arming, the failed ones included.
@@ -197,14 +186,14 @@ public final class FaultInjector: Sendable {
 
     // MARK: - Hooks called by BlockFile
 
-    private static let registry = Mutex<[FaultInjector]>([])
-    private static let armedCount = Atomic<Int>(0)
+    /// The injectors of the enclosing scopes, innermost last.
+    @TaskLocal private static var active: [FaultInjector] = []
 
-    /// The fast path: false unless some injector is armed.
-    @inline(__always) static var isArmed: Bool { armedCount.load(ordering: .relaxed) != 0 }
+    /// The fast path: false unless the caller runs inside some injector's scope.
+    @inline(__always) static var isArmed: Bool { !active.isEmpty }
 
     private static func matching(_ path: String) -> [FaultInjector] {
-        registry.withLock { list in list.filter { path.hasPrefix($0.plan.pathPrefix) } }
+        active.filter { path.hasPrefix($0.plan.pathPrefix) }
     }
 
     /// A write of `count` bytes at `offset` is about to start: nil to go ahead, else the
