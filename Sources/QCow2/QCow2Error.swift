@@ -31,6 +31,15 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     case needsRepair(path: String, detail: String)
     /// Shrinking would cut off allocated data and was not asked for.
     case shrinkWouldLoseData(path: String)
+    /// The file is in a format QEMU reads and qimg does not (`format` as QEMU names it);
+    /// `probedAsRaw`: QEMU itself probes it as raw (a fixed-size VHD).
+    case foreignFormat(path: String, format: String, probedAsRaw: Bool)
+    /// Comparing `first` with `second` stopped at guest `offset`: `step` failed with
+    /// `cause` (whose file is one of the two or of their backing chains).
+    indirect case compareFailed(first: String, second: String, offset: UInt64, step: CompareStep, cause: QCow2Error)
+
+    /// What a comparison was doing when it failed (qemu-img tells them apart by exit status).
+    public enum CompareStep: Sendable { case blockStatus, read }
 
     public var path: String {
         switch self {
@@ -38,8 +47,10 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
              .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _),
              .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
              .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
-             .shrinkWouldLoseData(let p):
+             .shrinkWouldLoseData(let p), .foreignFormat(let p, _, _):
             return p
+        case .compareFailed(_, _, _, _, let cause):
+            return cause.path
         }
     }
 
@@ -63,6 +74,11 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
             return "the target exists"
         case .shrinkWouldLoseData:
             return "the part being cut off holds data"
+        case .foreignFormat(_, let name, let probedAsRaw):
+            return probedAsRaw ? "looks like a fixed-size \(name) (VHD) image, which qimg does not support (qemu-img probes it as raw)"
+                : "image format '\(name)' is not supported by qimg (qemu-img reads it)"
+        case .compareFailed(_, _, _, _, let cause):
+            return cause.message
         }
     }
 
@@ -83,6 +99,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .targetExists: return .targetExists(path: p)
         case .needsRepair(_, let d): return .needsRepair(path: p, detail: d)
         case .shrinkWouldLoseData: return .shrinkWouldLoseData(path: p)
+        case .foreignFormat(_, let f, let r): return .foreignFormat(path: p, format: f, probedAsRaw: r)
+        case .compareFailed(let a, let b, let o, let s, let c): return .compareFailed(first: a, second: b, offset: o, step: s, cause: c.withPath(p))
         }
     }
 

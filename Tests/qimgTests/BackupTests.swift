@@ -879,6 +879,24 @@ private final class QMPClient {
                   "-c", "write -P 0x22 20M 3000", "-c", "write -z 4000 5000", "-c", "write -P 0 12M 64k", "src.qcow2"], dir)
     }
 
+    /// A full backup is convert's copy (one code path, the same zero detection, sparseness,
+    /// compression and padding): from the same source, the two files are byte for byte the
+    /// same, compressed or not.
+    @Test(.requiresQEMU, arguments: [false, true])
+    func fullBackupIsConvertsCopy(compressed: Bool) throws {
+        let dir = try Self.scratch("fullisconvert")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.makeChainSource(dir)
+        let c = compressed ? ["-c"] : []
+        try Self.qimg(["backup", "--sync=full"] + c + ["src.qcow2", "full.qcow2"], dir)
+        try Self.qimg(["convert", "-O", "qcow2"] + c + ["src.qcow2", "conv.qcow2"], dir)
+        let full = try Self.bytes(dir, "full.qcow2"), conv = try Self.bytes(dir, "conv.qcow2")
+        #expect(full.count == conv.count, "sizes: backup \(full.count), convert \(conv.count)")
+        #expect(full == conv, "backup --sync=full \(c) and convert \(c) wrote different files")
+        try expectCheckClean("full.qcow2", dir, "full backup (compressed: \(compressed))")
+        try Self.expectIdentical("src.qcow2", "full.qcow2", dir, "full backup (compressed: \(compressed))")
+    }
+
     @Test(.requiresQEMU) func fullAndTopMatchConvert() throws {
         let dir = try Self.scratch("convert")
         defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -100,6 +100,31 @@ import TestSupport
         #expect(Self.message(usage) == "Expecting two image file names")
     }
 
+    /// A cluster that cannot be read (a compressed cluster whose stream is garbage) stops
+    /// the comparison with qemu-img's exit status 4 and one line naming the file.
+    @Test(.requiresQEMU) func compareReadError() throws {
+        let dir = try Self.scratch("compare-readerr")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.sh(Self.create("c", "1M"), dir)
+        try Self.sh(Self.io("c", "write -c -P 0x11 0 64k"), dir)
+        try Self.sh(Self.create("e", "1M"), dir)
+        // The compressed stream is the last thing written, from a cluster boundary on:
+        // 0xFF is an invalid deflate block type.
+        let fd = open(dir + "/c", O_RDWR)
+        try #require(fd >= 0)
+        let end = lseek(fd, 0, SEEK_END)
+        let start = (end - 1) / 65536 * 65536
+        let junk = [UInt8](repeating: 0xFF, count: Int(end - start))
+        #expect(pwrite(fd, junk, junk.count, start) == junk.count)
+        close(fd)
+        for args in [["c", "e"], ["e", "c"]] {
+            let (q, m) = try runBoth(["compare"] + args, cwd: dir)
+            #expect(q.status == 4, "qemu-img compare \(args): \(q.status) \(q.err)")
+            #expect(m.status == q.status, "compare \(args): qemu \(q.status) \(q.err), qimg \(m.status) \(m.err)")
+            #expect(m.out.isEmpty && m.stderrLines.count == 1 && m.err.hasPrefix("qimg: c: "), "compare \(args): \(m.out)\(m.err)")
+        }
+    }
+
     // MARK: - commit and rebase scenarios
 
     struct Scenario: Sendable, CustomTestStringConvertible {

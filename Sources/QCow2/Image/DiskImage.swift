@@ -8,39 +8,19 @@ public struct LayerExtent: Equatable, Sendable {
     }
 }
 
-/// The operations commands consume: size, the extent query and reads.
-public protocol DiskImage: AnyObject {
-    /// The path as the user (or the backing file name) gave it.
-    var path: String { get }
+/// The images commands consume: a `BlockSource` (size, reads, what each range holds,
+/// through the backing chain) with its host file, its format and one layer's extent query.
+public protocol DiskImage: BlockSource {
     var formatName: String { get }
-    var virtualSize: UInt64 { get }
     var file: BlockFile { get }
     /// The next image in the backing chain, if any.
     var backing: (any DiskImage)? { get }
     /// Status of the run starting at `offset` in this layer only (length ≥ 1,
     /// at most `maxLength`, never past `virtualSize`).
     func layerExtent(at offset: UInt64, maxLength: UInt64) throws -> LayerExtent
-    /// Reads guest data of this image (through its backing chain).
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws
 }
 
 extension DiskImage {
-    /// Reads `count` guest bytes at `offset` into a new array.
-    public func read(count: Int, at offset: UInt64) throws -> [UInt8] {
-        var out = [UInt8](repeating: 0, count: count)
-        try out.withUnsafeMutableBytes { (b: UnsafeMutableRawBufferPointer) throws in
-            try self.read(into: b, at: offset)
-        }
-        return out
-    }
-
-    /// Checks that [offset, offset+count) lies inside the disk.
-    func checkRange(_ offset: UInt64, _ count: Int) throws {
-        guard count >= 0, offset <= virtualSize, UInt64(count) <= virtualSize - offset else {
-            throw QCow2Error.invalidArgument(path: path, detail: "request at offset \(offset), \(count) bytes, is outside the image (size \(virtualSize))")
-        }
-    }
-
     /// Reads from the backing image, as zeros where there is none or past its end.
     func readBacking(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         guard let b = backing, offset < b.virtualSize else {

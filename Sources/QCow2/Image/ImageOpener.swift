@@ -50,10 +50,10 @@ public struct ImageOpener: Sendable {
         let version = head[4..<8].reduce(UInt32(0)) { $0 << 8 | UInt32($1) }
         if head[0..<4] == [0x51, 0x46, 0x49, 0xFB] && version >= 2 { return .qcow2 }
         if let name = FormatProbe.foreignFormat(head: head, path: path) {
-            throw QCow2Error.unsupported(path: path, detail: "image format '\(name)' is not supported by qimg (qemu-img reads it)")
+            throw QCow2Error.foreignFormat(path: path, format: name, probedAsRaw: false)
         }
         if try FormatProbe.hasVPCFooter(file, size: size) {
-            throw QCow2Error.unsupported(path: path, detail: "looks like a fixed-size vpc (VHD) image, which qimg does not support (qemu-img probes it as raw; -f raw reads it as raw)")
+            throw QCow2Error.foreignFormat(path: path, format: "vpc", probedAsRaw: true)
         }
         return .raw
     }

@@ -56,29 +56,28 @@ public enum BackupOperation {
             if let q = e as? QCow2Error, q.path == staged.temporaryPath { return q.withPath(target) }
             return e
         }
-        let t: QCow2Image
-        do { t = try createTarget(staged.temporaryPath, inputs: inputs, options: o) } catch { throw named(error) }
-        t.file.deferSync = true
-        var engine = CopyEngine(source: source, target: t)
-        engine.compressed = o.compressed
-        engine.speed = o.speed
-        engine.shouldStop = o.shouldStop
-        engine.targetBacking = inputs.backing
-        let unit = engine.unit
-
+        // The copy is convert's; a backup only adds its ranges and its bitmap handling.
+        var settings = CopySettings()
+        settings.compressed = o.compressed
+        settings.speed = o.speed
+        settings.shouldStop = o.shouldStop
+        var copy: TargetCopy
+        do {
+            try createTarget(staged.temporaryPath, inputs: inputs, options: o)
+            copy = try TargetCopy(source: source, work: staged.temporaryPath, format: .qcow2,
+                                  targetBacking: inputs.backing, settings: settings)
+        } catch { throw named(error) }
+        let unit = copy.unit
         let (ranges, maskZeros) = try rangesToCopy(inputs, sync: o.sync, unit: unit)
         let total = ranges.reduce(0) { $0 + $1.1 }
-        engine.progress = { o.progress?($0, total) }
         do {
-            for (a, n) in ranges { try engine.copy(a, n, maskZeros: maskZeros) }
-            try t.close()
-            t.file.deferSync = false
-            try t.file.fullSync()
+            try copy.run(Plan(data: ranges, zero: []), maskZeros: maskZeros, progress: o.progress)
+            try copy.finish()
         } catch {
             // bitmap-mode=always keeps what was copied and gives back only the rest.
             if o.sync == .bitmap && o.bitmapMode == .always, let q = inputs.qsource, let name = o.bitmap,
-               let changes = inputs.changes, let copied = engine.copied, engine.bytesCopied > 0 {
-                throw keepPartial(staged, t, source: q, bitmap: name, changes: changes, copied: copied, failure: named(error))
+               let changes = inputs.changes, let copied = copy.engine.copied, copy.engine.bytesCopied > 0 {
+                throw keepPartial(staged, copy.target, source: q, bitmap: name, changes: changes, copied: copied, failure: named(error))
             }
             throw named(error)
         }
@@ -86,7 +85,7 @@ public enum BackupOperation {
         // Only now, with the target durable, does the bitmap change.
         try updateBitmap(inputs, target: target, options: o)
         let seconds = Double(monotonicNanoseconds() - started) / 1e9
-        return BackupResult(bytesToCopy: total, bytesWritten: engine.bytesCopied, clusters: total / unit, seconds: seconds)
+        return BackupResult(bytesToCopy: total, bytesWritten: copy.engine.bytesCopied, clusters: total / unit, seconds: seconds)
     }
 
     /// Checks the options and the target before anything is opened; returns whether the
@@ -149,9 +148,8 @@ public enum BackupOperation {
         return inputs
     }
 
-    /// Creates the target (a qcow2 overlay of the backing file, if any) at `path` and
-    /// opens it for writing.
-    static func createTarget(_ path: String, inputs: Inputs, options o: BackupOptions) throws -> QCow2Image {
+    /// Creates the target at `path`: a qcow2 overlay of the backing file, if any.
+    static func createTarget(_ path: String, inputs: Inputs, options o: BackupOptions) throws {
         var c = o.create
         c.format = .qcow2
         c.size = inputs.source.virtualSize
@@ -159,13 +157,6 @@ public enum BackupOperation {
         let probedBacking = try inputs.backing.map { try ImageOpener.probe($0.file, path: $0.path) }
         c.backingFormat = (o.backingFormat ?? probedBacking)?.rawValue
         try ImageCreator.create(path, options: c)
-        var topener = ImageOpener()
-        topener.writable = true
-        topener.openBacking = false
-        guard let q = try topener.open(path, format: .qcow2) as? QCow2Image else {
-            throw QCow2Error.invalidArgument(path: path, detail: "cannot open the target")
-        }
-        return q
     }
 
     /// What to copy, in whole target clusters, and whether zeros must be written (they
@@ -223,7 +214,7 @@ public enum BackupOperation {
     /// TARGET.partial (or .partial.N: an earlier partial is never replaced); then the bits
     /// of what it holds are cleared. Returns the error to report: the failure, and where
     /// the partial backup is and how to use it.
-    static func keepPartial(_ staged: StagedFile, _ t: QCow2Image, source q: QCow2Image, bitmap name: String,
+    static func keepPartial(_ staged: StagedFile, _ t: any DiskImage, source q: QCow2Image, bitmap name: String,
                             changes: any ChangeSet, copied: DirtyBitmap, failure: Error) -> Error {
         let why = (failure as? QCow2Error)?.description ?? "\(failure)"
         func incomplete(_ kept: String) -> QCow2Error { .incomplete(path: q.path, cause: why, kept: kept) }

@@ -24,13 +24,6 @@ public struct CompareReport: Equatable, Sendable {
     public var sizeWarning: Bool
 }
 
-/// A failure while comparing, with qemu-img's exit status (3: block status, 4: read).
-public struct CompareFailure: Error, CustomStringConvertible {
-    public var exitCode: Int32
-    public var underlying: any Error
-    public var description: String { "\(underlying)" }
-}
-
 /// `qemu-img compare`: walks both images by block status (through their backing
 /// chains), skips what both report as zero, and compares the rest in chunks of at
 /// most 2 MiB at 512-byte granularity — so a mismatch is reported at the start of
@@ -48,6 +41,16 @@ public enum CompareOperation {
         let common = min(size1, size2), total = max(size1, size2)
         if strict && size1 != size2 { return CompareReport(verdict: .sizeMismatch, sizeWarning: false) }
         let s1 = ChainStatus(first), s2 = ChainStatus(second)
+        func failed(_ img: any BlockSource, _ step: QCow2Error.CompareStep, at offset: UInt64, _ e: Error) -> QCow2Error {
+            let cause = e as? QCow2Error ?? .malformed(path: img.path, field: "", detail: "\(e)")
+            return .compareFailed(first: first.path, second: second.path, offset: offset, step: step, cause: cause)
+        }
+        func status(_ s: ChainStatus, _ offset: UInt64) throws -> (flags: ChainStatus.Flags, length: UInt64) {
+            do { return try s.status(at: offset) } catch { throw failed(s.image, .blockStatus, at: offset, error) }
+        }
+        func read(_ img: any BlockSource, into buf: inout [UInt8], _ offset: UInt64, _ count: Int) throws {
+            do { try Self.read(img, into: &buf, offset, count) } catch { throw failed(img, .read, at: offset, error) }
+        }
         var buf1 = [UInt8](repeating: 0, count: chunkSize)
         var buf2 = [UInt8](repeating: 0, count: chunkSize)
         var offset: UInt64 = 0
@@ -102,17 +105,9 @@ public enum CompareOperation {
         return CompareReport(verdict: .identical, sizeWarning: true)
     }
 
-    static func status(_ s: ChainStatus, _ offset: UInt64) throws -> (flags: ChainStatus.Flags, length: UInt64) {
-        do { return try s.status(at: offset) } catch { throw CompareFailure(exitCode: 3, underlying: error) }
-    }
-
-    static func read(_ img: any DiskImage, into buf: inout [UInt8], _ offset: UInt64, _ count: Int) throws {
-        do {
-            try buf.withUnsafeMutableBytes { b in
-                try img.read(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<count]), at: offset)
-            }
-        } catch {
-            throw CompareFailure(exitCode: 4, underlying: error)
+    static func read(_ img: any BlockSource, into buf: inout [UInt8], _ offset: UInt64, _ count: Int) throws {
+        try buf.withUnsafeMutableBytes { b in
+            try img.read(into: UnsafeMutableRawBufferPointer(rebasing: b[0..<count]), at: offset)
         }
     }
 

@@ -98,58 +98,24 @@ public enum ConvertOperation {
             c.backingFormat = o.backingFormat?.rawValue
             try ImageCreator.create(work, options: c)
         }
-        var opener = ImageOpener()
-        opener.writable = true
-        opener.openBacking = false
-        let target = try opener.open(work, format: o.skipCreate ? nil : o.create.format)
-        if let replaced {
-            _ = fchmod(target.file.fd, replaced.st_mode & 0o7777)
-            _ = fchown(target.file.fd, replaced.st_uid, replaced.st_gid)
-        }
-        target.file.deferSync = true
-        var engine = CopyEngine(source: source, target: target)
-        engine.compressed = o.compressed
-        engine.minSparse = o.minSparse
-        engine.earlyWriteback = o.durable
-        engine.shouldStop = o.shouldStop
-        let size = source.virtualSize
-        // Ranges in target clusters (raw: sectors; the holes of a raw source stay holes).
-        let unit = target is QCow2Image ? engine.unit : 512
-        // -S: zero runs count in aligned pieces of S (a power of two: qemu-img aligns the
-        // runs it leaves out to it), and in whole clusters of a qcow2 target at least.
-        if o.minSparse > 0 {
-            let floor = UInt64(1) << UInt64(63 - o.minSparse.leadingZeroBitCount)
-            engine.sparseUnit = min(max(floor, (target as? QCow2Image).map { UInt64($0.geometry.clusterSize) } ?? 512), 2 << 20)
-        }
+        var settings = CopySettings()
+        settings.compressed = o.compressed
+        settings.minSparse = o.minSparse
+        settings.durable = o.durable
+        settings.shouldStop = o.shouldStop
+        var copy = try TargetCopy(source: source, work: work, format: o.skipCreate ? nil : o.create.format,
+                                  targetBacking: backing, settings: settings, keeping: replaced)
         // An existing target (-n) is overwritten entirely (zeros written as zeros).
-        let plan = o.skipCreate ? Plan(data: [(0, size)], zero: []) : try Plan.make(source: source, backing: backing, minSparse: o.minSparse, unit: unit)
-        // Progress counts the bytes visited (as qemu-img counts the allocated data), so it
-        // reaches 100% on a sparse image.
-        let total = plan.data.reduce(0) { $0 + $1.1 } + plan.zero.reduce(0) { $0 + $1.1 }
-        var zeroed: UInt64 = 0
-        engine.progress = { progress?($0 + zeroed, total) }
+        let plan = o.skipCreate ? Plan(data: [(0, source.virtualSize)], zero: [])
+            : try Plan.make(source: source, backing: backing, minSparse: o.minSparse, unit: copy.unit)
         // With a backing file, zeros must be written: they hide what it holds.
-        let maskZeros = o.skipCreate || backing != nil
-        for (a, n, isData) in plan.inOrder {
-            if isData {
-                try engine.copy(a, n, maskZeros: maskZeros)
-            } else if let q = target as? QCow2Image {
-                if o.shouldStop() { throw QCow2Error.io(path: target.path, operation: "convert", errno: 4 /* EINTR */) }
-                try q.writeZeroes(at: a, length: n)
-                zeroed += n
-                progress?(engine.bytesDone + zeroed, total)
-            }
-        }
-        if let q = target as? QCow2Image {
-            if o.compressed { try q.padToSector() }
+        try copy.run(plan, maskZeros: o.skipCreate || backing != nil, progress: progress)
+        try copy.finish { q in
             for (e, bm) in bitmaps {
                 try q.applyBitmapActions([.add(granularity: e.granularity, disabled: !e.isAuto)], to: e.name)
                 try q.applyBitmapActions([.merge(source: e.name)], to: e.name, mergeSource: { _ in bm })
             }
-            try q.close()
         }
-        target.file.deferSync = false
-        if o.durable { try target.file.fullSync() }
     }
 }
 

@@ -2,14 +2,15 @@
 import Glibc
 #endif
 
-/// Copies guest data from one image (through its backing chain) into another: the
-/// engine of `convert` and `backup`. Ranges that read as zeros stay sparse.
+/// Copies guest data from a source (an image through its backing chain, or any other
+/// `BlockSource`) into an image: the engine of `convert` and `backup`. Ranges that read
+/// as zeros stay sparse.
 public struct CopyEngine {
-    public let source: any DiskImage
+    public let source: any BlockSource
     public let target: any DiskImage
     /// Where the target's backing file reads differently from zero, zeros must be
     /// written explicitly (they would otherwise show the backing data).
-    public var targetBacking: (any DiskImage)?
+    public var targetBacking: (any BlockSource)?
     public var compressed = false
     /// Zero runs at least this long are not written (qemu-img's -S); 0 writes everything.
     public var minSparse: UInt64 = 4096
@@ -29,7 +30,7 @@ public struct CopyEngine {
     public private(set) var bytesCopied: UInt64 = 0
     public private(set) var bytesDone: UInt64 = 0
 
-    public init(source: any DiskImage, target: any DiskImage) {
+    public init(source: any BlockSource, target: any DiskImage) {
         self.source = source
         self.target = target
         let unit = UInt64((target as? QCow2Image)?.geometry.clusterSize ?? 65536)
@@ -59,7 +60,7 @@ public struct CopyEngine {
         if buffer.count != Int(chunk) { buffer = [UInt8](repeating: 0, count: Int(chunk)) }
         var backingBuf: [UInt8] = []
         while pos < end {
-            if shouldStop() { throw QCow2Error.io(path: target.path, operation: "backup", errno: 4 /* EINTR */) }
+            if shouldStop() { throw QCow2Error.io(path: target.path, operation: "copy", errno: EINTR) }
             let n = Int(min(chunk, end - pos))
             try buffer.withUnsafeMutableBytes { try source.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: pos) }
             let buf = buffer
@@ -169,13 +170,12 @@ public struct CopyEngine {
         return out
     }
 
-    /// Ranges of the source that do not read as zeros (data anywhere in the chain).
-    public static func nonZeroRanges(_ image: any DiskImage) throws -> [(UInt64, UInt64)] {
+    /// Ranges of the source that may hold data (through its whole chain), merged.
+    public static func nonZeroRanges(_ source: any BlockSource) throws -> [(UInt64, UInt64)] {
         var out: [(UInt64, UInt64)] = []
-        try MapOperation.run(image) { e in
-            if e.data || !e.zero {
-                if let last = out.last, last.0 + last.1 == e.start { out[out.count - 1].1 += e.length } else { out.append((e.start, e.length)) }
-            }
+        try source.forEachExtent(from: 0, to: source.virtualSize) { start, e in
+            guard e.kind == .data else { return }
+            if let last = out.last, last.0 + last.1 == start { out[out.count - 1].1 += e.length } else { out.append((start, e.length)) }
         }
         return out
     }

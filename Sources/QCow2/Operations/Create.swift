@@ -24,8 +24,13 @@ public struct CreateOptions: Sendable, Equatable {
 
     public init() {}
 
-    /// QEMU's rules for combinations; the message is qemu-img's.
-    public func validate() throws(FormatError) {
+    /// QEMU's rules for combinations, for the image `path`; the message is qemu-img's.
+    public func validate(path: String) throws(QCow2Error) {
+        do { try check() } catch { throw .invalidArgument(path: path, detail: error.detail) }
+    }
+
+    /// QEMU's rules for combinations: the option at fault and qemu-img's message.
+    func check() throws(FormatError) {
         if format == .raw {
             if backingFile != nil { throw FormatError("backing_file", "Backing file not supported for file format 'raw'") }
             if preallocation == .metadata { throw FormatError("preallocation", "Unsupported preallocation mode: metadata") }
@@ -79,7 +84,7 @@ public struct CreateOptions: Sendable, Equatable {
 /// durable before the header points at it.
 public enum ImageCreator {
     public static func create(_ path: String, options o: CreateOptions) throws {
-        do { try o.validate() } catch { throw error.at(path) }
+        do { try o.check() } catch { throw error.at(path) }
         switch o.format {
         case .raw: try createRaw(path, o)
         case .qcow2: try createQCow2(path, o)

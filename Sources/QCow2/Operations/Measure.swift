@@ -38,7 +38,7 @@ public struct MeasureOptions: Sendable, Equatable {
     }
 
     /// Checks the qcow2 options in the order qemu-img does, with its messages.
-    public func validated() throws(FormatError) -> QCow2Target {
+    func validated() throws(FormatError) -> QCow2Target {
         let cs = clusterSize ?? 65536
         guard cs >= 512, cs <= 2 << 20, cs & (cs - 1) == 0 else {
             throw FormatError("cluster_size", "Cluster size must be a power of two between 512 and 2048k")

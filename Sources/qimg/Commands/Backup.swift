@@ -67,7 +67,7 @@ struct Backup: ParsableCommand {
             throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
         }
         if let late = try list.applyQCow2Options(to: &o.create) { throw CommandFailure(message: "\(target): \(late)") }
-        do { try o.create.validate() } catch { throw CommandFailure(message: "\(target): \(error.detail)") }
+        do { try o.create.validate(path: target) } catch { throw CommandFailure(message: error.description) }
         o.compressed = compress
         o.speed = speed?.value ?? 0
         o.force = force

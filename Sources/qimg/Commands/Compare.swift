@@ -27,7 +27,7 @@ struct Compare: ParsableCommand {
             first = try opener.open(files[0], format: try format1.map { try ImageFormat(name: $0, path: files[0]) })
             second = try opener.open(files[1], format: try format2.map { try ImageFormat(name: $0, path: files[1]) })
         } catch let e as QCow2Error {
-            throw CommandFailure(message: e.description, exitCode: 2)
+            throw CommandFailure(message: ErrorText.text(e), exitCode: 2)
         }
         let progress = QemuProgress(enabled: showProgress && !quiet, step: 2)
         let report: CompareReport
@@ -35,8 +35,10 @@ struct Compare: ParsableCommand {
             report = try CompareOperation.run(first, second, strict: strict) { done, total in
                 progress.update(done, total)
             }
-        } catch let e as CompareFailure {
-            throw CommandFailure(message: e.description, exitCode: e.exitCode)
+        } catch let e as QCow2Error {
+            // qemu-img's exit status: 3 block status could not be read, 4 data could not be read.
+            guard case .compareFailed(_, _, _, let step, _) = e else { throw e }
+            throw CommandFailure(message: e.description, exitCode: step == .read ? 4 : 3)
         }
         func say(_ s: String) { if !quiet { Output.out(s + "\n") } }
         if report.sizeWarning { say("Warning: Image size mismatch!") }

@@ -144,9 +144,9 @@ struct Create: ParsableCommand {
         }
         if let late { throw fail(late) }
         do {
-            try o.validate()
+            try o.validate(path: file)
         } catch {
-            throw fail(error.detail)
+            throw fail(error.message)
         }
         try ImageCreator.create(file, options: o)
     }

@@ -24,12 +24,22 @@ enum ErrorText {
             hint = "use --force to replace it"
         case .needsRepair:
             hint = "repair the image with 'qimg check -r all'"
-        case .shrinkWouldLoseData:
-            // qemu-img's words.
-            return "\(e.path): Use the --shrink option to perform a shrink operation (\(e.message))"
         default:
             hint = nil
         }
-        return e.description + (hint.map { "; " + $0 } ?? "")
+        return text(e) + (hint.map { "; " + $0 } ?? "")
+    }
+
+    /// The error without advice, in qemu-img's words where they differ from the library's
+    /// (and with the way to read a file QEMU probes as raw).
+    static func text(_ e: QCow2Error) -> String {
+        switch e {
+        case .foreignFormat(_, let name, probedAsRaw: true):
+            return "\(e.path): looks like a fixed-size \(name) (VHD) image, which qimg does not support (qemu-img probes it as raw; -f raw reads it as raw)"
+        case .shrinkWouldLoseData:
+            return "\(e.path): Use the --shrink option to perform a shrink operation (\(e.message))"
+        default:
+            return e.description
+        }
     }
 }
