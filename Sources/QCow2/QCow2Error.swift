@@ -31,6 +31,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     case needsRepair(path: String, detail: String)
     /// Shrinking would cut off allocated data and was not asked for.
     case shrinkWouldLoseData(path: String)
+    /// No internal snapshot has this ID or name.
+    case snapshotNotFound(path: String, snapshot: String)
 
     public var path: String {
         switch self {
@@ -38,7 +40,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
              .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _),
              .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
              .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
-             .shrinkWouldLoseData(let p):
+             .shrinkWouldLoseData(let p), .snapshotNotFound(let p, _):
             return p
         }
     }
@@ -63,6 +65,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
             return "the target exists"
         case .shrinkWouldLoseData:
             return "the part being cut off holds data"
+        case .snapshotNotFound(_, let s):
+            return "no snapshot '\(s)'"
         }
     }
 
@@ -83,6 +87,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .targetExists: return .targetExists(path: p)
         case .needsRepair(_, let d): return .needsRepair(path: p, detail: d)
         case .shrinkWouldLoseData: return .shrinkWouldLoseData(path: p)
+        case .snapshotNotFound(_, let s): return .snapshotNotFound(path: p, snapshot: s)
         }
     }
 
