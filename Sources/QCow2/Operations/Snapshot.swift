@@ -79,12 +79,13 @@ public enum SnapshotOperation {
     /// qemu-img.
     public static func apply(_ image: QCow2Image, idOrName: String) throws {
         let alloc = try image.requireAllocator()
+        // qemu-img looks at the bitmaps first.
+        guard image.bitmaps.isEmpty else {
+            throw QCow2Error.unsupported(path: image.path, detail: "Device has active dirty bitmaps")
+        }
         let table = SnapshotTable(image.snapshots)
         guard let i = table.index(idOrName: idOrName) else {
             throw QCow2Error.snapshotNotFound(path: image.path, snapshot: idOrName)
-        }
-        guard image.bitmaps.isEmpty else {
-            throw QCow2Error.unsupported(path: image.path, detail: "Device has active dirty bitmaps")
         }
         let sn = table.entries[i]
         let g = image.geometry
