@@ -97,6 +97,10 @@ import TestSupport
             let q = try Runner.qemuImg(["snapshot", "-c", name, "q.qcow2"], cwd: dir)
             try #require(q.status == 0, "qemu-img snapshot -c: \(q.err)")
         }
+        let opts = ["snapshot", "-l", "--image-opts", "driver=qcow2,file.filename=a.qcow2"]
+        let (oq, om) = try runBoth(opts, cwd: dir)
+        expectSameExit("--image-opts", qemu: oq, qimg: om)
+        expectSameStdout("--image-opts", qemu: oq, qimg: om)
         for args in [["snapshot", "-l"], ["snapshot", "-l", "-U"], ["info"], ["info", "--output=json"]] {
             let (q, m) = try runBoth(args + ["a.qcow2"], cwd: dir)
             let label = args.joined(separator: " ")
