@@ -36,7 +36,8 @@ public enum SnapshotOperation {
         try image.clearUnknownAutoclearBits()
         var tx = try MetadataTransaction(image)
         try CopiedFlags(image: image, tx: tx).sync(assumeShared: true)
-        let copyOffset = try tx.allocate(max(1, Int(g.clusters(forBytes: UInt64(l1.count) * 8))))
+        // An empty L1 table (a disk of size 0) takes no cluster: offset 0, as QEMU writes it.
+        let copyOffset = l1.isEmpty ? 0 : try tx.allocate(Int(g.clusters(forBytes: UInt64(l1.count) * 8)))
         try ReferenceWalk(image: image, l1: l1).forEachTable { l2, data in
             for c in [l2] + data { try tx.addReference(c) }
         }
@@ -46,7 +47,7 @@ public enum SnapshotOperation {
         var w = ByteWriter()
         for e in l1 { w.u64(e & ~L1Entry.copied) }
         try tx.commitRefcounts()
-        try tx.writeNew(w.bytes, at: copyOffset, durable: false)
+        if !l1.isEmpty { try tx.writeNew(w.bytes, at: copyOffset, durable: false) }
         try tx.publishSnapshotTable(table)
         try tx.finish()
         image.compressedPacking = nil
@@ -103,11 +104,12 @@ public enum SnapshotOperation {
             for c in [l2] + data { try tx.addReference(c) }
         }
         let newL1 = snL1.map { $0 & ~L1Entry.copied } + [UInt64](repeating: 0, count: count - snL1.count)
-        let offset = try tx.allocate(max(1, Int(g.clusters(forBytes: UInt64(count) * 8))))
+        // An empty table keeps its place (nothing is allocated or freed for it).
+        let offset = count == 0 ? image.header.l1TableOffset : try tx.allocate(Int(g.clusters(forBytes: UInt64(count) * 8)))
         try tx.commitRefcounts()
         var w = ByteWriter()
         for e in newL1 { w.u64(e) }
-        try tx.writeNew(w.bytes, at: offset)
+        if count > 0 { try tx.writeNew(w.bytes, at: offset) }
         try tx.publishActiveL1(newL1, at: offset, size: size)
         try tx.finish()
         try ReferenceWalk(image: image, l1: oldL1).forEachTable { l2, data in try tx.releaseNow([l2] + data) }
