@@ -347,4 +347,31 @@ import TestSupport
         #expect(info.out.contains("\"virtual-size\": 0,"), "\(info.out)")
         try Self.step("qimg", ["snapshot", "-d", "s", "a.qcow2"], in: dir)
     }
+
+    /// A snapshot whose L1 table names an L2 table past the end of the file: applying or
+    /// deleting it fails before anything is written (one line, the file byte-identical);
+    /// creating a snapshot of the (sound) active image still works.
+    @Test func damagedSnapshotTreeRefusedUnchanged() throws {
+        let dir = try Self.makeImage(Self.kinds[0], "damaged-tree")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.step("qimg", ["snapshot", "-c", "s1", "a.qcow2"], in: dir)
+        try Self.changeData("qimg", in: dir)
+        let url = URL(fileURLWithPath: dir + "/a.qcow2")
+        var d = try Data(contentsOf: url)
+        func be(_ at: Int) -> Int { Int(d[at..<at + 8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }) }
+        let l1 = be(be(64))  // the first snapshot entry's L1 table
+        for i in 0..<8 { d[l1 + i] = [0, 0, 0, 0x10, 0, 0, 0, 0][i] }  // L2 table at 64 GiB
+        try d.write(to: url)
+        for args in [["snapshot", "-a", "s1", "a.qcow2"], ["snapshot", "-d", "s1", "a.qcow2"]] {
+            let before = try FileState(dir + "/a.qcow2")
+            let r = try Qimg.run(args, cwd: dir)
+            let label = args.joined(separator: " ")
+            expectCleanFailure(label, r, exitCode: 1)
+            #expect(r.err.contains("beyond the end of the file"), "\(label): \(r.err)")
+            #expect(try FileState(dir + "/a.qcow2") == before, "\(label): the file changed")
+        }
+        let r = try Qimg.run(["snapshot", "-c", "s2", "a.qcow2"], cwd: dir)
+        #expect(r.status == 0, "create beside a damaged snapshot: \(r.err)")
+        try Self.expectData(dir, Self.changed, "the active image")
+    }
 }
