@@ -40,9 +40,13 @@ import TestSupport
     /// qemu-io reads each (pattern, offset, length); all must match.
     static func expectData(_ dir: String, _ reads: [(Int, String, String)], _ label: String,
                            sourceLocation: SourceLocation = #_sourceLocation) throws {
-        let r = try Runner.qemuIO(["-r"] + reads.flatMap { ["-c", "read -P \($0.0) \($0.1) \($0.2)"] } + ["a.qcow2"], cwd: dir)
+        let r = try readData(dir, reads)
         #expect(r.status == 0 && !r.out.contains("Pattern verification failed"), "\(label): \(r.out)\(r.err)",
                 sourceLocation: sourceLocation)
+    }
+
+    static func readData(_ dir: String, _ reads: [(Int, String, String)]) throws -> RunResult {
+        try Runner.qemuIO(["-r"] + reads.flatMap { ["-c", "read -P \($0.0) \($0.1) \($0.2)"] } + ["a.qcow2"], cwd: dir)
     }
 
     static let original: [(Int, String, String)] = [(1, "0", "1M"), (3, "2M", "64k"), (4, "3M", "4k"), (0, "4M", "1M")]
@@ -234,15 +238,16 @@ import TestSupport
         }
     }
 
-    /// SIGKILL at each write of a create and of a delete (QIMG_FAULTS=write:N:kill, debug
-    /// builds), until the command runs through. After each kill: the active data and every
-    /// snapshot's data are intact, the list is the old or the new one, and qemu-img check
+    /// SIGKILL at each write of a create, a delete and an apply (QIMG_FAULTS=write:N:kill,
+    /// debug builds), until the command runs through. After each kill: the active data (for
+    /// apply: the old or the snapshot's) and every snapshot's data are intact, the list is
+    /// the old or the new one, and qemu-img check
     /// finds at worst leaked clusters or, while COPIED flags are being switched, a COPIED
     /// flag clear on a cluster whose refcount is 1 ("ERROR OFLAG_COPIED ... refcount=1":
-    /// harmless, writers copy such a cluster; QEMU's own create and delete have the same
+    /// harmless, writers copy such a cluster; QEMU's own create, apply and delete have the same
     /// window, which no order avoids since flags and refcounts live in different clusters);
     /// `qemu-img check -r all` then leaves the image clean.
-    @Test(arguments: ["create", "delete"]) func killedAtEveryWrite(_ op: String) throws {
+    @Test(arguments: ["create", "delete", "apply"]) func killedAtEveryWrite(_ op: String) throws {
         var n = 1
         while true {
             let dir = try Self.makeImage(Self.kinds[0], "kill-\(op)-\(n)")
@@ -251,7 +256,7 @@ import TestSupport
             try Runner.qemuStep(["qemu-io", "-c", "write -P 8 0 64k", "a.qcow2"], in: dir)
             let active: [(Int, String, String)] = [(8, "0", "64k"), (1, "64k", "960k"), (3, "2M", "64k")]
             let oldList = try Runner.qemuImg(["snapshot", "-l", "a.qcow2"], cwd: dir).out
-            let args = op == "create" ? ["snapshot", "-c", "s1", "a.qcow2"] : ["snapshot", "-d", "s0", "a.qcow2"]
+            let args = ["snapshot"] + ["create": ["-c", "s1"], "delete": ["-d", "s0"], "apply": ["-a", "s0"]][op]! + ["a.qcow2"]
             let r = try Runner.run("/usr/bin/env", ["QIMG_FAULTS=write:\(n):kill", Qimg.path] + args, cwd: dir)
             let label = "\(op), killed at write \(n)"
             if r.exitedNormally && r.status == 0 {
@@ -266,9 +271,14 @@ import TestSupport
                 !($0.hasPrefix("Leaked cluster") || ($0.hasPrefix("ERROR OFLAG_COPIED") && $0.hasSuffix(" refcount=1")))
             }
             #expect([0, 2, 3].contains(check.status) && bad.isEmpty, "\(label): qemu-img check: \(check.summary)\n\(check.err)")
-            try Self.expectData(dir, active, label)
+            if op == "apply" {
+                let (a, o) = (try Self.readData(dir, active), try Self.readData(dir, Self.original))
+                #expect([a, o].contains { $0.status == 0 && !$0.out.contains("verification failed") }, "\(label): \(a.out)\(o.out)")
+            } else {
+                try Self.expectData(dir, active, label)
+            }
             let list = try Runner.qemuImg(["snapshot", "-l", "a.qcow2"], cwd: dir).out
-            let isNew = op == "create" ? list.contains(" s1 ") && list.contains(" s0 ") : list.isEmpty
+            let isNew = op == "create" ? list.contains(" s1 ") && list.contains(" s0 ") : op == "delete" && list.isEmpty
             #expect(list == oldList || isNew, "\(label): list\n\(list)")
             try Runner.qemuStep(["qemu-img", "check", "-q", "-r", "all", "a.qcow2"], in: dir)
             try expectCheckClean("a.qcow2", dir, "\(label), after check -r all")
