@@ -176,6 +176,11 @@ import TestSupport
             ("-U with a writer", ["snapshot", "-U", "-c", "s1", "a.qcow2"]),
             ("-f is not an option of qemu-img snapshot", ["snapshot", "-f", "qcow2", "-c", "s1", "a.qcow2"]),
         ]
+        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2", "gone.qcow2", "1M"], in: dir)
+        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "gone.qcow2", "-F", "qcow2", "top.qcow2"], in: dir)
+        try FileManager.default.removeItem(atPath: dir + "/gone.qcow2")
+        cases += [("missing backing file (qemu-img opens the chain)", ["snapshot", "-c", "s1", "top.qcow2"]),
+                  ("missing backing file, list", ["snapshot", "-l", "top.qcow2"])]
         try FileManager.default.copyItem(atPath: dir + "/a.qcow2", toPath: dir + "/ro.qcow2")
         chmod(dir + "/ro.qcow2", 0o444)
         cases.append(("read-only file", ["snapshot", "-c", "s1", "ro.qcow2"]))

@@ -49,8 +49,8 @@ struct Snapshot: ParsableCommand {
         guard files.count == 1 else { throw CommandFailure(message: "Expecting one image file name") }
         if let o = objects.first(where: { $0.isEmpty }) { throw CommandFailure(message: "Invalid object definition '\(o)'") }
         let (path, format) = try imageOpts ? Self.imageOptions(files[0]) : (files[0], nil)
+        // The backing chain too, as qemu-img opens it (a missing backing file is an error).
         var opener = ImageOpener()
-        opener.openBacking = false
         opener.forceShare = share.forceShare
         if case .list = action {} else { opener.writable = true }
         let image = try opener.open(path, format: format)
