@@ -11,6 +11,8 @@ import TestSupport
     struct Kind: Sendable, CustomTestStringConvertible {
         var name: String
         var options: [String]
+        /// Every cluster compressed, streams packed into shared host clusters (convert -c).
+        var packed = false
         var testDescription: String { name }
     }
 
@@ -19,13 +21,17 @@ import TestSupport
         Kind(name: "compat=0.10", options: ["-o", "compat=0.10"]),
         Kind(name: "extended_l2", options: ["-o", "extended_l2=on"]),
         Kind(name: "4k clusters, 64-bit refcounts", options: ["-o", "cluster_size=4096,refcount_bits=64"]),
+        Kind(name: "packed compressed clusters", options: [], packed: true),
     ]
 
-    /// A 64 MiB image: pattern 1 in [0, 1M), a compressed cluster of 3 at 2M, 4 at 3M (4k).
+    /// A 64 MiB image: pattern 1 in [0, 1M), a compressed cluster of 3 at 2M, 4 at 3M (4k)
+    /// (all compressed and packed for a `packed` kind).
     static func makeImage(_ kind: Kind, _ label: String) throws -> String {
         let dir = try Paths.newScratch("snapshot-\(label)")
-        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2"] + kind.options + ["a.qcow2", "64M"], in: dir)
-        try Runner.qemuStep(["qemu-io", "-c", "write -P 1 0 1M", "-c", "write -c -P 3 2M 64k", "-c", "write -P 4 3M 4k", "a.qcow2"], in: dir)
+        let name = kind.packed ? "src.qcow2" : "a.qcow2"
+        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2"] + kind.options + [name, "64M"], in: dir)
+        try Runner.qemuStep(["qemu-io", "-c", "write -P 1 0 1M", "-c", "write -c -P 3 2M 64k", "-c", "write -P 4 3M 4k", name], in: dir)
+        if kind.packed { try Runner.qemuStep(["qemu-img", "convert", "-c", "-O", "qcow2", name, "a.qcow2"], in: dir) }
         return dir
     }
 
