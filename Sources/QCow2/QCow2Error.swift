@@ -37,6 +37,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     /// Comparing `first` with `second` stopped at guest `offset`: `step` failed with
     /// `cause` (whose file is one of the two or of their backing chains).
     indirect case compareFailed(first: String, second: String, offset: UInt64, step: CompareStep, cause: QCow2Error)
+    /// No internal snapshot has this ID or name.
+    case snapshotNotFound(path: String, snapshot: String)
 
     /// What a comparison was doing when it failed (qemu-img tells them apart by exit status).
     public enum CompareStep: Sendable { case blockStatus, read }
@@ -47,7 +49,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
              .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _),
              .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
              .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
-             .shrinkWouldLoseData(let p), .foreignFormat(let p, _, _):
+             .shrinkWouldLoseData(let p), .foreignFormat(let p, _, _), .snapshotNotFound(let p, _):
             return p
         case .compareFailed(_, _, _, _, let cause):
             return cause.path
@@ -79,6 +81,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
                 : "image format '\(name)' is not supported by qimg (qemu-img reads it)"
         case .compareFailed(_, _, _, _, let cause):
             return cause.message
+        case .snapshotNotFound(_, let s):
+            return "no snapshot '\(s)'"
         }
     }
 
@@ -101,6 +105,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .shrinkWouldLoseData: return .shrinkWouldLoseData(path: p)
         case .foreignFormat(_, let f, let r): return .foreignFormat(path: p, format: f, probedAsRaw: r)
         case .compareFailed(let a, let b, let o, let s, let c): return .compareFailed(first: a, second: b, offset: o, step: s, cause: c.withPath(p))
+        case .snapshotNotFound(_, let s): return .snapshotNotFound(path: p, snapshot: s)
         }
     }
 

@@ -149,6 +149,11 @@ public enum HeaderField: Sendable {
     case incompatibleFeatures, compatibleFeatures, autoclearFeatures
     /// refcount_order (96) and header_length (100).
     case refcountOrderAndLength
+    /// nb_snapshots (60) and snapshots_offset (64): the snapshot table switched.
+    case snapshotTable
+    /// size (24) through l1_table_offset (40), crypt_method (32) rewritten as it is: the
+    /// active L1 table and the disk size switched together (a snapshot applied).
+    case sizeAndL1Table
 
     /// Where the field is in the file and its bytes as `h` holds it.
     public func encoded(_ h: Header) -> (offset: UInt64, bytes: [UInt8]) {
@@ -174,6 +179,12 @@ public enum HeaderField: Sendable {
         case .refcountOrderAndLength:
             w.u32(h.refcountOrder); w.u32(h.headerLength)
             return (96, w.bytes)
+        case .snapshotTable:
+            w.u32(h.nbSnapshots); w.u64(h.snapshotsOffset)
+            return (60, w.bytes)
+        case .sizeAndL1Table:
+            w.u64(h.size); w.u32(h.cryptMethod); w.u32(h.l1Size); w.u64(h.l1TableOffset)
+            return (24, w.bytes)
         }
     }
 

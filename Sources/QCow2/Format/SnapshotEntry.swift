@@ -74,3 +74,34 @@ public struct SnapshotEntry: Equatable, Sendable {
         return (e, size)
     }
 }
+
+extension SnapshotEntry {
+    /// A new entry as QEMU 7.2 writes one: 24 bytes of extra data (64-bit VM state size,
+    /// disk size, icount), for version 2 images too.
+    public init(id: String, name: String, l1TableOffset: UInt64, l1Size: UInt32, diskSize: UInt64,
+                dateSeconds: UInt32, dateNanoseconds: UInt32, vmClockNanoseconds: UInt64 = 0,
+                vmStateSize: UInt64 = 0, icount: Int64 = 0) {
+        var w = ByteWriter()
+        w.u64(vmStateSize); w.u64(diskSize); w.u64(UInt64(bitPattern: icount))
+        self.init(l1TableOffset: l1TableOffset, l1Size: l1Size, id: id, name: name, dateSeconds: dateSeconds,
+                  dateNanoseconds: dateNanoseconds, vmClockNanoseconds: vmClockNanoseconds,
+                  vmStateSize32: UInt32(truncatingIfNeeded: vmStateSize), extraData: w.bytes)
+    }
+
+    /// Bytes the entry takes in the table, padding included.
+    public var paddedSize: Int { (Self.fixedSize + extraData.count + id.utf8.count + name.utf8.count + 7) & ~7 }
+
+    /// The entry's bytes, padded to a multiple of 8 (spec "Snapshots"). Id and name
+    /// must fit their 16-bit lengths (`SnapshotTable` checks).
+    public func serialize(into out: inout [UInt8]) {
+        var w = ByteWriter()
+        let idBytes = Array(id.utf8), nameBytes = Array(name.utf8)
+        w.u64(l1TableOffset); w.u32(l1Size)
+        w.u16(UInt16(truncatingIfNeeded: idBytes.count)); w.u16(UInt16(truncatingIfNeeded: nameBytes.count))
+        w.u32(dateSeconds); w.u32(dateNanoseconds); w.u64(vmClockNanoseconds); w.u32(vmStateSize32)
+        w.u32(UInt32(extraData.count))
+        w.bytes += extraData + idBytes + nameBytes
+        w.zeros((8 - w.bytes.count % 8) % 8)
+        out += w.bytes
+    }
+}

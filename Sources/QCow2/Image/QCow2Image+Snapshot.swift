@@ -21,7 +21,7 @@ public enum SnapshotLoader {
         let found: SnapshotEntry?
         switch selector {
         case .idOrName(let s):
-            found = find(q.snapshots, id: s, name: nil) ?? find(q.snapshots, id: nil, name: s)
+            found = SnapshotTable(q.snapshots).index(idOrName: s).map { q.snapshots[$0] }
         case .fields(let id, let name):
             found = find(q.snapshots, id: id, name: name)
         }

@@ -73,6 +73,35 @@ struct MetadataTransaction {
         try image.file.sync()
     }
 
+    /// Rewrites entries `changed` of the active L1 table in place as `table` holds them
+    /// (flag changes: a torn write leaves some entries old, some new, each valid), then a
+    /// barrier.
+    func updateL1(_ table: [UInt64], changed: Range<Int>) throws {
+        guard !changed.isEmpty else { return }
+        var w = ByteWriter()
+        for e in table[changed] { w.u64(e) }
+        try image.file.write(w.bytes, at: image.header.l1TableOffset + UInt64(changed.lowerBound) * 8)
+        try image.file.sync()
+        image.l1Table.replaceSubrange(changed, with: table[changed])
+    }
+
+    /// Switches the image to the L1 table step 2 wrote at `offset` (`entries`) and to disk
+    /// size `size`, with one header write; the old L1 table's clusters are queued for
+    /// step 4 (the L2 tables it named are the caller's to release).
+    mutating func publishActiveL1(_ entries: [UInt64], at offset: UInt64, size: UInt64) throws {
+        let g = image.geometry
+        let old = image.header
+        var h = old
+        h.l1TableOffset = offset
+        h.l1Size = UInt32(entries.count)
+        h.size = size
+        try publishHeader(.sizeAndL1Table, of: h)
+        image.header = h
+        image.l1Table = entries
+        let oldStart = old.l1TableOffset >> UInt64(g.clusterBits)
+        free((0..<g.clusters(forBytes: UInt64(old.l1Size) * 8)).map { oldStart + $0 })
+    }
+
     /// How an L2 table reaches the disk.
     enum L2Target {
         /// A new table at `offset` (allocated in this transaction), replacing the shared
@@ -110,6 +139,14 @@ struct MetadataTransaction {
 
     /// Clusters to release once the change is published.
     mutating func free(_ clusters: [UInt64]) { frees += clusters }
+
+    /// Step 4 for part of a large change, applied now: the references of one L2 table and
+    /// its data clusters, released once what stopped naming them is durable (keeps a
+    /// change over a whole tree of tables in bounded memory).
+    func releaseNow(_ clusters: [UInt64]) throws {
+        for c in clusters { alloc.queueFree(c) }
+        try alloc.commitFrees()
+    }
 
     /// Ends the change: the image's size is refreshed first (the file grew: later
     /// requests must see their clusters inside it even if a free fails), then the frees.

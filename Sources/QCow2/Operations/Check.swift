@@ -79,8 +79,7 @@ public final class CheckOperation {
             } else {
                 try checkL1(offset: sn.l1TableOffset, size: sn.l1Size, active: false, entries: nil)
             }
-            let idLen = sn.id.utf8.count, nameLen = sn.name.utf8.count
-            snapshotTableBytes += UInt64((SnapshotEntry.fixedSize + sn.extraData.count + idLen + nameLen + 7) & ~7)
+            snapshotTableBytes += UInt64(sn.paddedSize)
         }
         if image.header.nbSnapshots > 0 { count(image.header.snapshotsOffset, snapshotTableBytes) }
         // Refcount table.

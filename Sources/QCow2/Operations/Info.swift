@@ -8,6 +8,11 @@ public struct ImageInfo: Sendable {
         public var dateNanoseconds: UInt32
         public var vmClockNanoseconds: UInt64
         public var icount: Int64?
+
+        public init(_ e: SnapshotEntry) {
+            id = e.id; name = e.name; vmStateSize = e.vmStateSize; dateSeconds = e.dateSeconds
+            dateNanoseconds = e.dateNanoseconds; vmClockNanoseconds = e.vmClockNanoseconds; icount = e.icount
+        }
     }
     public struct Bitmap: Sendable {
         public var name: String
@@ -53,11 +58,7 @@ public struct ImageInfo: Sendable {
             fullBackingFilename = ImageOpener.resolveBacking(b, relativeTo: q.path)
             backingFilenameFormat = q.backingFormat
         }
-        snapshots = q.snapshots.map {
-            Snapshot(id: $0.id, name: $0.name, vmStateSize: $0.vmStateSize, dateSeconds: $0.dateSeconds,
-                     dateNanoseconds: $0.dateNanoseconds, vmClockNanoseconds: $0.vmClockNanoseconds,
-                     icount: $0.icount)
-        }
+        snapshots = q.snapshots.map(Snapshot.init)
         if h.version == 2 {
             qcow2 = QCow2Specific(compat: "0.10", compressionType: q.compressionType.name, refcountBits: q.geometry.refcountBits)
         } else {

@@ -29,9 +29,11 @@ enum Human {
         return s.count >= 16 ? s : s + String(repeating: " ", count: 16 - s.count)
     }
 
+    /// printf's "%-Ns" / "%Ns": the width counts bytes, as in C.
     static func pad(_ s: String, _ width: Int, left: Bool = true) -> String {
-        guard s.count < width else { return s }
-        let fill = String(repeating: " ", count: width - s.count)
+        let n = s.utf8.count
+        guard n < width else { return s }
+        let fill = String(repeating: " ", count: width - n)
         return left ? s + fill : fill + s
     }
 
