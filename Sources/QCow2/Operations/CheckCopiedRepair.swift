@@ -52,6 +52,7 @@ private struct PendingL2Fix {
 
     mutating func publish(_ tx: inout MetadataTransaction) throws {
         guard let lo = changed.min(), let hi = changed.max() else { return }
+        // An existing table: the L1 index only matters for a new one.
         try tx.publishL2(table, l1Index: -1, to: .existing(offset: offset, changed: lo..<(hi + 1)), afterData: false)
         changed.removeAll()
         table = []
