@@ -13,6 +13,9 @@ enum RepairCase: String, CaseIterable, Sendable, CustomTestStringConvertible {
     case refblockSharedWithData
     /// The refcount table names a second block past the end of the file.
     case refblockPastEnd
+    /// The refcount table names a block past the largest file offset (the file cannot grow
+    /// to hold it: "Invalid argument").
+    case refblockFarPastEnd
     /// The refcount table names an unaligned block (inside the header cluster).
     case refblockUnaligned
     /// The refcount table is empty: every used cluster has refcount 0.
@@ -65,6 +68,7 @@ enum RepairCase: String, CaseIterable, Sendable, CustomTestStringConvertible {
         switch self {
         case .refblockSharedWithData, .dataAtSnapshotL2Table: break
         case .refblockPastEnd: try poke(Self.rt + 8, be64(0x10_0000))
+        case .refblockFarPastEnd: try poke(Self.rt + 8, be64(0x7FFF_FFFF_FFFF_0000))
         case .refblockUnaligned: try poke(Self.rt + 8, be64(0x200))
         case .emptyRefcountTable: try poke(Self.rt, be64(0))
         case .usedClusterRefcountZero: try poke(Self.rb + 10, [0, 0])
@@ -182,6 +186,25 @@ enum RepairCase: String, CaseIterable, Sendable, CustomTestStringConvertible {
         #expect(mine.err == qemu.err, "check lines differ:\nqemu-img:\n\(qemu.err)\nqimg:\n\(mine.err)")
         let r = try Qimg.run(["check", "-r", "all", "img.qcow2"], cwd: dir)
         #expect(r.status == 0 && r.err.contains("Rebuilding refcount structure"), "\(r.summary): \(r.err)")
+        try expectCheckClean("img.qcow2", dir, "after check -r all")
+        try Self.expectSameData("before.qcow2", "img.qcow2", dir, "after check -r all")
+    }
+
+    /// A block named more than 2^20 clusters past the end of the file is not given a
+    /// cluster (the counters up to it would be held in memory): the file stays as long,
+    /// the structure is rebuilt without it, and the image ends clean with its data.
+    @Test(.requiresQEMU) func blockFarPastTheEndIsRebuiltAround() throws {
+        let dir = try Self.scratch("far-block")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2", "img.qcow2", "64M"], in: dir)
+        try Runner.qemuStep(["qemu-io", "-c", "write -P 7 0 64k", "img.qcow2"], in: dir)
+        try Self.poke(dir + "/img.qcow2", RepairCase.rt + 8, [0, 0, 1, 0, 0, 0, 0, 0])  // 1 TiB
+        try FileManager.default.copyItem(atPath: dir + "/img.qcow2", toPath: dir + "/before.qcow2")
+        let r = try Qimg.run(["check", "-r", "all", "img.qcow2"], cwd: dir)
+        #expect(r.status == 0 && r.err.contains("ERROR could not resize image: File too large")
+                && r.err.contains("Rebuilding refcount structure"), "\(r.summary): \(r.err)")
+        let size = try FileManager.default.attributesOfItem(atPath: dir + "/img.qcow2")[.size] as? Int ?? 0
+        #expect(size < 1 << 20, "the file grew to \(size) bytes")
         try expectCheckClean("img.qcow2", dir, "after check -r all")
         try Self.expectSameData("before.qcow2", "img.qcow2", dir, "after check -r all")
     }
