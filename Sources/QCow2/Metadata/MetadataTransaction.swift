@@ -11,11 +11,13 @@
 ///
 /// A crash between any two steps leaves at worst leaked clusters, never a reference to a
 /// cluster whose refcount is 0 or whose content is not yet written. Every L2/L1 update of
-/// the write path (data writes, zero writes and discards, compressed writes) goes through
-/// here; `QCow2Image.setL1Entry` is the one L1 writer.
+/// the write path (data writes, zero writes and discards, compressed writes) and every
+/// repair of `check -r` (refcount corrections, the refcount rebuild, COPIED flags) goes
+/// through here; `QCow2Image.setL1Entry` is the one L1 writer.
 struct MetadataTransaction {
     let image: QCow2Image
-    let alloc: Allocator
+    /// Replaced by `publishRefcountStructure` (the rebuilt structure has its own allocator).
+    private(set) var alloc: Allocator
     private var frees: [UInt64] = []
 
     init(_ image: QCow2Image) throws {
@@ -37,6 +39,10 @@ struct MetadataTransaction {
     /// Makes the refcounts of everything allocated so far durable.
     func commitRefcounts() throws { try alloc.commit() }
 
+    /// Sets the refcount of cluster `c` (index) to what a check counted (`check -r`:
+    /// a leak released or a missing reference added); durable with `commitRefcounts`.
+    func correctRefcount(_ c: UInt64, to v: UInt64) throws { try alloc.forceRefcount(c, v) }
+
     // MARK: 2. New metadata
 
     /// Metadata this change creates (a table, a directory) in clusters it allocated:
@@ -49,6 +55,16 @@ struct MetadataTransaction {
 
     /// Makes everything written so far durable.
     func barrier() throws { try image.file.sync() }
+
+    /// Extends the file with zeros to `length` bytes (`check -r` giving a refcount block
+    /// the table names past the end of the file a cluster of its own, as QEMU does);
+    /// a longer file leaks at worst. Never shrinks.
+    func extendFile(to length: UInt64) throws {
+        guard length > (try image.file.size()) else { return }
+        try image.file.truncate(to: length)
+        try image.file.sync()
+        image.fileSize = try image.file.size()
+    }
 
     // MARK: 3. Publication
 
@@ -100,6 +116,27 @@ struct MetadataTransaction {
         image.l1Table = entries
         let oldStart = old.l1TableOffset >> UInt64(g.clusterBits)
         free((0..<g.clusters(forBytes: UInt64(old.l1Size) * 8)).map { oldStart + $0 })
+    }
+
+    /// L1 entry `i` of the active table set to `value` (a COPIED flag corrected): one
+    /// write, then a barrier.
+    func publishL1Entry(_ i: Int, _ value: UInt64) throws { try image.setL1Entry(i, value) }
+
+    /// Switches the image to a refcount structure written by step 2 (`writeNew` of its
+    /// blocks and table, then a `barrier`): one header write of the table's offset and
+    /// size, then a barrier; the writable refcounts are reloaded from the new table. The
+    /// old table and blocks are then unreferenced and, as QEMU leaves them, counted by
+    /// the new structure: a check afterwards releases them as leaks.
+    mutating func publishRefcountStructure(tableOffset: UInt64, tableClusters: UInt32) throws {
+        var h = image.header
+        h.refcountTableOffset = tableOffset
+        h.refcountTableClusters = tableClusters
+        try image.file.publish(.refcountTable, of: h)
+        image.header.refcountTableOffset = tableOffset
+        image.header.refcountTableClusters = tableClusters
+        image.fileSize = try image.file.size()
+        alloc = try Allocator(image: image, lenient: true)
+        image.allocator = alloc
     }
 
     /// How an L2 table reaches the disk.

@@ -1,3 +1,9 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// The result of a consistency check (qemu-img's ImageCheck).
 public struct CheckResult: Sendable {
     public var corruptions = 0
@@ -10,6 +16,8 @@ public struct CheckResult: Sendable {
     public var allocatedClusters: UInt64 = 0
     public var fragmentedClusters: UInt64 = 0
     public var compressedClusters: UInt64 = 0
+    /// Persistent bitmaps found in use (inconsistent): a caller may advise removing them.
+    public var inconsistentBitmaps: [String] = []
 
     /// qemu-img check's exit status: 0 clean, 1 check errors, 2 corruptions, 3 leaks only.
     public var exitCode: Int32 {
@@ -32,8 +40,12 @@ public final class CheckOperation {
     var repair: Repair = .none
     /// qemu-img reports COPIED errors during a repair only as it repairs them.
     var reportCopied = true
-    /// Set when a used cluster has refcount 0: only a rebuild of the refcount structure can fix that.
+    /// Set when the refcount structure itself is wrong (a used cluster with refcount 0, a
+    /// refcount block shared, misaligned or with reserved bits): only a rebuild fixes that.
     var needsRebuild = false
+    /// `check -r all`: gives a refcount block the table names past the end of the file
+    /// a cluster of its own by extending the file to the given length (as QEMU does).
+    var extendFile: ((UInt64) throws -> Void)?
     let refcounts: RefcountReader
     let report: (String) -> Void
     var result = CheckResult()
@@ -86,12 +98,13 @@ public final class CheckOperation {
         count(image.header.refcountTableOffset, UInt64(image.header.refcountTableClusters) * cs)
         // Bitmaps.
         if let e = image.bitmapsError {
-            report("ERROR bitmaps: \(e.message); the bitmaps cannot be used (qimg check -r all drops them)")
+            report("ERROR bitmaps: \(e.message); the bitmaps cannot be used")
             result.corruptions += 1
         }
         if reportCopied {
             for b in image.bitmaps where b.inUse {
-                report("Bitmap '\(b.name)' is inconsistent (in use) and cannot be used; remove it with 'qimg bitmap --remove' or 'qimg check -r all'")
+                report("Bitmap '\(b.name)' is inconsistent (in use) and cannot be used")
+                result.inconsistentBitmaps.append(b.name)
             }
         }
         try countBitmaps()
@@ -268,15 +281,19 @@ public final class CheckOperation {
         let g = image.geometry
         for (i, raw) in refcounts.table.enumerated() {
             let off = raw & RefcountReader.offsetMask
+            if raw & ~RefcountReader.offsetMask != 0 {
+                report("ERROR refcount table entry \(i) has reserved bits set")
+                corruptRefcountStructure()
+                continue
+            }
             if !g.isAligned(off) {
                 report("ERROR refcount block \(i) is not cluster aligned; refcount table entry corrupted")
-                result.corruptions += 1
+                corruptRefcountStructure()
                 continue
             }
             let cluster = off >> UInt64(g.clusterBits)
             if cluster >= UInt64(references.count) {
-                report("ERROR refcount block \(i) is outside image")
-                result.corruptions += 1
+                blockOutsideImage(i, at: off)
                 continue
             }
             if off != 0 {
@@ -284,10 +301,62 @@ public final class CheckOperation {
                 let r = references[Int(cluster)]
                 if r != 1 {
                     report("ERROR refcount block \(i) refcount=\(r)")
-                    result.corruptions += 1
+                    corruptRefcountStructure()
                 }
             }
         }
+    }
+
+    private func corruptRefcountStructure() {
+        result.corruptions += 1
+        needsRebuild = true
+    }
+
+    /// How far past the counted clusters a repair extends the file for a refcount block
+    /// (bounds the counters held in memory; further out, the structure is rebuilt).
+    static let maxBlockGrowth = 1 << 20
+
+    /// Refcount block `i` at `offset`, past the end of the file: an error, or (`check -r
+    /// all`) repaired as QEMU repairs it, by extending the file to hold it; when that
+    /// cannot be done, the structure is rebuilt without it.
+    func blockOutsideImage(_ i: Int, at offset: UInt64) {
+        guard let extendFile else {
+            report("ERROR refcount block \(i) is outside image")
+            result.corruptions += 1
+            return
+        }
+        report("Repairing refcount block \(i) is outside image")
+        let cs = UInt64(image.geometry.clusterSize)
+        let cluster = offset >> UInt64(image.geometry.clusterBits)
+        do {
+            guard offset <= UInt64(Int64.max) - cs else { throw QCow2Error.io(path: image.path, operation: "truncate", errno: EINVAL) }
+            guard cluster < UInt64(references.count + Self.maxBlockGrowth) else {
+                throw QCow2Error.io(path: image.path, operation: "truncate", errno: EFBIG)
+            }
+            try extendFile(offset + cs)
+        } catch {
+            if case .io(_, _, let e) = error as? QCow2Error {
+                report("ERROR could not resize image: \(errnoDescription(e))")
+            } else {
+                report("ERROR could not resize image: \((error as? QCow2Error)?.message ?? "\(error)")")
+            }
+            corruptRefcountStructure()
+            return
+        }
+        references += repeatElement(0, count: Int(cluster) + 1 - references.count)
+        references[Int(cluster)] += 1
+        result.corruptionsFixed += 1
+    }
+
+    /// The clusters of the refcount structure in force (its table, and every block the
+    /// table names, valid or not): a rebuild writes none of them.
+    func refcountStructureClusters() -> Set<UInt64> {
+        let cb = UInt64(image.geometry.clusterBits)
+        var s = Set<UInt64>()
+        let t = image.header.refcountTableOffset >> cb
+        for k in 0..<UInt64(image.header.refcountTableClusters) { s.insert(t + k) }
+        for raw in refcounts.table where raw & RefcountReader.offsetMask != 0 { s.insert((raw & RefcountReader.offsetMask) >> cb) }
+        return s
     }
 
     /// Stored refcounts that differ from the counted references: (cluster, stored, counted).
@@ -319,10 +388,7 @@ public final class CheckOperation {
         result.imageEndOffset = UInt64(highest + 1) << UInt64(image.geometry.clusterBits)
     }
 
-    /// Entries whose COPIED flag disagrees with the refcount: (index, corrected value, refcount).
-    var wrongL1: [(Int, UInt64, UInt64)] = []
-    var wrongL2: [(UInt64, Int, UInt64, UInt64)] = []
-    /// The same, in qemu-img's order: each L1 entry, then the entries of its table.
+    /// Entries whose COPIED flag disagrees with the refcount, in qemu-img's order: each L1 entry, then the entries of its table.
     enum WrongCopied {
         case l1(index: Int, corrected: UInt64, refcount: UInt64)
         case l2(table: UInt64, index: Int, corrected: UInt64, refcount: UInt64)
@@ -340,180 +406,14 @@ public final class CheckOperation {
             if let rc = try? refcounts.refcount(ofCluster: l2 >> UInt64(g.clusterBits)), (rc == 1) != l1.isCopied {
                 if reportCopied { report("ERROR OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(raw)) refcount=\(rc)") }
                 result.corruptions += 1
-                wrongL1.append((i, rc == 1 ? raw | L1Entry.copied : raw & ~L1Entry.copied, rc))
                 wrongCopied.append(.l1(index: i, corrected: rc == 1 ? raw | L1Entry.copied : raw & ~L1Entry.copied, refcount: rc))
             }
             // The table's entries were compared with their refcounts by checkL2.
             for (table, j, corrected, rc) in wrongCopiedByL1[i] ?? [] {
                 if reportCopied { report("ERROR OFLAG_COPIED data cluster: l2_entry=\(hex(corrected ^ L2Entry.copied)) refcount=\(rc)") }
                 result.corruptions += 1
-                wrongL2.append((table, j, corrected, rc))
                 wrongCopied.append(.l2(table: table, index: j, corrected: corrected, refcount: rc))
             }
         }
-    }
-}
-
-// MARK: - Repair
-
-extension CheckOperation {
-    /// `qemu-img check -r leaks|all`: checks, repairs what `repair` allows, then checks
-    /// again. Returns the second check's result with the fixed counts filled in.
-    /// The image must be open for writing.
-    public static func repair(_ image: QCow2Image, mode: Repair, report: @escaping (String) -> Void) throws -> CheckResult {
-        let alloc = try image.requireAllocator()
-        var bitmapFixes = 0
-        if mode == .all {
-            if let e = image.bitmapsError {
-                report("ERROR bitmaps: \(e.message)")
-                report("Repairing bitmaps: dropping the bitmaps extension (its clusters are then leaked and released)")
-                try image.dropBitmapsExtension()
-                bitmapFixes += 1
-            }
-            let inUse = image.bitmaps.filter(\.inUse)
-            if !inUse.isEmpty {
-                var freeing: [UInt64] = []
-                for b in inUse {
-                    report("Repairing bitmap '\(b.name)': removing the inconsistent bitmap")
-                    freeing += (try? image.bitmapClusters(b)) ?? []
-                }
-                try image.commitBitmapSet(image.bitmaps.filter { !$0.inUse }, freeing: freeing)
-                bitmapFixes += inUse.count
-            }
-        }
-        let first = try CheckOperation(image, report: report)
-        first.repair = mode
-        first.reportCopied = mode == .none
-        let r1 = try first.run()
-        var leaksFixed = 0, corruptionsFixed = 0
-        if mode != .none && (r1.leaks > 0 || r1.corruptions > 0) {
-            if first.needsRebuild {
-                guard mode == .all else {
-                    report("ERROR need to rebuild refcount structures")
-                    throw QCow2Error.unsupported(path: image.path, detail: "Check failed: the refcount structure must be rebuilt, which only -r all does")
-                }
-                report("Rebuilding refcount structure")
-                let oldStructure = try image.rebuildRefcounts(counted: first.references)
-                for c in oldStructure { report("Repairing cluster \(c) refcount=1 reference=0") }
-                leaksFixed = first.mismatches.filter { $0.1 > $0.2 }.count
-                corruptionsFixed = first.mismatches.filter { $0.1 < $0.2 }.count
-            } else {
-                for (c, stored, counted) in first.mismatches {
-                    let leak = stored > counted
-                    guard leak || mode == .all else {
-                        report("ERROR cluster \(c) refcount=\(stored) reference=\(counted)")
-                        continue
-                    }
-                    report("Repairing cluster \(c) refcount=\(stored) reference=\(counted)")
-                    try alloc.forceRefcount(c, counted)
-                    if leak { leaksFixed += 1 } else { corruptionsFixed += 1 }
-                }
-                try alloc.commit()
-            }
-        }
-        if mode != .none && (leaksFixed + corruptionsFixed > 0 || !first.wrongL1.isEmpty || !first.wrongL2.isEmpty) {
-            // Refcounts are right now: make the COPIED flags follow them, as qemu-img does:
-            // -r all always; -r leaks only when nothing else is left wrong (no refcount
-            // corruption, leak or check error); each L1 entry, then its table's entries.
-            let again = try CheckOperation(image, report: { _ in })
-            let r = try again.run()
-            let otherCorruptions = r.corruptions - again.wrongCopied.count
-            let fix = mode == .all || (r.checkErrors == 0 && r.leaks == 0 && otherCorruptions == 0)
-            var wroteL2 = false
-            for event in again.wrongCopied {
-                switch event {
-                case .l1(let i, let value, let rc):
-                    let line = "OFLAG_COPIED L2 cluster: l1_index=\(i) l1_entry=\(hex(value ^ L1Entry.copied)) refcount=\(rc)"
-                    guard fix else { report("ERROR " + line); continue }
-                    if wroteL2 { try image.file.sync(); wroteL2 = false }
-                    try image.setL1Entry(i, value)
-                    report("Repairing " + line)
-                case .l2(let l2, let j, let value, let rc):
-                    let line = "OFLAG_COPIED data cluster: l2_entry=\(hex(value ^ L2Entry.copied)) refcount=\(rc)"
-                    guard fix else { report("ERROR " + line); continue }
-                    var w = ByteWriter()
-                    w.u64(value)
-                    try image.file.write(w.bytes, at: l2 + UInt64(j * image.geometry.l2EntrySize))
-                    image.l2Cache.invalidate(l2)
-                    wroteL2 = true
-                    report("Repairing " + line)
-                }
-                corruptionsFixed += 1
-            }
-            try image.file.sync()
-        }
-        corruptionsFixed += bitmapFixes
-        guard leaksFixed > 0 || corruptionsFixed > 0 else { return r1 }
-        var r2 = try CheckOperation(image, report: report).run()
-        r2.leaksFixed = leaksFixed
-        r2.corruptionsFixed = corruptionsFixed
-        return r2
-    }
-}
-
-extension QCow2Image {
-    /// Replaces the refcount structure with a new one built from `counted`
-    /// (references per host cluster, as a check computed them): new blocks and
-    /// table after the end of the file, durable, then one header write switches to
-    /// them. The old structure's clusters end up with refcount 0.
-    @discardableResult
-    func rebuildRefcounts(counted: [UInt16]) throws -> [UInt64] {
-        let g = geometry
-        let cs = UInt64(g.clusterSize)
-        let cb = UInt64(g.clusterBits)
-        var counts = counted.map(UInt64.init)
-        func drop(_ c: UInt64) { if c < UInt64(counts.count), counts[Int(c)] > 0 { counts[Int(c)] -= 1 } }
-        // The old table and blocks are no longer referenced.
-        let old = try RefcountReader(image: self)
-        var oldClusters: [UInt64] = []
-        for c in 0..<UInt64(header.refcountTableClusters) { oldClusters.append((header.refcountTableOffset >> cb) + c) }
-        for e in old.table where e & RefcountReader.offsetMask != 0 { oldClusters.append((e & RefcountReader.offsetMask) >> cb) }
-        oldClusters.forEach(drop)
-        // Lay out the new blocks and table after everything, large enough to describe themselves.
-        let perBlock = UInt64(1) << UInt64(g.refblockBits)
-        let start = max(UInt64(counts.count), g.clusters(forBytes: try file.size()))
-        var blocks: UInt64 = 1, tableClusters: UInt64 = 1
-        while true {
-            let total = start + blocks + tableClusters
-            let b = (total + perBlock - 1) / perBlock
-            let t = (b * 8 + cs - 1) / cs
-            if b == blocks && t == tableClusters { break }
-            blocks = b
-            tableClusters = t
-        }
-        guard tableClusters * cs <= UInt64(Geometry.maxRefcountTableBytes) else {
-            throw QCow2Error.unsupported(path: path, detail: "the rebuilt refcount table would exceed 8 MiB")
-        }
-        let total = start + blocks + tableClusters
-        counts += [UInt64](repeating: 0, count: Int(total) - counts.count)
-        for c in start..<total { counts[Int(c)] = 1 }
-        let maxValue: UInt64 = g.refcountBits == 64 ? .max : (1 << UInt64(g.refcountBits)) - 1
-        if let bad = counts.firstIndex(where: { $0 > maxValue }) {
-            throw QCow2Error.unsupported(path: path, detail: "cluster \(bad) needs a refcount above \(maxValue)")
-        }
-        var table = [UInt8](repeating: 0, count: Int(tableClusters * cs))
-        for bi in 0..<blocks {
-            var block = [UInt8](repeating: 0, count: g.clusterSize)
-            let first = bi * perBlock
-            for i in 0..<perBlock where first + i < total {
-                let v = counts[Int(first + i)]
-                if v != 0 { Allocator.store(&block, Int(i), v, order: g.refcountOrder) }
-            }
-            let off = (start + bi) << cb
-            try file.write(block, at: off)
-            table.withUnsafeMutableBytes { $0.storeBytes(of: off.bigEndian, toByteOffset: Int(bi) * 8, as: UInt64.self) }
-        }
-        let tableOffset = (start + blocks) << cb
-        try file.write(table, at: tableOffset)
-        try file.sync()
-        var h = header
-        h.refcountTableOffset = tableOffset
-        h.refcountTableClusters = UInt32(tableClusters)
-        try file.publish(.refcountTable, of: h)
-        header.refcountTableOffset = tableOffset
-        header.refcountTableClusters = UInt32(tableClusters)
-        fileSize = try file.size()
-        allocator = try Allocator(image: self)
-        return oldClusters.sorted()
     }
 }

@@ -41,6 +41,9 @@ struct Check: ParsableCommand {
         } else {
             r = try CheckOperation.run(q) { lines.add($0) }
         }
+        if !r.inconsistentBitmaps.isEmpty {
+            lines.add("Hint: remove inconsistent bitmaps with 'qimg bitmap --remove' or 'qimg check -r all'")
+        }
         lines.flush()
         if !quiet {
             var text = ""
