@@ -53,10 +53,10 @@ extension QCow2Image {
             return
         }
         let l1i = g.l1Index(offset)
-        var (table, tableOffset, replaces) = try l2TableForWrite(l1i)
+        var (table, tableOffset, replaces) = try map.l2TableForWrite(l1i, refcounts: alloc)
         let index = g.l2Index(offset)
-        let old = l2Entry(table, index)
-        try validateForWrite(old, index: index, table: tableOffset ?? 0)
+        let old = map.l2Entry(table, index)
+        try map.validateForWrite(old, index: index, table: tableOffset ?? 0, refcounts: alloc)
 
         // 1. Refcounts: a new L2 table first (QEMU takes it before the stream's bytes, so
         //    the files are laid out alike); the stream goes into the current packing
@@ -95,7 +95,7 @@ extension QCow2Image {
             throw QCow2Error.unsupported(path: path, detail: "compressed data would lie beyond the offset range of a compressed descriptor")
         }
         let entry = L2Entry(L2Entry.compressedFlag | (nsec << x) | start)
-        setL2Entry(&table, index, entry)
+        map.setL2Entry(&table, index, entry)
 
         // 3. Publication, 4. frees.
         if let t = newTableOffset {
@@ -103,8 +103,8 @@ extension QCow2Image {
         } else if let t = tableOffset {
             try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: index..<(index + 1)), afterData: true)
         }
-        decompressedKey = .max
-        tx.free(referencedClusters(old))
+        decompressed.invalidate()
+        tx.free(map.referencedClusters(old))
         try tx.finish()
     }
 }
