@@ -8,7 +8,7 @@ final class ClusterMap {
     let file: BlockFile
     let geometry: Geometry
     /// Where the L1 table is (the header's l1_table_offset) and the disk size.
-    unowned let headers: HeaderStore
+    let headers: HeaderStore
     var l1Table: [UInt64]
     let l2Cache: TableCache
     /// Length of the host file (refreshed by writers).
