@@ -98,7 +98,6 @@ public final class QCow2Image: DiskImage {
         set { map.fileSize = newValue }
     }
     var l2Cache: TableCache { map.l2Cache }
-    func l2Table(at offset: UInt64, l1Index: Int) throws -> [UInt8] { try map.l2Table(at: offset, l1Index: l1Index) }
     func l2Entry(_ table: [UInt8], _ index: Int) -> L2Entry { map.l2Entry(table, index) }
     /// For check -r's repairs, until they move onto `MetadataTransaction`.
     func setL1Entry(_ i: Int, _ value: UInt64) throws { try MetadataTransaction.setL1Entry(i, value, in: self) }
