@@ -64,4 +64,11 @@ public struct Geometry: Equatable, Sendable {
     public func clusters(forBytes bytes: UInt64) -> UInt64 {
         (bytes >> UInt64(clusterBits)) + (offsetInCluster(bytes) != 0 ? 1 : 0)
     }
+
+    /// The bits of subclusters `a` through `b` (0...31) in an extended L2 bitmap half.
+    static func subclusterMask(from a: Int, through b: Int) -> UInt32 {
+        let hi: UInt32 = b >= 31 ? .max : (UInt32(1) << UInt32(b + 1)) - 1
+        let lo: UInt32 = (UInt32(1) << UInt32(a)) - 1
+        return hi & ~lo
+    }
 }

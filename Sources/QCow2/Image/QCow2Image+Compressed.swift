@@ -53,38 +53,19 @@ extension QCow2Image {
             return
         }
         let l1i = g.l1Index(offset)
-        var (table, tableOffset, replaces) = try l2TableForWrite(l1i)
+        var (table, tableOffset, replaces) = try map.l2TableForWrite(l1i, refcounts: alloc)
         let index = g.l2Index(offset)
-        let old = l2Entry(table, index)
-        try validateForWrite(old, index: index, table: tableOffset ?? 0)
+        let old = map.l2Entry(table, index)
+        try map.validateForWrite(old, index: index, table: tableOffset ?? 0, refcounts: alloc)
 
         // 1. Refcounts: a new L2 table first (QEMU takes it before the stream's bytes, so
         //    the files are laid out alike); the stream goes into the current packing
         //    cluster when it fits, else into fresh clusters.
         var tx = try MetadataTransaction(self)
         let newTableOffset = tableOffset == nil ? try tx.allocate(1) : nil
-        let len = UInt64(stream.count)
-        var start: UInt64
-        let packRefcount = try compressedPacking.map { try alloc.refcount($0.host >> UInt64(g.clusterBits)) } ?? 0
-        // Share the packing cluster while its refcount can take one more: the stream
-        // goes right after the previous one, and runs on into the next host cluster
-        // when that one is free (as QEMU packs them).
-        let packing = compressedPacking.flatMap { p -> (host: UInt64, used: UInt64)? in
-            guard p.used < UInt64(cs), packRefcount > 0, packRefcount < alloc.maxRefcount else { return nil }
-            return p
-        }
-        if let p = packing, p.used + len <= UInt64(cs) {
-            start = p.host + p.used
-            try tx.addReference(p.host >> UInt64(g.clusterBits))
-        } else if let p = packing, try tx.allocateIfFree((p.host >> UInt64(g.clusterBits)) + 1) {
-            start = p.host + p.used
-            try tx.addReference(p.host >> UInt64(g.clusterBits))
-        } else {
-            let n = Int(g.clusters(forBytes: len))
-            start = try tx.allocate(n)
-        }
+        let start = try placeStream(length: UInt64(stream.count), tx: tx, refcounts: alloc)
         try tx.commitRefcounts()
-        let end = start + len
+        let end = start + UInt64(stream.count)
         compressedPacking = (host: (end - 1) & ~UInt64(cs - 1), used: end - ((end - 1) & ~UInt64(cs - 1)))
 
         // 2. Data.
@@ -95,7 +76,7 @@ extension QCow2Image {
             throw QCow2Error.unsupported(path: path, detail: "compressed data would lie beyond the offset range of a compressed descriptor")
         }
         let entry = L2Entry(L2Entry.compressedFlag | (nsec << x) | start)
-        setL2Entry(&table, index, entry)
+        map.setL2Entry(&table, index, entry)
 
         // 3. Publication, 4. frees.
         if let t = newTableOffset {
@@ -103,8 +84,31 @@ extension QCow2Image {
         } else if let t = tableOffset {
             try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: index..<(index + 1)), afterData: true)
         }
-        decompressedKey = .max
-        tx.free(referencedClusters(old))
+        decompressed.invalidate()
+        tx.free(map.referencedClusters(old))
         try tx.finish()
+    }
+
+    /// Where a compressed stream of `length` bytes goes, its clusters referenced: right after
+    /// the previous stream in the packing cluster while its refcount can take one more (and
+    /// on into the next host cluster when that one is free, as QEMU packs them), else fresh
+    /// clusters.
+    private func placeStream(length len: UInt64, tx: MetadataTransaction, refcounts alloc: Allocator) throws -> UInt64 {
+        let g = geometry
+        let cs = UInt64(g.clusterSize)
+        let packRefcount = try compressedPacking.map { try alloc.refcount($0.host >> UInt64(g.clusterBits)) } ?? 0
+        let packing = compressedPacking.flatMap { p -> (host: UInt64, used: UInt64)? in
+            guard p.used < cs, packRefcount > 0, packRefcount < alloc.maxRefcount else { return nil }
+            return p
+        }
+        if let p = packing, p.used + len <= cs {
+            try tx.addReference(p.host >> UInt64(g.clusterBits))
+            return p.host + p.used
+        }
+        if let p = packing, try tx.allocateIfFree((p.host >> UInt64(g.clusterBits)) + 1) {
+            try tx.addReference(p.host >> UInt64(g.clusterBits))
+            return p.host + p.used
+        }
+        return try tx.allocate(Int(g.clusters(forBytes: len)))
     }
 }

@@ -193,19 +193,8 @@ final class Allocator {
             try set(c, try refcount(c) + 1)
         }
         // Blocks durable, then the table, then the header.
-        try writeDirtyBlocks()
-        try image.file.sync()
-        var bytes = ByteWriter()
-        for e in table { bytes.u64(e) }
-        try image.file.write(bytes.bytes, at: start * cs)
-        try image.file.sync()
-        pendingTableEntries.removeAll()
-        var h = image.header
-        h.refcountTableOffset = start * cs
-        h.refcountTableClusters = UInt32(clusters)
-        try image.file.publish(.refcountTable, of: h)
-        image.header.refcountTableOffset = start * cs
-        image.header.refcountTableClusters = UInt32(clusters)
+        try MetadataTransaction.moveRefcountTable(in: image, writeBlocks: writeDirtyBlocks, table: table, to: start * cs,
+                                                  clusters: UInt32(clusters), tableWritten: { pendingTableEntries.removeAll() })
         // The old table is garbage now.
         for c in 0..<oldClusters { queueFree((oldOffset / cs) + c) }
     }
@@ -308,20 +297,13 @@ final class Allocator {
         dirty.removeAll()
     }
 
-    /// Makes all increments durable: blocks, sync, new table entries, sync.
+    /// Makes all increments durable: blocks, sync, new table entries, sync (in the order
+    /// `MetadataTransaction` keeps).
     func commit() throws {
         guard !dirty.isEmpty || !pendingTableEntries.isEmpty else { return }
-        try writeDirtyBlocks()
-        try image.file.sync()
-        if !pendingTableEntries.isEmpty {
-            for (ti, off) in pendingTableEntries.sorted(by: { $0.key < $1.key }) {
-                var w = ByteWriter()
-                w.u64(off)
-                try image.file.write(w.bytes, at: image.header.refcountTableOffset + UInt64(ti) * 8)
-            }
-            pendingTableEntries.removeAll()
-            try image.file.sync()
-        }
+        let entries = pendingTableEntries.sorted(by: { $0.key < $1.key }).map { (index: $0.key, offset: $0.value) }
+        try MetadataTransaction.commitRefcountBlocks(in: image, writeBlocks: writeDirtyBlocks, newTableEntries: entries)
+        pendingTableEntries.removeAll()
     }
 
     /// Applies the queued decrements (the referencing metadata must already be durable).

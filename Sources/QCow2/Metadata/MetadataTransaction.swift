@@ -10,10 +10,12 @@
 /// 4. frees: clusters nothing references any more lose their reference, last (`finish`).
 ///
 /// A crash between any two steps leaves at worst leaked clusters, never a reference to a
-/// cluster whose refcount is 0 or whose content is not yet written. Every L2/L1 update of
-/// the write path (data writes, zero writes and discards, compressed writes) and every
-/// repair of `check -r` (refcount corrections, the refcount rebuild, COPIED flags) goes
-/// through here; `QCow2Image.setL1Entry` is the one L1 writer.
+/// cluster whose refcount is 0 or whose content is not yet written. Every write of qcow2
+/// metadata is here (or, for refcount blocks, in the `Allocator` when this type commits
+/// refcounts): L1/L2 entries and tables, header fields and the whole header cluster, the
+/// refcount table's entries and its move, new directories and tables, and every repair
+/// of `check -r` (refcount corrections, the refcount rebuild, COPIED flags). Guest data
+/// is the caller's (step 2).
 struct MetadataTransaction {
     let image: QCow2Image
     /// Replaced by `publishRefcountStructure` (the rebuilt structure has its own allocator).
@@ -70,7 +72,37 @@ struct MetadataTransaction {
 
     /// Header field `field` as `h` holds it (a table moved, the size changed).
     func publishHeader(_ field: HeaderField, of h: Header) throws {
+        try Self.publishHeader(field, of: h, in: image)
+    }
+
+    /// Header field `field` as `h` holds it: one write, then a barrier. Needs no
+    /// allocation, so it also serves a change that allocates nothing (feature bits, the
+    /// size) and an image whose writing has just ended (marked corrupt).
+    static func publishHeader(_ field: HeaderField, of h: Header, in image: QCow2Image) throws {
         try image.file.publish(field, of: h)
+    }
+
+    /// Cluster 0 rewritten (header, extensions, end marker, backing file name right after
+    /// it, as QEMU lays it out) with one write, then a barrier; memory follows. Nothing
+    /// is written when it does not fit in one cluster.
+    func rewriteHeaderCluster(_ h: Header, extensions exts: [HeaderExtension], backingName: String?) throws {
+        let headers = image.headers
+        let (bytes, h) = try headers.layout(h, extensions: exts, backingName: backingName)
+        try image.file.write(bytes, at: 0)
+        try image.file.sync()
+        headers.header = h
+        headers.extensions = exts
+        headers.backingFileName = backingName
+    }
+
+    /// Points L1 entry `i` at `value` (one 8-byte write, then a barrier): the one writer
+    /// of a single L1 entry.
+    static func setL1Entry(_ i: Int, _ value: UInt64, in image: QCow2Image) throws {
+        var w = ByteWriter()
+        w.u64(value)
+        try image.file.write(w.bytes, at: image.header.l1TableOffset + UInt64(i) * 8)
+        try image.file.sync()
+        image.l1Table[i] = value
     }
 
     /// Empties L1 entries `range` (one write, then a barrier): the L2 tables they
@@ -157,7 +189,7 @@ struct MetadataTransaction {
         case .new(let offset, let replaces):
             try image.file.write(table, at: offset)
             try image.file.sync()
-            try image.setL1Entry(l1Index, offset | L1Entry.copied)
+            try Self.setL1Entry(l1Index, offset | L1Entry.copied, in: image)
             image.l2Cache.invalidate(offset)
             if let r = replaces {
                 frees.append(r >> UInt64(g.clusterBits))
@@ -191,6 +223,47 @@ struct MetadataTransaction {
         image.fileSize = try image.file.size()
         for c in frees { alloc.queueFree(c) }
         try alloc.commitFrees()
+    }
+}
+
+// MARK: - Step 1 as the allocator carries it out
+
+extension MetadataTransaction {
+    /// `Allocator.commit`: the refcount blocks it changed (`writeBlocks`, the allocator's
+    /// own writes), a barrier, then the refcount table entries that point at new blocks,
+    /// and a barrier.
+    static func commitRefcountBlocks(in image: QCow2Image, writeBlocks: () throws -> Void,
+                                     newTableEntries: [(index: Int, offset: UInt64)]) throws {
+        try writeBlocks()
+        try image.file.sync()
+        guard !newTableEntries.isEmpty else { return }
+        for (ti, off) in newTableEntries {
+            var w = ByteWriter()
+            w.u64(off)
+            try image.file.write(w.bytes, at: image.header.refcountTableOffset + UInt64(ti) * 8)
+        }
+        try image.file.sync()
+    }
+
+    /// The refcount table moved to a larger one (the allocator growing it): the blocks, a
+    /// barrier, the new table whole (`tableWritten` then runs), a barrier, one header
+    /// write switching offset and size together with its barrier; memory follows. The old
+    /// table is the allocator's to free.
+    static func moveRefcountTable(in image: QCow2Image, writeBlocks: () throws -> Void, table: [UInt64],
+                                  to offset: UInt64, clusters: UInt32, tableWritten: () -> Void) throws {
+        try writeBlocks()
+        try image.file.sync()
+        var bytes = ByteWriter()
+        for e in table { bytes.u64(e) }
+        try image.file.write(bytes.bytes, at: offset)
+        try image.file.sync()
+        tableWritten()
+        var h = image.header
+        h.refcountTableOffset = offset
+        h.refcountTableClusters = clusters
+        try publishHeader(.refcountTable, of: h, in: image)
+        image.header.refcountTableOffset = offset
+        image.header.refcountTableClusters = clusters
     }
 }
 

@@ -44,8 +44,9 @@ extension QCow2Image {
             h.compressionType = 0
             exts.removeAll { if case .featureNameTable = $0 { return true } else { return false } }
         }
+        _ = try headers.layout(h, extensions: exts, backingName: backingFileName)  // fits, before any write
         try clearUnknownAutoclearBits()
-        try writeHeaderCluster(h, extensions: exts)
+        try MetadataTransaction(self).rewriteHeaderCluster(h, extensions: exts, backingName: backingFileName)
     }
 
     /// Why a downgrade to version 2 would be refused once the disk is `finalSize` bytes
@@ -72,64 +73,13 @@ extension QCow2Image {
 
     /// Whether any L2 entry of the active table or a snapshot uses the zero flag.
     func hasZeroClusters() throws -> Bool {
-        let g = geometry
-        var l1s: [[UInt64]] = [l1Table]
+        var l1s: [[UInt64]] = []
         for sn in snapshots {
             var t: [UInt64] = []
             let raw = try file.read(count: Int(sn.l1Size) * 8, at: sn.l1TableOffset)
             raw.withUnsafeBytes { decodeBigEndianU64($0, into: &t) }
             l1s.append(t)
         }
-        for l1 in l1s {
-            for (i, e) in l1.enumerated() where L1Entry(e).l2Offset != 0 {
-                let table = try l2Table(at: L1Entry(e).l2Offset, l1Index: i)
-                for j in 0..<g.l2Entries {
-                    let x = l2Entry(table, j)
-                    if !x.isCompressed && x.raw & L2Entry.zeroFlag != 0 { return true }
-                }
-            }
-        }
-        return false
-    }
-
-    /// Rewrites cluster 0 (header, extensions, end marker, backing file name right after it).
-    func writeHeaderCluster(_ h: Header, extensions exts: [HeaderExtension]) throws {
-        try writeHeaderCluster(h, extensions: exts, backingName: backingFileName)
-    }
-
-    /// Rewrites cluster 0 with `backingName` (nil: no backing file) placed right after the
-    /// end marker, as QEMU lays it out, in one write, then syncs.
-    func writeHeaderCluster(_ h: Header, extensions exts: [HeaderExtension], backingName: String?) throws {
-        let (bytes, h) = try headerCluster(h, extensions: exts, backingName: backingName)
-        try file.write(bytes, at: 0)
-        try file.sync()
-        header = h
-        extensions = exts
-        backingFileName = backingName
-    }
-
-    /// Cluster 0 as `writeHeaderCluster` lays it out, and the header with its backing
-    /// file fields set; throws when it does not fit in one cluster.
-    func headerCluster(_ h: Header, extensions exts: [HeaderExtension], backingName: String?) throws -> ([UInt8], Header) {
-        var h = h
-        h.backingFileOffset = 0
-        h.backingFileSize = 0
-        var bytes: [UInt8] = []
-        h.serialize(into: &bytes)
-        HeaderExtension.serialize(exts, into: &bytes)
-        if let b = backingName {
-            let name = PathCodec.encode(b)
-            h.backingFileOffset = UInt64(bytes.count)
-            h.backingFileSize = UInt32(name.count)
-            bytes += name
-            var again: [UInt8] = []
-            h.serialize(into: &again)
-            bytes.replaceSubrange(0..<again.count, with: again)
-        }
-        guard bytes.count <= geometry.clusterSize else {
-            throw QCow2Error.unsupported(path: path, detail: "the header does not fit in one cluster")
-        }
-        bytes += [UInt8](repeating: 0, count: geometry.clusterSize - bytes.count)
-        return (bytes, h)
+        return try map.hasZeroClusters(snapshotL1s: l1s)
     }
 }

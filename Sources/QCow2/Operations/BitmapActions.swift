@@ -31,81 +31,12 @@ extension QCow2Image {
     public func applyBitmapActions(_ actions: [BitmapAction], to name: String,
                                    mergeSource: ((String) throws -> DirtyBitmap)? = nil) throws {
         _ = try requireAllocator()
-        var entries = header.autoclearFeatures & Features.autoclearBitmaps != 0 ? bitmaps : []
-        var data: [String: DirtyBitmap] = [:]  // new content of bitmaps that change
-        var removed: [BitmapDirectoryEntry] = []
-        func fail(_ a: BitmapAction, _ reason: String, inconsistent: String? = nil) -> QCow2Error {
-            .bitmapOperation(path: path, action: a.name, bitmap: name, reason: reason, inconsistent: inconsistent)
-        }
-        func inconsistent(_ a: BitmapAction, _ bitmap: String) -> QCow2Error {
-            fail(a, "Bitmap '\(bitmap)' is inconsistent and cannot be used", inconsistent: bitmap)
-        }
-        func consistent(_ a: BitmapAction, _ i: Int) throws {
-            if entries[i].inUse { throw inconsistent(a, name) }
-        }
-        for a in actions {
-            let index = entries.firstIndex { $0.name == name }
-            switch a {
-            case .add(let g, let disabled):
-                guard index == nil else { throw fail(a, "Bitmap already exists: \(name)") }
-                guard header.version >= 3 else {
-                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Cannot store dirty bitmaps in qcow2 v2 files")
-                }
-                let nameBytes = name.utf8.count
-                guard nameBytes >= 1 else { throw fail(a, "Bitmap name cannot be empty") }
-                guard nameBytes <= BitmapDirectoryEntry.maxNameSize else {
-                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Name length exceeds maximum (1023 characters)")
-                }
-                let gran = g ?? defaultBitmapGranularity
-                guard gran >= 512, gran <= 1 << 31, gran & (gran - 1) == 0 else {
-                    throw fail(a, "Granularity must be power of 2 and at least 512")
-                }
-                let tableSize = BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: gran.trailingZeroBitCount, clusterSize: geometry.clusterSize)
-                guard tableSize <= BitmapDirectoryEntry.maxTableEntries,
-                      tableSize << UInt64(geometry.clusterBits) <= BitmapDirectoryEntry.maxDataBytes else {
-                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Too much space will be occupied by the bitmap. Use larger granularity")
-                }
-                guard entries.count < Int(BitmapsExtension.maxBitmaps) else {
-                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Too many bitmaps (at most 65535)")
-                }
-                let dirBytes = entries.reduce(0) { $0 + (24 + $1.name.utf8.count + 7) & ~7 } + (24 + nameBytes + 7) & ~7
-                guard UInt64(dirBytes) <= BitmapsExtension.maxDirectorySize else {
-                    throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': the bitmap directory would be too large")
-                }
-                entries.append(BitmapDirectoryEntry(tableOffset: 0, tableSize: 0, flags: disabled ? 0 : BitmapDirectoryEntry.flagAuto,
-                                                    type: 1, granularityBits: UInt8(gran.trailingZeroBitCount), name: name, extraData: []))
-                data[name] = DirtyBitmap(granularity: gran, size: virtualSize)
-            case .remove:
-                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
-                if entries[i].tableOffset != 0 { removed.append(entries[i]) }
-                entries.remove(at: i)
-                data[name] = nil
-            case .clear:
-                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
-                try consistent(a, i)
-                data[name] = DirtyBitmap(granularity: entries[i].granularity, size: virtualSize)
-            case .enable, .disable:
-                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
-                try consistent(a, i)
-                if a == .enable { entries[i].flags |= BitmapDirectoryEntry.flagAuto } else { entries[i].flags &= ~BitmapDirectoryEntry.flagAuto }
-            case .merge(let source):
-                guard let i = index else { throw fail(a, "Dirty bitmap '\(name)' not found") }
-                try consistent(a, i)
-                let src: DirtyBitmap
-                if let mergeSource {
-                    src = try mergeSource(source)
-                } else {
-                    guard let s = entries.first(where: { $0.name == source }) else { throw fail(a, "Dirty bitmap '\(source)' not found") }
-                    guard !s.inUse else { throw inconsistent(a, source) }
-                    src = try data[source] ?? loadBitmap(s)
-                }
-                var target = try data[name] ?? loadBitmap(entries[i])
-                target.merge(src)
-                data[name] = target
-            }
-        }
+        var edit = BitmapEdit(image: self, name: name,
+                              entries: header.autoclearFeatures & Features.autoclearBitmaps != 0 ? bitmaps : [])
+        for a in actions { try edit.apply(a, mergeSource: mergeSource) }
         // Commit: new data and tables, then the directory switch, then frees. A first
         // bitmap whose extension cannot fit in the header is refused before any write.
+        var entries = edit.entries
         if !entries.isEmpty {
             do { try checkBitmapsExtensionFits() } catch let e as QCow2Error {
                 throw QCow2Error.bitmapOperation(path: path, action: actions.last?.name ?? "add", bitmap: name, reason: e.message, inconsistent: nil)
@@ -113,9 +44,9 @@ extension QCow2Image {
         }
         try clearUnknownAutoclearBits()
         var freeing: [UInt64] = []
-        for r in removed { freeing += try bitmapClusters(r) }
+        for r in edit.removed { freeing += try bitmapClusters(r) }
         for i in entries.indices {
-            guard let bm = data[entries[i].name] else { continue }
+            guard let bm = edit.data[entries[i].name] else { continue }
             if entries[i].tableOffset != 0 { freeing += try bitmapClusters(entries[i]) }
             let (t, n) = try writeBitmapData(bm)
             entries[i].tableOffset = t
@@ -135,5 +66,102 @@ extension QCow2Image {
             throw QCow2Error.bitmapInconsistent(path: path, bitmap: name)
         }
         return (e, try loadBitmap(e))
+    }
+}
+
+/// The bitmap directory being edited by a list of actions, in memory: nothing is written
+/// until every action succeeded.
+private struct BitmapEdit {
+    let image: QCow2Image
+    let name: String
+    var entries: [BitmapDirectoryEntry]
+    /// New content of bitmaps that change.
+    var data: [String: DirtyBitmap] = [:]
+    var removed: [BitmapDirectoryEntry] = []
+
+    init(image: QCow2Image, name: String, entries: [BitmapDirectoryEntry]) {
+        self.image = image
+        self.name = name
+        self.entries = entries
+    }
+
+    func fail(_ a: BitmapAction, _ reason: String, inconsistent: String? = nil) -> QCow2Error {
+        .bitmapOperation(path: image.path, action: a.name, bitmap: name, reason: reason, inconsistent: inconsistent)
+    }
+
+    func inconsistent(_ a: BitmapAction, _ bitmap: String) -> QCow2Error {
+        fail(a, "Bitmap '\(bitmap)' is inconsistent and cannot be used", inconsistent: bitmap)
+    }
+
+    /// The index of the bitmap the action names, which must exist and (`consistent`) not be in use.
+    func existing(_ a: BitmapAction, consistent: Bool = true) throws -> Int {
+        guard let i = entries.firstIndex(where: { $0.name == name }) else { throw fail(a, "Dirty bitmap '\(name)' not found") }
+        if consistent && entries[i].inUse { throw inconsistent(a, name) }
+        return i
+    }
+
+    mutating func apply(_ a: BitmapAction, mergeSource: ((String) throws -> DirtyBitmap)?) throws {
+        switch a {
+        case .add(let g, let disabled):
+            try add(a, granularity: g, disabled: disabled)
+        case .remove:
+            let i = try existing(a, consistent: false)
+            if entries[i].tableOffset != 0 { removed.append(entries[i]) }
+            entries.remove(at: i)
+            data[name] = nil
+        case .clear:
+            let i = try existing(a)
+            data[name] = DirtyBitmap(granularity: entries[i].granularity, size: image.virtualSize)
+        case .enable, .disable:
+            let i = try existing(a)
+            if a == .enable { entries[i].flags |= BitmapDirectoryEntry.flagAuto } else { entries[i].flags &= ~BitmapDirectoryEntry.flagAuto }
+        case .merge(let source):
+            let i = try existing(a)
+            let src: DirtyBitmap
+            if let mergeSource {
+                src = try mergeSource(source)
+            } else {
+                guard let s = entries.first(where: { $0.name == source }) else { throw fail(a, "Dirty bitmap '\(source)' not found") }
+                guard !s.inUse else { throw inconsistent(a, source) }
+                src = try data[source] ?? image.loadBitmap(s)
+            }
+            var target = try data[name] ?? image.loadBitmap(entries[i])
+            target.merge(src)
+            data[name] = target
+        }
+    }
+
+    /// A new, empty bitmap, refused as qemu-img refuses it.
+    mutating func add(_ a: BitmapAction, granularity g: UInt64?, disabled: Bool) throws {
+        let path = image.path
+        guard !entries.contains(where: { $0.name == name }) else { throw fail(a, "Bitmap already exists: \(name)") }
+        guard image.header.version >= 3 else {
+            throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Cannot store dirty bitmaps in qcow2 v2 files")
+        }
+        let nameBytes = name.utf8.count
+        guard nameBytes >= 1 else { throw fail(a, "Bitmap name cannot be empty") }
+        guard nameBytes <= BitmapDirectoryEntry.maxNameSize else {
+            throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Name length exceeds maximum (1023 characters)")
+        }
+        let gran = g ?? image.defaultBitmapGranularity
+        guard gran >= 512, gran <= 1 << 31, gran & (gran - 1) == 0 else {
+            throw fail(a, "Granularity must be power of 2 and at least 512")
+        }
+        let geometry = image.geometry
+        let tableSize = BitmapDirectoryEntry.tableSize(diskSize: image.virtualSize, granularityBits: gran.trailingZeroBitCount, clusterSize: geometry.clusterSize)
+        guard tableSize <= BitmapDirectoryEntry.maxTableEntries,
+              tableSize << UInt64(geometry.clusterBits) <= BitmapDirectoryEntry.maxDataBytes else {
+            throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Too much space will be occupied by the bitmap. Use larger granularity")
+        }
+        guard entries.count < Int(BitmapsExtension.maxBitmaps) else {
+            throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': Too many bitmaps (at most 65535)")
+        }
+        let dirBytes = entries.reduce(0) { $0 + (24 + $1.name.utf8.count + 7) & ~7 } + (24 + nameBytes + 7) & ~7
+        guard UInt64(dirBytes) <= BitmapsExtension.maxDirectorySize else {
+            throw fail(a, "Can't make bitmap '\(name)' persistent in '\(path)': the bitmap directory would be too large")
+        }
+        entries.append(BitmapDirectoryEntry(tableOffset: 0, tableSize: 0, flags: disabled ? 0 : BitmapDirectoryEntry.flagAuto,
+                                            type: 1, granularityBits: UInt8(gran.trailingZeroBitCount), name: name, extraData: []))
+        data[name] = DirtyBitmap(granularity: gran, size: image.virtualSize)
     }
 }

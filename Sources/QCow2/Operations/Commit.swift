@@ -23,6 +23,33 @@ public enum CommitOperation {
 
     public static func run(_ path: String, options: CommitOptions,
                            progress: (UInt64, UInt64) -> Void = { _, _ in }) throws {
+        let top = try openTop(path, options: options)
+        let chain = try layersAboveBase(top, path: path, options: options)
+        let base = try openBase(chain, options: options)
+        let size = top.virtualSize
+        if size > base.virtualSize {
+            // qemu-img grows the base to the size of the top.
+            if let q = base as? QCow2Image {
+                try q.resize(to: size, allowShrink: false)
+            } else {
+                try base.file.truncate(to: size)
+            }
+        }
+        try copy(chain.layers, into: base, size: size, progress: progress)
+        // The base first, durable; only then the top may stop holding the data.
+        if let q = base as? QCow2Image {
+            try q.close()
+        } else {
+            try base.file.fullSync()
+        }
+        if options.base == nil && !options.keepTop {
+            try top.deallocateAll()
+        }
+        try top.close()
+    }
+
+    /// The top image, for writing (it may be emptied), without its chain.
+    static func openTop(_ path: String, options: CommitOptions) throws -> QCow2Image {
         var topOpener = ImageOpener()
         topOpener.writable = true
         topOpener.openBacking = false
@@ -31,6 +58,20 @@ public enum CommitOperation {
         guard let top = opened as? QCow2Image, top.backingFileName != nil else {
             throw QCow2Error.invalidArgument(path: "", detail: "Image does not have a backing file")
         }
+        return top
+    }
+
+    /// The layers above the base, top first (intermediate ones read-only, linked as each
+    /// other's backing), and where the base is.
+    struct Chain {
+        var layers: [QCow2Image]
+        /// The lowest layer above the base: the base becomes its backing image.
+        var lowest: QCow2Image
+        var basePath: String
+        var baseFormat: ImageFormat?
+    }
+
+    static func layersAboveBase(_ top: QCow2Image, path: String, options: CommitOptions) throws -> Chain {
         func notFound() -> QCow2Error {
             .invalidArgument(path: "", detail: "Did not find '\(options.base ?? "")' in the backing chain of '\(path)'")
         }
@@ -39,13 +80,9 @@ public enum CommitOperation {
             guard let id = try? BlockFile(path: b).identity() else { throw notFound() }
             wanted = id
         }
-
-        // The layers above the base, top first; intermediate ones read-only.
         var layers: [QCow2Image] = [top]
         var seen: Set<FileIdentity> = [try top.file.identity()]
         var current = top
-        let basePath: String
-        let baseFormat: ImageFormat?
         while true {
             guard let name = current.backingFileName else { throw notFound() }
             let full = ImageOpener.resolveBacking(name, relativeTo: current.path)
@@ -55,9 +92,7 @@ public enum CommitOperation {
             }
             let id = try? BlockFile(path: full).identity()
             if wanted == nil || id == wanted {
-                basePath = full
-                baseFormat = fmt
-                break
+                return Chain(layers: layers, lowest: current, basePath: full, baseFormat: fmt)
             }
             guard let id, !seen.contains(id) else { throw notFound() }
             seen.insert(id)
@@ -69,29 +104,28 @@ public enum CommitOperation {
             layers.append(mid)
             current = mid
         }
+    }
 
+    /// The base, for writing, as the backing image of the lowest layer.
+    static func openBase(_ chain: Chain, options: CommitOptions) throws -> any DiskImage {
         var baseOpener = ImageOpener()
         baseOpener.writable = true
         baseOpener.cacheBytes = options.cacheBytes
         let base: any DiskImage
-        do { base = try baseOpener.open(basePath, format: baseFormat) } catch let e as QCow2Error {
+        do { base = try baseOpener.open(chain.basePath, format: chain.baseFormat) } catch let e as QCow2Error {
             if case .io(_, "open", let errno) = e {
-                throw QCow2Error.backing(path: current.path, detail: "could not open backing file '\(basePath)': \(errnoDescription(errno))")
+                throw QCow2Error.backing(path: chain.lowest.path, detail: "could not open backing file '\(chain.basePath)': \(errnoDescription(errno))")
             }
             throw e
         }
-        current.backing = base
+        chain.lowest.backing = base
+        return base
+    }
 
-        let size = top.virtualSize
-        if size > base.virtualSize {
-            // qemu-img grows the base to the size of the top.
-            if let q = base as? QCow2Image {
-                try q.resize(to: size, allowShrink: false)
-            } else {
-                try base.file.truncate(to: size)
-            }
-        }
-
+    /// Writes every run allocated above the base (data, or zeros) into the base.
+    static func copy(_ layers: [QCow2Image], into base: any DiskImage, size: UInt64,
+                     progress: (UInt64, UInt64) -> Void) throws {
+        let top = layers[0]
         var buffer = [UInt8](repeating: 0, count: ioSize)
         var offset: UInt64 = 0
         progress(0, size)
@@ -115,17 +149,6 @@ public enum CommitOperation {
             offset += length
             progress(offset, size)
         }
-
-        // The base first, durable; only then the top may stop holding the data.
-        if let q = base as? QCow2Image {
-            try q.close()
-        } else {
-            try base.file.fullSync()
-        }
-        if options.base == nil && !options.keepTop {
-            try top.deallocateAll()
-        }
-        try top.close()
     }
 
     /// The run at `offset` as seen above the base: allocated in some layer (as data
@@ -179,7 +202,7 @@ extension QCow2Image {
     /// reference (snapshots keep theirs). A crash leaves at worst leaked clusters.
     func deallocateAll() throws {
         try guardingMetadata {
-            _ = try requireAllocator()
+            let alloc = try requireAllocator()
             try clearUnknownAutoclearBits()
             let g = geometry
             let batch = 16
@@ -192,12 +215,12 @@ extension QCow2Image {
                     changed = true
                     let l2 = L1Entry(l1Table[j]).l2Offset
                     guard l2 != 0 else { continue }
-                    let table = try l2Table(at: l2, l1Index: j)
+                    let table = try map.l2Table(at: l2, l1Index: j)
                     for k in 0..<g.l2Entries {
-                        let e = l2Entry(table, k)
+                        let e = map.l2Entry(table, k)
                         if e.raw == 0 { continue }
-                        try validateForWrite(e, index: k, table: l2)
-                        frees += referencedClusters(e)
+                        try map.validateForWrite(e, index: k, table: l2, refcounts: alloc)
+                        frees += map.referencedClusters(e)
                     }
                     frees.append(l2 >> UInt64(g.clusterBits))
                 }
@@ -210,7 +233,7 @@ extension QCow2Image {
                 }
                 i = end
             }
-            decompressedKey = .max
+            decompressed.invalidate()
         }
     }
 }

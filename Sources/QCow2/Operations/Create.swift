@@ -196,28 +196,27 @@ public enum ImageCreator {
             try f.write(block, at: 2 * cs)
             try f.sync()
 
-            // 2. The L1 table, allocated through the allocator, then published in the header.
+            // 2. The L1 table, allocated and published in the header, then the size.
             let image = try QCow2Image(path: path, file: f)
             try image.enableWriting()
-            let alloc = try image.requireAllocator()
+            let tx = try MetadataTransaction(image)
             let l1Entries = g.l1EntriesNeeded(size: o.roundedSize)
             if l1Entries > 0 {
                 let clusters = Int(g.clusters(forBytes: l1Entries * 8))
-                let l1Offset = try alloc.allocate(clusters)
-                try alloc.commit()
-                try f.write([UInt8](repeating: 0, count: Int(l1Entries) * 8), at: l1Offset)
-                try f.sync()
+                let l1Offset = try tx.allocate(clusters)
+                try tx.commitRefcounts()
+                try tx.writeNew([UInt8](repeating: 0, count: Int(l1Entries) * 8), at: l1Offset)
                 var h = image.header
                 h.l1Size = UInt32(l1Entries)
                 h.l1TableOffset = l1Offset
-                try f.publish(.l1Table, of: h)
+                try tx.publishHeader(.l1Table, of: h)
                 image.header.l1Size = UInt32(l1Entries)
                 image.header.l1TableOffset = l1Offset
                 image.l1Table = [UInt64](repeating: 0, count: Int(l1Entries))
             }
             var h = image.header
             h.size = o.roundedSize
-            try f.publish(.size, of: h)
+            try tx.publishHeader(.size, of: h)
             image.header.size = o.roundedSize
             // 3. Preallocation: L2 tables and data clusters.
             if o.preallocation != .off {
@@ -247,7 +246,7 @@ extension QCow2Image {
             var table: [UInt8]
             let tableOffset: UInt64?
             if existing.l2Offset != 0 && existing.isCopied {
-                table = try l2Table(at: existing.l2Offset, l1Index: l1i)
+                table = try map.l2Table(at: existing.l2Offset, l1Index: l1i)
                 tableOffset = existing.l2Offset
             } else if existing.l2Offset == 0 {
                 table = [UInt8](repeating: 0, count: g.clusterSize)
@@ -256,7 +255,7 @@ extension QCow2Image {
                 pos = rangeEnd  // shared with a snapshot: leave it
                 continue
             }
-            let indices = (g.l2Index(pos)...g.l2Index(rangeEnd - 1)).filter { l2Entry(table, $0) == L2Entry(0) }
+            let indices = (g.l2Index(pos)...g.l2Index(rangeEnd - 1)).filter { map.l2Entry(table, $0) == L2Entry(0) }
             pos = rangeEnd
             guard !indices.isEmpty else { continue }
             var tx = try MetadataTransaction(self)
@@ -269,7 +268,7 @@ extension QCow2Image {
             case .full: try ImageCreator.writeZeros(file, at: data, length: bytes)
             default: if try file.size() < data + bytes { try file.truncate(to: data + bytes) }
             }
-            for (k, i) in indices.enumerated() { setL2Entry(&table, i, L2Entry((data + UInt64(k) * cs) | L2Entry.copied)) }
+            for (k, i) in indices.enumerated() { map.setL2Entry(&table, i, L2Entry((data + UInt64(k) * cs) | L2Entry.copied)) }
             if let t = tableOffset {
                 try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: 0..<g.l2Entries), afterData: true)
             } else {

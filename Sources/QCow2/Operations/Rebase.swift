@@ -198,6 +198,6 @@ extension QCow2Image {
         if h.version >= 3 { h.autoclearFeatures &= Features.autoclearBitmaps }
         var exts = extensions.filter { if case .backingFormat = $0 { return false } else { return true } }
         if name != nil, let f = format { exts.insert(.backingFormat(f), at: 0) }
-        try writeHeaderCluster(h, extensions: exts, backingName: name)
+        try MetadataTransaction(self).rewriteHeaderCluster(h, extensions: exts, backingName: name)
     }
 }

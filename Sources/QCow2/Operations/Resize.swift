@@ -32,7 +32,7 @@ extension QCow2Image {
         if needed > UInt64(l1Table.count) { try growL1(to: Int(needed)) }
         var h = header
         h.size = newSize
-        try file.publish(.size, of: h)
+        try MetadataTransaction.publishHeader(.size, of: h, in: self)
         header.size = newSize
         if preallocation != .off { try preallocate(preallocation, from: oldSize) }
         if !consistent.isEmpty { try resizeBitmaps(consistent, oldSize: oldSize) }
@@ -87,7 +87,7 @@ extension QCow2Image {
         for i in Int(keep)..<l1Table.count {
             let l2 = L1Entry(l1Table[i]).l2Offset
             guard l2 != 0 else { continue }
-            try setL1Entry(i, 0)
+            try tx.clearL1(i..<(i + 1))
             l2Cache.invalidate(l2)
             // The whole range was discarded: its entries reference nothing but zero flags.
             tx.free([l2 >> UInt64(g.clusterBits)])
@@ -98,12 +98,12 @@ extension QCow2Image {
             let l1i = Int(keep) - 1
             let l2 = L1Entry(l1Table[l1i]).l2Offset
             if l2 != 0 && L1Entry(l1Table[l1i]).isCopied {
-                var table = try l2Table(at: l2, l1Index: l1i)
+                var table = try map.l2Table(at: l2, l1Index: l1i)
                 let first = g.l2Index(newSize - 1) + 1
                 var changed = false
-                for i in first..<g.l2Entries where l2Entry(table, i) != L2Entry(0) {
-                    tx.free(referencedClusters(l2Entry(table, i)))
-                    setL2Entry(&table, i, L2Entry(0))
+                for i in first..<g.l2Entries where map.l2Entry(table, i) != L2Entry(0) {
+                    tx.free(map.referencedClusters(map.l2Entry(table, i)))
+                    map.setL2Entry(&table, i, L2Entry(0))
                     changed = true
                 }
                 if changed {

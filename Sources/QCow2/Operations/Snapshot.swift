@@ -115,7 +115,7 @@ public enum SnapshotOperation {
         try ReferenceWalk(image: image, l1: oldL1).forEachTable { l2, data in try tx.releaseNow([l2] + data) }
         try CopiedFlags(image: image, tx: tx).sync(assumeShared: false)
         image.compressedPacking = nil
-        image.decompressedKey = .max
+        image.decompressed.invalidate()
     }
 
     /// A snapshot's L1 table, read after checking where it is.
@@ -144,7 +144,7 @@ struct ReferenceWalk {
         for (i, raw) in l1.enumerated() {
             let l2 = L1Entry(raw).l2Offset
             guard l2 != 0 else { continue }
-            let t = try image.l2Table(at: l2, l1Index: i)
+            let t = try image.map.l2Table(at: l2, l1Index: i)
             var data: [UInt64] = []
             for j in 0..<g.l2Entries {
                 let e = image.l2Entry(t, j)
@@ -154,7 +154,7 @@ struct ReferenceWalk {
                 } catch {
                     throw QCow2Error.malformed(path: image.path, field: "L2 entry \(j) of table 0x\(hex(l2))", detail: error.detail)
                 }
-                data += image.referencedClusters(e)
+                data += image.map.referencedClusters(e)
             }
             try body(l2 >> cb, data)
         }
@@ -198,7 +198,7 @@ struct CopiedFlags {
         for (i, raw) in l1.enumerated() {
             let l2 = L1Entry(raw).l2Offset
             guard l2 != 0 else { continue }
-            var t = try image.l2Table(at: l2, l1Index: i)
+            var t = try image.map.l2Table(at: l2, l1Index: i)
             var changed: [(Int, L2Entry)] = []
             for j in 0..<g.l2Entries {
                 let e = image.l2Entry(t, j)
@@ -209,7 +209,7 @@ struct CopiedFlags {
                 }
             }
             if !changed.isEmpty {
-                for (j, e) in changed { image.setL2Entry(&t, j, e) }
+                for (j, e) in changed { image.map.setL2Entry(&t, j, e) }
                 try tx.publishL2(t, l1Index: i, to: .existing(offset: l2, changed: changed.touchedRange), afterData: false)
             }
             let owned = try !assumeShared && alloc.refcount(l2 >> cb) == 1

@@ -64,47 +64,16 @@ struct Create: ParsableCommand {
         }
         var o = CreateOptions()
         o.format = fmt
-        var shown: [(String, String)] = []
         // encryption=off is the default; any other valid value fails after the "Formatting" line.
         let encryption = fmt == .qcow2 ? list.value("encryption") : nil
         if let v = encryption {
             do { _ = try OptionList.bool("encryption", v) } catch let e as CommandFailure { throw fail(e.message) }
-            shown.append(("encryption", v))
         }
-        var sizeValue: UInt64?
-        if let s = list.value("size") { sizeValue = try OptionList.size("size", s) }
-        if let s = size {
-            if sizeValue != nil { throw fail("The image size must be specified only once") }
-            guard let v = SizeArgument.parse(s) else {
-                throw CommandFailure(message: "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
-            }
-            sizeValue = v
-        }
+        var sizeValue = try requestedSize(list, fail: fail)
         let backingName = backing ?? list.value("backing_file")
         let backingFmt = backingFormat ?? list.value("backing_fmt")
         if let b = backingName {
-            guard fmt == .qcow2 else { throw fail("Backing file not supported for file format 'raw'") }
-            guard !b.isEmpty else { throw fail("Expected backing file name, got empty string") }
-            let full = ImageOpener.resolveBacking(b, relativeTo: file)
-            if full == file { throw fail("Error: Trying to create an image with the same filename as the backing file") }
-            guard let bf = backingFmt else {
-                throw fail("Backing file specified without backing format")
-            }
-            if !unsafe {
-                let bfmt: ImageFormat
-                do { bfmt = try ImageFormat(name: bf, path: full) } catch {
-                    throw fail("Unknown driver '\(bf)'\nCould not open backing image.")
-                }
-                var opener = ImageOpener()
-                opener.openBacking = false
-                let img: any DiskImage
-                do { img = try opener.open(full, format: bfmt) } catch let e as QCow2Error {
-                    throw fail("Could not open '\(full)': \(e.message)\nCould not open backing image.")
-                }
-                if sizeValue == nil { sizeValue = img.virtualSize }
-            }
-            o.backingFile = b
-            o.backingFormat = bf
+            try setBacking(b, format: backingFmt, of: file, fmt: fmt, into: &o, size: &sizeValue, fail: fail)
         }
         guard let sz = sizeValue else { throw fail("Image creation needs a size parameter") }
         guard sz <= UInt64(Int64.max) else {
@@ -112,33 +81,9 @@ struct Create: ParsableCommand {
         }
         o.size = sz
 
-        // Everything that qemu-img checks after printing its "Formatting" line.
-        var late: String?
-        if fmt == .qcow2 {
-            late = try list.applyQCow2Options(to: &o)
-            shown.append(("cluster_size", String(o.clusterSize)))
-            shown.append(("extended_l2", list.value("extended_l2") ?? "off"))
-        }
-        if let v = list.value("preallocation") {
-            if let p = CreateOptions.Preallocation(rawValue: v) { o.preallocation = p } else {
-                late = late ?? "Parameter 'preallocation' does not accept value '\(v)'"
-            }
-        }
-        if let v = encryption { late = late ?? OptionList.encryptionRefusal(v) }
-        if fmt == .qcow2 {
-            if let v = list.value("preallocation") { shown.append(("preallocation", v)) }
-            shown.append(("compression_type", list.value("compression_type") ?? "zlib"))
-            shown.append(("size", String(sz)))
-            if let v = list.value("compat") { shown.append(("compat", v)) }
-            if let b = backingName { shown.append(("backing_file", b)) }
-            if let f = backingFmt { shown.append(("backing_fmt", f)) }
-            shown.append(("lazy_refcounts", list.value("lazy_refcounts") ?? "off"))
-            shown.append(("refcount_bits", String(o.refcountBits)))
-        } else {
-            shown.append(("size", String(sz)))
-            if let v = list.value("preallocation") { shown.append(("preallocation", v)) }
-        }
+        let late = try lateRefusal(list, fmt: fmt, encryption: encryption, into: &o)
         if !quiet {
+            let shown = shownOptions(list, fmt: fmt, o, encryption: encryption, backing: backingName, backingFormat: backingFmt)
             let opts = shown.map { "\($0.0)=" + $0.1.flatMap { $0 == "," ? ",," : String($0) } }.joined(separator: " ")
             Output.out("Formatting '\(file)', fmt=\(fmt.rawValue) \(opts)\n")
         }
@@ -150,5 +95,83 @@ struct Create: ParsableCommand {
         }
         try ImageCreator.create(file, options: o)
     }
-}
 
+    /// The size from `-o size=` or the positional argument (given at most once).
+    func requestedSize(_ list: OptionList, fail: (String) -> CommandFailure) throws -> UInt64? {
+        var sizeValue: UInt64?
+        if let s = list.value("size") { sizeValue = try OptionList.size("size", s) }
+        if let s = size {
+            if sizeValue != nil { throw fail("The image size must be specified only once") }
+            guard let v = SizeArgument.parse(s) else {
+                throw CommandFailure(message: "Invalid image size specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+            }
+            sizeValue = v
+        }
+        return sizeValue
+    }
+
+    /// The backing file, checked as qemu-img checks it; unless `-u`, it is opened, and
+    /// gives the size when none was given.
+    func setBacking(_ b: String, format backingFmt: String?, of file: String, fmt: ImageFormat, into o: inout CreateOptions,
+                    size sizeValue: inout UInt64?, fail: (String) -> CommandFailure) throws {
+        guard fmt == .qcow2 else { throw fail("Backing file not supported for file format 'raw'") }
+        guard !b.isEmpty else { throw fail("Expected backing file name, got empty string") }
+        let full = ImageOpener.resolveBacking(b, relativeTo: file)
+        if full == file { throw fail("Error: Trying to create an image with the same filename as the backing file") }
+        guard let bf = backingFmt else {
+            throw fail("Backing file specified without backing format")
+        }
+        if !unsafe {
+            let bfmt: ImageFormat
+            do { bfmt = try ImageFormat(name: bf, path: full) } catch {
+                throw fail("Unknown driver '\(bf)'\nCould not open backing image.")
+            }
+            var opener = ImageOpener()
+            opener.openBacking = false
+            let img: any DiskImage
+            do { img = try opener.open(full, format: bfmt) } catch let e as QCow2Error {
+                throw fail("Could not open '\(full)': \(e.message)\nCould not open backing image.")
+            }
+            if sizeValue == nil { sizeValue = img.virtualSize }
+        }
+        o.backingFile = b
+        o.backingFormat = bf
+    }
+
+    /// Applies the format options; returns what qemu-img refuses only after printing its
+    /// "Formatting" line.
+    func lateRefusal(_ list: OptionList, fmt: ImageFormat, encryption: String?, into o: inout CreateOptions) throws -> String? {
+        var late: String?
+        if fmt == .qcow2 { late = try list.applyQCow2Options(to: &o) }
+        if let v = list.value("preallocation") {
+            if let p = CreateOptions.Preallocation(rawValue: v) { o.preallocation = p } else {
+                late = late ?? "Parameter 'preallocation' does not accept value '\(v)'"
+            }
+        }
+        if let v = encryption { late = late ?? OptionList.encryptionRefusal(v) }
+        return late
+    }
+
+    /// The options of qemu-img's "Formatting" line, in its order.
+    func shownOptions(_ list: OptionList, fmt: ImageFormat, _ o: CreateOptions, encryption: String?,
+                      backing backingName: String?, backingFormat backingFmt: String?) -> [(String, String)] {
+        var shown: [(String, String)] = []
+        if let v = encryption { shown.append(("encryption", v)) }
+        guard fmt == .qcow2 else {
+            shown.append(("size", String(o.size)))
+            if let v = list.value("preallocation") { shown.append(("preallocation", v)) }
+            return shown
+        }
+        shown.append(("cluster_size", String(o.clusterSize)))
+        shown.append(("extended_l2", list.value("extended_l2") ?? "off"))
+        if let v = list.value("preallocation") { shown.append(("preallocation", v)) }
+        shown.append(("compression_type", list.value("compression_type") ?? "zlib"))
+        shown.append(("size", String(o.size)))
+        if let v = list.value("compat") { shown.append(("compat", v)) }
+        if let b = backingName { shown.append(("backing_file", b)) }
+        if let f = backingFmt { shown.append(("backing_fmt", f)) }
+        shown.append(("lazy_refcounts", list.value("lazy_refcounts") ?? "off"))
+        shown.append(("refcount_bits", String(o.refcountBits)))
+        return shown
+    }
+}

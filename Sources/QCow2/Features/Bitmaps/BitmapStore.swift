@@ -113,9 +113,45 @@ extension QCow2Image {
         return true
     }
 
-    /// Replaces the whole set of bitmaps with `entries` (their tables already written and
-    /// durable, or unchanged), then frees `freeing`. Handles the extension appearing
-    /// (first bitmap) and disappearing (last bitmap removed).
+    /// Writes a new bitmap directory with `in_use` set on every enabled bitmap and
+    /// switches the header to it; then frees the old one.
+    func markEnabledBitmapsInUse() throws {
+        guard bitmapsExtension != nil, header.autoclearFeatures & Features.autoclearBitmaps != 0,
+              bitmaps.contains(where: { $0.isAuto && !$0.inUse }) else { return }
+        var updated = bitmaps
+        for i in updated.indices where updated[i].isAuto { updated[i].flags |= BitmapDirectoryEntry.flagInUse }
+        try replaceBitmapDirectory(updated)
+    }
+
+    /// Writes `entries` as a new directory in new clusters, makes it durable, points the
+    /// bitmaps extension at it with one 8-byte header write, then frees the old directory
+    /// (and any `freeing` clusters the old directory referenced).
+    func replaceBitmapDirectory(_ entries: [BitmapDirectoryEntry], freeing: [UInt64] = []) throws {
+        guard var ext = bitmapsExtension else { return }
+        var dir: [UInt8] = []
+        for e in entries { e.serialize(into: &dir) }
+        guard UInt64(dir.count) == ext.directorySize, let payload = try headers.extensionPayloadOffset(HeaderExtension.typeBitmaps) else {
+            throw QCow2Error.malformed(path: path, field: "bitmap directory", detail: "cannot be rewritten")
+        }
+        var tx = try MetadataTransaction(self)
+        let n = Int(geometry.clusters(forBytes: UInt64(dir.count)))
+        let newOffset = try tx.allocate(n)
+        try tx.commitRefcounts()
+        try tx.writeNew(dir, at: newOffset)
+        var w = ByteWriter()
+        w.u64(newOffset)
+        try tx.publishHeader(w.bytes, at: UInt64(payload + 16))
+        let old = ext.directoryOffset >> UInt64(geometry.clusterBits)
+        // The header names the new directory now: so must memory, before the old one is
+        // freed (a failed free must not leave the old directory in use here).
+        ext.directoryOffset = newOffset
+        bitmapsExtension = ext
+        bitmaps = entries
+        extensions = extensions.map { if case .bitmaps = $0 { return .bitmaps(ext) } else { return $0 } }
+        tx.free((0..<UInt64(n)).map { old + $0 } + freeing)
+        try tx.finish()
+    }
+
     /// The extension list with a bitmaps extension `ext` in place of any other: where
     /// QEMU puts it (before the unknown extensions).
     func extensionsWithBitmaps(_ ext: BitmapsExtension) -> [HeaderExtension] {
@@ -125,18 +161,26 @@ extension QCow2Image {
         return exts
     }
 
+    /// The extension list without the bitmaps extension.
+    var extensionsWithoutBitmaps: [HeaderExtension] {
+        extensions.filter { if case .bitmaps = $0 { return false } else { return true } }
+    }
+
     /// Throws, before anything is written, when the first bitmap's extension would not
     /// fit in the header cluster.
     func checkBitmapsExtensionFits() throws {
         guard bitmapsExtension == nil else { return }
         let ext = BitmapsExtension(nbBitmaps: 1, reserved: 0, directorySize: 0, directoryOffset: 0)
-        _ = try headerCluster(header, extensions: extensionsWithBitmaps(ext), backingName: backingFileName)
+        _ = try headers.layout(header, extensions: extensionsWithBitmaps(ext), backingName: backingFileName)
     }
 
+    /// Replaces the whole set of bitmaps with `entries` (their tables already written, or
+    /// unchanged), then frees `freeing`. Handles the extension appearing (first bitmap)
+    /// and disappearing (last bitmap removed).
     func commitBitmapSet(_ entries: [BitmapDirectoryEntry], freeing: [UInt64]) throws {
         var tx = try MetadataTransaction(self)
         let g = geometry
-        try file.sync()
+        try tx.barrier()
         let oldDirectory: [UInt64]
         // A stale extension (autoclear bit clear) or one that failed to load was never
         // trusted: its clusters are not freed (check -r reclaims them as leaks).
@@ -150,7 +194,7 @@ extension QCow2Image {
             // Autoclear bit first: an extension without the bit is merely ignored.
             header.autoclearFeatures &= ~Features.autoclearBitmaps
             try writeFeatureBits(autoclear: true)
-            try writeHeaderCluster(header, extensions: extensions.filter { if case .bitmaps = $0 { return false } else { return true } })
+            try tx.rewriteHeaderCluster(header, extensions: extensionsWithoutBitmaps, backingName: backingFileName)
             bitmapsExtension = nil
         } else {
             var dir: [UInt8] = []
@@ -161,7 +205,7 @@ extension QCow2Image {
             try tx.writeNew(dir, at: newOffset)
             let ext = BitmapsExtension(nbBitmaps: UInt32(entries.count), reserved: 0,
                                        directorySize: UInt64(dir.count), directoryOffset: newOffset)
-            if bitmapsExtension != nil, let payload = try extensionPayloadOffset(HeaderExtension.typeBitmaps) {
+            if bitmapsExtension != nil, let payload = try headers.extensionPayloadOffset(HeaderExtension.typeBitmaps) {
                 // One 24-byte write switches count, size and offset together.
                 var w = ByteWriter()
                 w.u32(ext.nbBitmaps); w.u32(0); w.u64(ext.directorySize); w.u64(ext.directoryOffset)
@@ -178,7 +222,7 @@ extension QCow2Image {
                 let exts = extensionsWithBitmaps(ext)
                 var h = header
                 h.autoclearFeatures &= ~Features.autoclearBitmaps
-                try writeHeaderCluster(h, extensions: exts)
+                try tx.rewriteHeaderCluster(h, extensions: exts, backingName: backingFileName)
                 header.autoclearFeatures = h.autoclearFeatures | Features.autoclearBitmaps
                 try writeFeatureBits(autoclear: true)
             }
@@ -194,7 +238,7 @@ extension QCow2Image {
     func dropBitmapsExtension() throws {
         header.autoclearFeatures &= ~Features.autoclearBitmaps
         try writeFeatureBits(autoclear: true)
-        try writeHeaderCluster(header, extensions: extensions.filter { if case .bitmaps = $0 { return false } else { return true } })
+        try MetadataTransaction(self).rewriteHeaderCluster(header, extensions: extensionsWithoutBitmaps, backingName: backingFileName)
         bitmapsExtension = nil
         bitmaps = []
         bitmapsError = nil
