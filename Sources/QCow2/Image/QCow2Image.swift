@@ -11,6 +11,8 @@ public final class QCow2Image: DiskImage {
     /// The backing format from the header extension, if any.
     public let backingFormat: String?
     public internal(set) var backing: (any DiskImage)?
+    /// The external data file (QCow2Image+Protection.swift), when the image has one.
+    public internal(set) var dataFile: BlockFile?
     public internal(set) var l1Table: [UInt64]
     public internal(set) var snapshots: [SnapshotEntry]
     /// The bitmaps extension as stored (nil when absent).
@@ -92,13 +94,11 @@ public final class QCow2Image: DiskImage {
         var names: [FeatureName] = []
         var bfmt: String?
         var bext: BitmapsExtension?
-        var fde = false
         for e in exts {
             switch e {
             case .featureNameTable(let n): names += n
             case .backingFormat(let f): bfmt = f
             case .bitmaps(let b): bext = b
-            case .fullDiskEncryption: fde = true
             default: break
             }
         }
@@ -116,21 +116,7 @@ public final class QCow2Image: DiskImage {
             }
             throw QCow2Error.unsupported(path: path, detail: "unsupported qcow2 feature(s): " + parts.joined(separator: ", "))
         }
-        if h.incompatibleFeatures & Features.externalDataFile != 0 {
-            throw QCow2Error.unsupported(path: path, detail: "images with an external data file are not supported")
-        }
-        switch h.cryptMethod {
-        case 0: break
-        case 1: throw QCow2Error.unsupported(path: path, detail: "AES-encrypted images (crypt_method 1) are not supported")
-        case 2:
-            guard fde else {
-                throw QCow2Error.malformed(path: path, field: "crypt_method",
-                                 detail: "LUKS encryption is set but the full disk encryption header extension is missing")
-            }
-            throw QCow2Error.unsupported(path: path, detail: "LUKS-encrypted images are not supported")
-        default:
-            throw QCow2Error.malformed(path: path, field: "crypt_method", detail: "unknown encryption method \(h.cryptMethod)")
-        }
+        try Self.validateProtection(header: h, extensions: exts, path: path, clusterSize: g.clusterSize, fileSize: fileSize)
         if h.version >= 3 && h.headerLength > 104 {
             guard let ct = CompressionType(rawValue: h.compressionType) else {
                 throw QCow2Error.malformed(path: path, field: "compression_type", detail: "unknown compression type \(h.compressionType)")
@@ -416,7 +402,7 @@ public final class QCow2Image: DiskImage {
         let inUnit = offset & (unit - 1)
 
         func describe(_ idx: Int, _ s: Int) throws -> ClusterDescriptor {
-            do { return try l2Entry(table, idx).descriptor(geometry: g, subcluster: s) } catch {
+            do { return try l2Entry(table, idx).descriptor(geometry: g, subcluster: s, externalData: hasExternalDataFile) } catch {
                 throw QCow2Error.malformed(path: path, field: "L2 entry \(idx) of table 0x\(hex(l2Offset))", detail: error.detail)
             }
         }
@@ -462,6 +448,7 @@ public final class QCow2Image: DiskImage {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, buffer.count)
+        if let refusal = protectionRefusal(writing: false) { throw refusal }
         var done = 0
         while done < buffer.count {
             let off = offset + UInt64(done)
@@ -471,7 +458,7 @@ public final class QCow2Image: DiskImage {
             let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
             switch ext.descriptor {
             case .normal(let host):
-                try file.read(into: part, at: host)
+                try (dataFile ?? file).read(into: part, at: host)
             case .zero:
                 part.initializeMemory(as: UInt8.self, repeating: 0)
             case .unallocated:

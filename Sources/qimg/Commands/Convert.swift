@@ -68,6 +68,7 @@ struct Convert: ParsableCommand {
         o.minSparse = sparse?.value ?? 4096
         o.copyBitmaps = bitmaps
         o.skipBrokenBitmaps = skipBroken
+        o.skippedBitmap = { Output.error("qimg: warning: Skipping inconsistent bitmap '\($0)'") }
         // -B and -F win over -o backing_file and backing_fmt.
         let backingName = backing ?? list.value("backing_file")
         let backingFmt = backingFormat ?? list.value("backing_fmt")

@@ -71,9 +71,11 @@ struct SizeArgument: ExpressibleByArgument {
 }
 
 /// Opens an image (and its backing chain) for reading; `-U` takes no locks.
-func openImage(_ path: String, format: FormatOption, share: ShareOption, backing: Bool = true) throws -> any DiskImage {
+func openImage(_ path: String, format: FormatOption, share: ShareOption, backing: Bool = true,
+               dataFiles: Bool = true) throws -> any DiskImage {
     var opener = ImageOpener()
     opener.openBacking = backing
+    opener.openDataFiles = dataFiles
     opener.forceShare = share.forceShare
     return try opener.open(path, format: try format.imageFormat(path: path))
 }
