@@ -266,3 +266,36 @@ extension ConformanceTests {
         #expect(try bitmapsOf("mine.qcow2") == bitmapsOf("theirs.qcow2"))
     }
 }
+
+extension ConformanceTests {
+    /// Item 14: --image-opts in its local-file forms (info, map, check, convert's source),
+    /// as qemu-img reads them; anything else refused with one line naming it.
+    @Test(.requiresQEMU) func imageOptsLocalFileForms() throws {
+        let dir = try Paths.newScratch("image-opts")
+        try Self.backingPair("base.qcow2", format: "qcow2", in: dir)
+        let forms = [["info", "--image-opts", "driver=qcow2,file.filename=top.qcow2"],
+                     ["info", "--output=json", "--image-opts", "file.driver=file,file.filename=top.qcow2,driver=qcow2"],
+                     ["map", "--output=json", "--image-opts", "driver=qcow2,file.filename=top.qcow2"],
+                     ["map", "--image-opts", "file.filename=top.qcow2"],
+                     ["map", "--image-opts", "driver=raw,file.filename=base.qcow2"],
+                     ["map", "--output=json", "--image-opts", "driver=file,filename=base.qcow2"],
+                     ["check", "--image-opts", "driver=qcow2,file.filename=top.qcow2"],
+                     ["check", "--output=json", "--image-opts", "driver=qcow2,file.filename=top.qcow2"]]
+        for args in forms {
+            let (q, m) = try runBoth(args, cwd: dir)
+            #expect(q.status == 0, "qemu-img \(args): \(q.err)")
+            expectSameExit("\(args)", qemu: q, qimg: m)
+            expectSameStdout("\(args)", qemu: q, qimg: m)
+        }
+        let r = try Qimg.run(["convert", "--image-opts", "driver=qcow2,file.filename=top.qcow2", "-O", "qcow2", "out.qcow2"], cwd: dir)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(try Runner.qemuImg(["compare", "top.qcow2", "out.qcow2"], cwd: dir).status == 0)
+        for (args, what) in [(["map", "-f", "qcow2", "--image-opts", "driver=qcow2,file.filename=top.qcow2"], "mutually exclusive"),
+                             (["map", "--image-opts", "driver=nbd,host=localhost"], "'nbd'"),
+                             (["info", "--image-opts", "driver=qcow2,file.filename=top.qcow2,cache.direct=on"], "'cache.direct'")] {
+            let m = try Qimg.run(args, cwd: dir)
+            expectCleanFailure("\(args)", m, exitCode: 1)
+            #expect(m.err.contains(what), "\(args): \(m.err)")
+        }
+    }
+}

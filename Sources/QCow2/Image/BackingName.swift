@@ -53,12 +53,28 @@ public enum BackingName {
         }
     }
 
+    /// An image named by block options (`--image-opts`, "driver=qcow2,file.filename=X"):
+    /// the same shapes as a json: name, the same refusals (`named`: the text, for errors).
+    public static func locate(imageOptions: [(key: String, value: String)], named: String) throws -> BackingLocation {
+        var opts: [String: ParsedJSON] = [:]
+        for (k, v) in imageOptions { opts[k] = .string(v) }
+        do { return try fromOptions(opts, format: nil) } catch let e {
+            throw QCow2Error.unsupported(path: named, detail: e.detail)
+        }
+    }
+
     static func fromJSON(_ text: String, format: ImageFormat?) throws(FormatError) -> BackingLocation {
         guard case .object(let members) = try JSONParser.parse(text) else {
             throw FormatError("json", "the options are not a JSON object")
         }
         var opts: [String: ParsedJSON] = [:]
         try flatten(members, prefix: "", into: &opts)
+        return try fromOptions(opts, format: format)
+    }
+
+    /// The shapes qimg follows, over flattened (dotted) options.
+    static func fromOptions(_ options: [String: ParsedJSON], format: ImageFormat?) throws(FormatError) -> BackingLocation {
+        var opts = options
         func string(_ key: String) throws(FormatError) -> String? {
             guard let v = opts.removeValue(forKey: key) else { return nil }
             guard case .string(let s) = v else { throw FormatError("json", "option '\(key)' is not a string") }

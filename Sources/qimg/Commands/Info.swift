@@ -9,13 +9,14 @@ struct Info: ParsableCommand {
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
+    @OptionGroup var imageOpts: ImageOptsOption
     @Option(help: ArgumentHelp("Output format: human or json.", valueName: "ofmt")) var output: OutputFormat = .human
     @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.") var backingChain = false
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
         var infos: [ImageInfo] = []
-        let top = try openImage(file, format: format, share: share, backing: backingChain, dataFiles: false)
+        let top = try openImage(file, format: format, share: share, imageOpts: imageOpts, backing: backingChain, dataFiles: false)
         var layer: (any DiskImage)? = top
         while let l = layer {
             infos.append(try ImageInfo(l))
