@@ -87,12 +87,13 @@ struct SizeArgument: ExpressibleByArgument {
 }
 
 /// Opens an image (and its backing chain) for reading; `-U` takes no locks.
-func openImage(_ image: String, format: FormatOption, share: ShareOption, imageOpts: ImageOptsOption = ImageOptsOption(),
+func openImage(_ image: String, format: FormatOption, share: ShareOption, imageOpts: ImageOptsOption? = nil,
                backing: Bool = true, dataFiles: Bool = true) throws -> any DiskImage {
     var opener = ImageOpener()
     opener.openBacking = backing
     opener.openDataFiles = dataFiles
     opener.forceShare = share.forceShare
-    let (path, fmt) = try imageOpts.locate(image, format: format)
+    // (An ImageOptsOption exists only as a parsed option group: commands without one pass nil.)
+    let (path, fmt) = try imageOpts?.locate(image, format: format) ?? (image, try format.imageFormat(path: image))
     return try opener.open(path, format: fmt)
 }
