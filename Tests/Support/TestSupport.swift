@@ -232,6 +232,19 @@ public enum Runner {
         return try run(exe, args, cwd: cwd, timeout: timeout)
     }
 
+    /// Runs a qemu-img step that sets up a LUKS key (which must succeed). QEMU's key setup
+    /// times itself and, on a loaded machine, can fail with "Unable to get accurate CPU
+    /// usage": a QEMU setup hiccup, retried (a few times at most).
+    @discardableResult
+    public static func qemuImgKeySetup(_ args: [String], in dir: String) throws -> RunResult {
+        for attempt in 1...5 {
+            let r = try qemuImg(args, cwd: dir)
+            if r.status == 0 { return r }
+            guard attempt < 5, r.err.contains("Unable to get accurate CPU usage") else { throw TestFailure("\(r.summary): \(r.err)") }
+        }
+        throw TestFailure("unreachable")
+    }
+
     /// Runs a setup step, `["qemu-img", ...]` or `["qemu-io", ...]`, in `dir`; throws
     /// unless it exits 0.
     @discardableResult

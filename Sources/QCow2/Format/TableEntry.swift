@@ -62,7 +62,9 @@ public struct L2Entry: Equatable, Sendable {
 
     /// Decodes the entry for the subcluster `sub` (0 for standard L2).
     /// Throws on entries QEMU treats as invalid.
-    public func descriptor(geometry g: Geometry, subcluster sub: Int) throws(FormatError) -> ClusterDescriptor {
+    /// `externalData`: the image has an external data file, where 0 is a valid host
+    /// offset; as in QEMU, an entry with offset 0 and the COPIED flag is then allocated.
+    public func descriptor(geometry g: Geometry, subcluster sub: Int, externalData: Bool = false) throws(FormatError) -> ClusterDescriptor {
         if isCompressed {
             if g.extendedL2 && bitmap != 0 {
                 throw FormatError("L2 entry", "compressed cluster with a non-zero subcluster bitmap (0x\(hex(raw)))")
@@ -75,20 +77,21 @@ public struct L2Entry: Equatable, Sendable {
             return .compressed(offset: f.offset, length: length)
         }
         let host = hostOffset
+        let present = host != 0 || (externalData && isCopied)
         if g.extendedL2 {
             let alloc = UInt32(truncatingIfNeeded: bitmap)
             let zero = UInt32(truncatingIfNeeded: bitmap >> 32)
             if alloc & zero != 0 {
                 throw FormatError("L2 entry", "subcluster both allocated and zero (bitmap 0x\(hex(bitmap)))")
             }
-            if host == 0 && alloc != 0 {
+            if !present && alloc != 0 {
                 throw FormatError("L2 entry", "allocated subclusters without a host cluster (bitmap 0x\(hex(bitmap)))")
             }
             guard g.isAligned(host) else {
                 throw FormatError("L2 entry", "host offset 0x\(hex(host)) is not cluster-aligned")
             }
             let bit = UInt32(1) << UInt32(sub)
-            let subHost: UInt64? = host == 0 ? nil : host + UInt64(sub << g.subclusterBits)
+            let subHost: UInt64? = present ? host + UInt64(sub << g.subclusterBits) : nil
             if alloc & bit != 0 { return .normal(host: host + UInt64(sub << g.subclusterBits)) }
             if zero & bit != 0 { return .zero(host: subHost) }
             return .unallocated(host: subHost)
@@ -99,7 +102,7 @@ public struct L2Entry: Equatable, Sendable {
             }
             return .zero(host: host == 0 ? nil : host)
         }
-        if host == 0 { return .unallocated(host: nil) }
+        if !present { return .unallocated(host: nil) }
         guard g.isAligned(host) else {
             throw FormatError("L2 entry", "host offset 0x\(hex(host)) is not cluster-aligned")
         }

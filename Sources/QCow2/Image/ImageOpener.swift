@@ -34,6 +34,9 @@ public struct ImageOpener: Sendable {
     public var allowCorrupt = false
     /// Open an image whose bitmaps cannot be loaded (check reports, repair drops them).
     public var tolerateBrokenBitmaps = false
+    /// Open external data files (false: metadata only, as qemu-img info, which shows an
+    /// image whose data file is missing).
+    public var openDataFiles = true
     /// Receives repair diagnostics (what qemu prints on stderr while repairing).
     public var report: @Sendable (String) -> Void = { _ in }
 
@@ -85,17 +88,22 @@ public struct ImageOpener: Sendable {
             return try RawImage(path: path, file: file)
         case .qcow2:
             let img = try QCow2Image(path: path, file: file, cacheBytes: cacheBytes, tolerateBrokenBitmaps: tolerateBrokenBitmaps && depth == 0)
+            if openDataFiles || write { try img.openDataFile(forceShare: forceShare) }
+            if write, let refusal = img.protectionRefusal(writing: true) { throw refusal }
             if write { try img.enableWriting(repairDirty: repairDirty, allowCorrupt: allowCorrupt, report: report) }
             if openBacking, let name = img.backingFileName {
-                let full = Self.resolveBacking(name, relativeTo: path)
                 var bfmt: ImageFormat?
                 if let f = img.backingFormat {
                     do { bfmt = try ImageFormat(name: f, path: path) } catch {
                         throw QCow2Error.backing(path: path, detail: "backing file '\(name)' has unsupported format '\(f)'")
                     }
                 }
+                let loc = try BackingName.locate(name, format: bfmt, relativeTo: path)
+                let full = loc.path
                 do {
-                    img.backing = try open(full, format: bfmt, depth: depth + 1, seen: &seen)
+                    let backing = try open(full, format: loc.format, depth: depth + 1, seen: &seen)
+                    if loc.protocolOnly, let raw = backing as? RawImage { raw.formatName = "file" }
+                    img.backing = backing
                 } catch {
                     if case QCow2Error.io(_, "open", let e)? = error as? QCow2Error {
                         throw QCow2Error.backing(path: path, detail: "could not open backing file '\(full)': \(errnoDescription(e))")
@@ -105,13 +113,5 @@ public struct ImageOpener: Sendable {
             }
             return img
         }
-    }
-
-    /// A backing file name as QEMU resolves it: absolute names as they are,
-    /// relative ones against the directory of the image that names them.
-    public static func resolveBacking(_ name: String, relativeTo overlay: String) -> String {
-        if name.hasPrefix("/") { return name }
-        guard let slash = overlay.lastIndex(of: "/") else { return name }
-        return String(overlay[...slash]) + name
     }
 }

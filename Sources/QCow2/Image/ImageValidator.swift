@@ -92,24 +92,6 @@ struct ImageValidator {
         }
     }
 
-    /// External data files and encryption, which qimg does not implement.
-    func refuseEncryptionAndDataFile(_ h: Header, fde: Bool) throws {
-        if h.incompatibleFeatures & Features.externalDataFile != 0 {
-            throw QCow2Error.unsupported(path: path, detail: "images with an external data file are not supported")
-        }
-        switch h.cryptMethod {
-        case 0: break
-        case 1: throw QCow2Error.unsupported(path: path, detail: "AES-encrypted images (crypt_method 1) are not supported")
-        case 2:
-            guard fde else {
-                throw QCow2Error.malformed(path: path, field: "crypt_method",
-                                 detail: "LUKS encryption is set but the full disk encryption header extension is missing")
-            }
-            throw QCow2Error.unsupported(path: path, detail: "LUKS-encrypted images are not supported")
-        default:
-            throw QCow2Error.malformed(path: path, field: "crypt_method", detail: "unknown encryption method \(h.cryptMethod)")
-        }
-    }
 
     /// The compression type field and the feature bit agree.
     func compressionType(_ h: Header) throws -> CompressionType {

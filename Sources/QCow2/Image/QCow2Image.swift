@@ -15,6 +15,8 @@ public final class QCow2Image: DiskImage {
     let headers: HeaderStore
     let map: ClusterMap
     public internal(set) var backing: (any DiskImage)?
+    /// The external data file (QCow2Image+Protection.swift), when the image has one.
+    public internal(set) var dataFile: BlockFile?
     public internal(set) var snapshots: [SnapshotEntry]
     /// The bitmaps extension as stored (nil when absent).
     public internal(set) var bitmapsExtension: BitmapsExtension?
@@ -44,7 +46,7 @@ public final class QCow2Image: DiskImage {
         let (h, g, cluster0) = try v.readHeader()
         let exts = try v.readExtensions(h, g, cluster0: cluster0)
         try v.checkIncompatibleFeatures(h, names: exts.featureNames)
-        try v.refuseEncryptionAndDataFile(h, fde: exts.fullDiskEncryption)
+        try Self.validateProtection(header: h, extensions: exts.extensions, path: path, clusterSize: g.clusterSize, fileSize: v.fileSize)
         let compression = try v.compressionType(h)
         let backingName = try v.backingFileName(h, g, cluster0: cluster0)
         let l1 = try v.loadL1Table(h, g)
@@ -117,6 +119,7 @@ public final class QCow2Image: DiskImage {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, buffer.count)
+        if let refusal = protectionRefusal(writing: false) { throw refusal }
         var done = 0
         while done < buffer.count {
             let off = offset + UInt64(done)
@@ -126,7 +129,7 @@ public final class QCow2Image: DiskImage {
             let part = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + n)])
             switch ext.descriptor {
             case .normal(let host):
-                try file.read(into: part, at: host)
+                try (dataFile ?? file).read(into: part, at: host)
             case .zero:
                 part.initializeMemory(as: UInt8.self, repeating: 0)
             case .unallocated:

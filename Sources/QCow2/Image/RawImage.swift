@@ -3,7 +3,8 @@ public final class RawImage: DiskImage {
     public let path: String
     public let file: BlockFile
     public private(set) var virtualSize: UInt64
-    public var formatName: String { "raw" }
+    /// "raw", or "file" for a file QEMU opens with its protocol driver alone (a json: backing name).
+    public internal(set) var formatName = "raw"
     public var backing: (any DiskImage)? { nil }
 
     public init(path: String, file: BlockFile) throws {

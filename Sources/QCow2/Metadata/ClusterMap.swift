@@ -25,6 +25,8 @@ final class ClusterMap {
     }
 
     var virtualSize: UInt64 { headers.header.size & ~UInt64(511) }
+    /// Data clusters live in an external data file (offset 0 can then be allocated).
+    var externalData: Bool { headers.header.incompatibleFeatures & Features.externalDataFile != 0 }
 
     // MARK: Lookups
 
@@ -109,7 +111,7 @@ final class ClusterMap {
         var sub = g.extendedL2 ? Int((offset >> UInt64(g.subclusterBits)) & 31) : 0
         let inUnit = offset & (unit - 1)
         func describe(_ idx: Int, _ s: Int) throws -> ClusterDescriptor {
-            do { return try l2Entry(table, idx).descriptor(geometry: g, subcluster: s) } catch {
+            do { return try l2Entry(table, idx).descriptor(geometry: g, subcluster: s, externalData: externalData) } catch {
                 throw QCow2Error.malformed(path: path, field: "L2 entry \(idx) of table 0x\(hex(l2Offset))", detail: error.detail)
             }
         }

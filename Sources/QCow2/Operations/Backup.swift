@@ -125,7 +125,8 @@ public enum BackupOperation {
         let source = try opener.open(sourcePath, format: o.sourceFormat)
         var inputs = Inputs(source: source, qsource: source as? QCow2Image)
         if let b = o.backingFile {
-            let backing = try ImageOpener().open(ImageOpener.resolveBacking(b, relativeTo: target), format: o.backingFormat)
+            let loc = try BackingName.locate(b, format: o.backingFormat, relativeTo: target)
+            let backing = try ImageOpener().open(loc.path, format: loc.format)
             guard backing.virtualSize == source.virtualSize else {
                 throw QCow2Error.invalidArgument(path: b, detail: "the backing file's size (\(backing.virtualSize)) differs from the source's (\(source.virtualSize))")
             }

@@ -94,6 +94,8 @@ public final class CheckOperation {
             snapshotTableBytes += UInt64(sn.paddedSize)
         }
         if image.header.nbSnapshots > 0 { count(image.header.snapshotsOffset, snapshotTableBytes) }
+        // The LUKS header's clusters.
+        if case .luks(let o, let l)? = image.encryption { count(o, l) }
         // Refcount table.
         count(image.header.refcountTableOffset, UInt64(image.header.refcountTableClusters) * cs)
         // Bitmaps.
@@ -186,6 +188,7 @@ public final class CheckOperation {
         let g = image.geometry
         let cs = UInt64(g.clusterSize)
         let table = try readL2(offset)
+        let external = image.hasExternalDataFile
         var nextContiguous: UInt64 = 0
         for i in 0..<g.l2Entries {
             let e = image.l2Entry(table, i)
@@ -216,7 +219,7 @@ public final class CheckOperation {
             }
             let host = e.hostOffset
             let zeroFlag = !g.extendedL2 && e.raw & L2Entry.zeroFlag != 0
-            if host == 0 {
+            if host == 0 && !(external && e.isCopied) {
                 if g.extendedL2 && UInt32(truncatingIfNeeded: e.bitmap) != 0 {
                     report("ERROR: Unallocated cluster has non-zero subcluster allocation bitmap")
                     result.corruptions += 1
@@ -241,11 +244,13 @@ public final class CheckOperation {
                 result.allocatedClusters += 1
                 if nextContiguous != 0 && host != nextContiguous { result.fragmentedClusters += 1 }
                 nextContiguous = host &+ cs
-                if let rc = try? refcounts.refcount(ofCluster: host >> UInt64(g.clusterBits)), (rc == 1) != e.isCopied {
+                // Clusters of an external data file have no refcounts: QEMU takes them as 1.
+                let refcount = external ? 1 : try? refcounts.refcount(ofCluster: host >> UInt64(g.clusterBits))
+                if let rc = refcount, (rc == 1) != e.isCopied {
                     wrongCopiedByL1[l1Index, default: []].append((offset, i, rc == 1 ? e.raw | L2Entry.copied : e.raw & ~L2Entry.copied, rc))
                 }
             }
-            count(host, cs)
+            if !external { count(host, cs) }
         }
     }
 

@@ -85,11 +85,13 @@ public enum CommitOperation {
         var current = top
         while true {
             guard let name = current.backingFileName else { throw notFound() }
-            let full = ImageOpener.resolveBacking(name, relativeTo: current.path)
-            let fmt: ImageFormat?
-            do { fmt = try current.backingFormat.map { try ImageFormat(name: $0, path: current.path) } } catch {
+            let declared: ImageFormat?
+            do { declared = try current.backingFormat.map { try ImageFormat(name: $0, path: current.path) } } catch {
                 throw QCow2Error.backing(path: current.path, detail: "backing file '\(name)' has unsupported format '\(current.backingFormat ?? "")'")
             }
+            let loc = try BackingName.locate(name, format: declared, relativeTo: current.path)
+            let full = loc.path
+            let fmt = loc.format
             let id = try? BlockFile(path: full).identity()
             if wanted == nil || id == wanted {
                 return Chain(layers: layers, lowest: current, basePath: full, baseFormat: fmt)

@@ -16,6 +16,8 @@ public struct ConvertOptions: Sendable {
     /// --bitmaps: copy the source's consistent persistent bitmaps.
     public var copyBitmaps = false
     public var skipBrokenBitmaps = false
+    /// Called with the name of each inconsistent bitmap skipped (qemu-img warns).
+    public var skippedBitmap: @Sendable (String) -> Void = { _ in }
     /// Make the target durable (fsync, then rename into place, then fsync the directory).
     /// false is qemu-img's `-t unsafe`: the data may still be in the page cache when
     /// the target appears, and a power loss can lose it.
@@ -31,6 +33,12 @@ public enum ConvertOperation {
         // Bitmaps are checked before anything is written.
         var bitmaps: [(BitmapDirectoryEntry, DirtyBitmap)] = []
         if o.copyBitmaps, let q = source as? QCow2Image {
+            // qemu-img looks at the bitmaps last first (QEMU lists them in reverse directory
+            // order): the first inconsistent one it names, and its warnings, follow that order.
+            for e in q.bitmaps.reversed() where e.inUse {
+                if o.skipBrokenBitmaps { o.skippedBitmap(e.name); continue }
+                throw QCow2Error.bitmapInconsistent(path: q.path, bitmap: e.name)
+            }
             for e in q.bitmaps {
                 if e.inUse {
                     if o.skipBrokenBitmaps { continue }
@@ -60,7 +68,8 @@ public enum ConvertOperation {
         // The target's backing file, and a refusal to overwrite a file the copy reads.
         var targetBacking: (any DiskImage)?
         if let b = o.backingFile {
-            targetBacking = try ImageOpener().open(ImageOpener.resolveBacking(b, relativeTo: path), format: o.backingFormat)
+            let loc = try BackingName.locate(b, format: o.backingFormat, relativeTo: path)
+            targetBacking = try ImageOpener().open(loc.path, format: loc.format)
         }
         if exists { try refuseTargetInChains(path, source: source, backing: targetBacking) }
         // An existing target's permissions (and owner, where allowed) carry over to its replacement.

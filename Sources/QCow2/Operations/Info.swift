@@ -28,6 +28,12 @@ public struct ImageInfo: Sendable {
         public var refcountBits: Int
         public var corrupt: Bool?
         public var extendedL2: Bool?
+        /// The external data file's name and whether it is raw.
+        public var dataFile: String?
+        public var dataFileRaw: Bool?
+        /// "aes" or "luks", with the LUKS header for the latter.
+        public var encryptFormat: String?
+        public var luks: LUKSHeader?
     }
 
     public var filename: String
@@ -36,6 +42,7 @@ public struct ImageInfo: Sendable {
     public var actualSize: UInt64?
     public var clusterSize: Int?
     public var dirtyFlag: Bool
+    public var encrypted = false
     public var backingFilename: String?
     public var fullBackingFilename: String?
     public var backingFilenameFormat: String?
@@ -55,7 +62,7 @@ public struct ImageInfo: Sendable {
         dirtyFlag = h.isDirty
         if let b = q.backingFileName {
             backingFilename = b
-            fullBackingFilename = ImageOpener.resolveBacking(b, relativeTo: q.path)
+            fullBackingFilename = BackingName.fullName(b, relativeTo: q.path)
             backingFilenameFormat = q.backingFormat
         }
         snapshots = q.snapshots.map(Snapshot.init)
@@ -73,5 +80,10 @@ public struct ImageInfo: Sendable {
                                   refcountBits: q.geometry.refcountBits, corrupt: h.isCorrupt,
                                   extendedL2: h.hasExtendedL2)
         }
+        qcow2?.dataFile = q.dataFileName
+        qcow2?.dataFileRaw = q.hasExternalDataFile ? q.dataFileIsRaw : nil
+        encrypted = q.encryption != nil
+        qcow2?.encryptFormat = q.encryption?.formatName
+        qcow2?.luks = try q.luksHeader()
     }
 }

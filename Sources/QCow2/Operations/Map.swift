@@ -95,17 +95,22 @@ public final class BlockStatus {
         let e = try img.layerExtent(at: offset, maxLength: bytes)
         var s = Status(length: e.length)
         var recurse = false
+        // As QEMU: host offsets are in the external data file when there is one, and
+        // an encrypted image reports none.
+        let q = img as? QCow2Image
+        let dataFile = q?.dataFile ?? img.file
+        let hostOffset: (UInt64?) -> UInt64? = { q?.encryption == nil ? $0 : nil }
         switch e.descriptor {
         case .normal(let h):
-            s.data = true; s.offset = h; s.file = img.file.path
-            if let q = img as? QCow2Image, try hasMetadataPreallocation(q) { recurse = true }
+            s.data = true; s.offset = hostOffset(h); s.file = dataFile.path
+            if let q, s.offset != nil, try hasMetadataPreallocation(q) { recurse = true }
         case .compressed:
             s.data = true
         case .zero(let h):
             s.zero = true
-            if let h { s.offset = h; s.file = img.file.path }
+            if let h = hostOffset(h) { s.offset = h; s.file = dataFile.path }
         case .unallocated(let h):
-            if let h { s.offset = h; s.file = img.file.path }
+            if let h = hostOffset(h) { s.offset = h; s.file = dataFile.path }
         }
         if s.data || s.zero {
             s.allocated = true
@@ -115,7 +120,7 @@ public final class BlockStatus {
             s.zero = true
         }
         if recurse, let host = s.offset {
-            let f = try Self.fileStatus(img.file, at: host, bytes: s.length)
+            let f = try Self.fileStatus(dataFile, at: host, bytes: s.length)
             if f.eof && (f.length == 0 || f.zero) {
                 s.zero = true
             } else {

@@ -41,10 +41,12 @@ public enum RebaseOperation {
         if !options.unsafeMode {
             var newBacking: (any DiskImage)?
             if let n = newName {
-                let full = ImageOpener.resolveBacking(n, relativeTo: path)
                 var o = ImageOpener()
                 o.cacheBytes = options.cacheBytes
-                do { newBacking = try o.open(full, format: options.backingFormat) } catch let e as QCow2Error {
+                do {
+                    let loc = try BackingName.locate(n, format: options.backingFormat, relativeTo: path)
+                    newBacking = try o.open(loc.path, format: loc.format)
+                } catch let e as QCow2Error {
                     throw QCow2Error.backing(path: "", detail: "Could not open new backing file '\(n)': \(e.description)")
                 }
             }

@@ -45,11 +45,13 @@ struct TargetCopy {
         engine.shouldStop = settings.shouldStop
         engine.targetBacking = targetBacking
         // -S: zero runs count in aligned pieces of S (a power of two: qemu-img aligns the
-        // runs it leaves out to it), and in whole clusters of a qcow2 target at least.
+        // runs it leaves out to it), and in whole clusters of a qcow2 target at least; with
+        // extended L2 in pieces of S alone, as qemu-img writes them (zero subclusters stay
+        // unallocated, the zero parts of written ones are not written).
         if settings.minSparse > 0 {
             let floor = UInt64(1) << UInt64(63 - settings.minSparse.leadingZeroBitCount)
-            let cluster = (target as? QCow2Image).map { UInt64($0.geometry.clusterSize) } ?? 512
-            engine.sparseUnit = min(max(floor, cluster), 2 << 20)
+            let allocation = (target as? QCow2Image).map { $0.geometry.extendedL2 ? 512 : UInt64($0.geometry.clusterSize) } ?? 512
+            engine.sparseUnit = min(max(floor, allocation), 2 << 20)
         }
         self.target = target
         self.engine = engine

@@ -13,6 +13,7 @@ struct Check: ParsableCommand {
             """)
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
+    @OptionGroup var imageOpts: ImageOptsOption
     @Option(help: ArgumentHelp("Output format: human or json.", valueName: "ofmt")) var output: OutputFormat = .human
     @Flag(name: .customShort("q"), help: "Quiet: print nothing on standard output.") var quiet = false
     @Option(name: .customShort("r"), help: ArgumentHelp("Repair: leaks, or all (leaks and refcount/COPIED errors).", valueName: "mode")) var repair: RepairMode?
@@ -27,7 +28,8 @@ struct Check: ParsableCommand {
         opener.repairDirty = false
         opener.allowCorrupt = repair != nil
         opener.tolerateBrokenBitmaps = true
-        let image = try opener.open(file, format: try format.imageFormat(path: file))
+        let (path, fmt) = try imageOpts.locate(file, format: format)
+        let image = try opener.open(path, format: fmt)
         guard let q = image as? QCow2Image else {
             throw CommandFailure(message: "\(file): This image format does not support checks", exitCode: 63)
         }

@@ -9,6 +9,7 @@ struct Convert: ParsableCommand {
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
+    @OptionGroup var imageOpts: ImageOptsOption
     @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 or raw.", valueName: "output_fmt")) var outputFormat: String = "raw"
     @Option(name: .customShort("o"), help: ArgumentHelp("Output format options (as for create).", valueName: "options")) var options: [String] = []
     @Flag(name: .customShort("c"), help: "Compress the output clusters (qcow2).") var compress = false
@@ -68,6 +69,7 @@ struct Convert: ParsableCommand {
         o.minSparse = sparse?.value ?? 4096
         o.copyBitmaps = bitmaps
         o.skipBrokenBitmaps = skipBroken
+        o.skippedBitmap = { Output.error("qimg: warning: Skipping inconsistent bitmap '\($0)'") }
         // -B and -F win over -o backing_file and backing_fmt.
         let backingName = backing ?? list.value("backing_file")
         let backingFmt = backingFormat ?? list.value("backing_fmt")
@@ -86,7 +88,8 @@ struct Convert: ParsableCommand {
         if let late { throw CommandFailure(message: "\(target): error while converting \(outFmt.rawValue): \(late)") }
         var opener = ImageOpener()
         opener.forceShare = share.forceShare
-        let src = try opener.open(source, format: try format.imageFormat(path: source))
+        let (sourcePath, sourceFormat) = try imageOpts.locate(source, format: format)
+        let src = try opener.open(sourcePath, format: sourceFormat)
         let bar = ProgressReporter(enabled: showProgress && !quiet)
         o.shouldStop = { Interruption.requested }
         Interruption.install()

@@ -116,7 +116,7 @@ struct Create: ParsableCommand {
                     size sizeValue: inout UInt64?, fail: (String) -> CommandFailure) throws {
         guard fmt == .qcow2 else { throw fail("Backing file not supported for file format 'raw'") }
         guard !b.isEmpty else { throw fail("Expected backing file name, got empty string") }
-        let full = ImageOpener.resolveBacking(b, relativeTo: file)
+        let full = BackingName.fullName(b, relativeTo: file)
         if full == file { throw fail("Error: Trying to create an image with the same filename as the backing file") }
         guard let bf = backingFmt else {
             throw fail("Backing file specified without backing format")
@@ -129,7 +129,10 @@ struct Create: ParsableCommand {
             var opener = ImageOpener()
             opener.openBacking = false
             let img: any DiskImage
-            do { img = try opener.open(full, format: bfmt) } catch let e as QCow2Error {
+            do {
+                let loc = try BackingName.locate(b, format: bfmt, relativeTo: file)
+                img = try opener.open(loc.path, format: loc.format)
+            } catch let e as QCow2Error {
                 throw fail("Could not open '\(full)': \(e.message)\nCould not open backing image.")
             }
             if sizeValue == nil { sizeValue = img.virtualSize }

@@ -9,13 +9,14 @@ struct Info: ParsableCommand {
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
+    @OptionGroup var imageOpts: ImageOptsOption
     @Option(help: ArgumentHelp("Output format: human or json.", valueName: "ofmt")) var output: OutputFormat = .human
     @Flag(name: .customLong("backing-chain"), help: "Show every image of the backing chain.") var backingChain = false
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
         var infos: [ImageInfo] = []
-        let top = try openImage(file, format: format, share: share, backing: backingChain)
+        let top = try openImage(file, format: format, share: share, imageOpts: imageOpts, backing: backingChain, dataFiles: false)
         var layer: (any DiskImage)? = top
         while let l = layer {
             infos.append(try ImageInfo(l))
@@ -59,6 +60,7 @@ enum InfoFormatter {
                 return .object(o)
             })))
         }
+        if i.encrypted { p.append(("encrypted", .bool(true))) }
         if let q = i.qcow2 {
             p.append(("format-specific", .object([("type", .string("qcow2")), ("data", specific(q))])))
         }
@@ -71,6 +73,9 @@ enum InfoFormatter {
         if let l = q.lazyRefcounts { d.append(("lazy-refcounts", .bool(l))) }
         if let c = q.corrupt { d.append(("corrupt", .bool(c))) }
         d.append(("refcount-bits", .int(Int64(q.refcountBits))))
+        if let f = q.dataFile { d.append(("data-file", .string(f))) }
+        if let r = q.dataFileRaw { d.append(("data-file-raw", .bool(r))) }
+        if let e = q.encryptFormat { d.append(("encrypt", EncryptInfo.json(format: e, luks: q.luks))) }
         if let bms = q.bitmaps {
             d.append(("bitmaps", .array(bms.map { b in
                 .object([("name", .string(b.name)), ("granularity", .uint(b.granularity)),
@@ -86,6 +91,7 @@ enum InfoFormatter {
         s += "file format: \(i.format)\n"
         s += "virtual size: \(Human.size(i.virtualSize)) (\(i.virtualSize) bytes)\n"
         s += "disk size: " + (i.actualSize.map(Human.size) ?? "unavailable") + "\n"
+        if i.encrypted { s += "encrypted: yes\n" }
         if let c = i.clusterSize { s += "cluster_size: \(c)\n" }
         if i.dirtyFlag { s += "cleanly shut down: no\n" }
         if let b = i.backingFilename {

@@ -9,13 +9,14 @@ struct Map: ParsableCommand {
 
     @OptionGroup var format: FormatOption
     @OptionGroup var share: ShareOption
+    @OptionGroup var imageOpts: ImageOptsOption
     @Option(help: ArgumentHelp("Output format: human or json.", valueName: "ofmt")) var output: OutputFormat = .human
     @Option(name: .customLong("start-offset"), help: ArgumentHelp("First guest byte to map.", valueName: "offset")) var startOffset: SizeArgument?
     @Option(name: .customLong("max-length"), help: ArgumentHelp("Number of guest bytes to map.", valueName: "len")) var maxLength: SizeArgument?
     @Argument(help: "The image file.") var file: String
 
     func run() throws {
-        let image = try openImage(file, format: format, share: share)
+        let image = try openImage(file, format: format, share: share, imageOpts: imageOpts)
         var first = true
         var text = ""
         if output == .human {

@@ -16,6 +16,22 @@ struct FormatOption: ParsableArguments {
     }
 }
 
+/// --image-opts: the image argument is a list of QEMU block options instead of a file name,
+/// followed for the local-file shapes (`driver=qcow2,file.filename=X`, `driver=file,filename=X`);
+/// other drivers and options are refused with one line naming them.
+struct ImageOptsOption: ParsableArguments {
+    @Flag(name: .customLong("image-opts"), help: "The image argument is QEMU block options (driver=qcow2,file.filename=FILE).")
+    var imageOpts = false
+
+    /// The file to open and its format, from `-f` and the image argument.
+    func locate(_ image: String, format: FormatOption) throws -> (path: String, format: ImageFormat?) {
+        guard imageOpts else { return (image, try format.imageFormat(path: image)) }
+        if format.format != nil { throw CommandFailure(message: "--image-opts and --format are mutually exclusive") }
+        let loc = try BackingName.locate(imageOptions: try OptionList([image]).values, named: image)
+        return (loc.path, loc.format)
+    }
+}
+
 /// -U / --force-share: open without taking or respecting shared locks.
 struct ShareOption: ParsableArguments {
     @Flag(name: [.customShort("U"), .customLong("force-share")], help: "Open the image read-only without locking.")
@@ -71,9 +87,13 @@ struct SizeArgument: ExpressibleByArgument {
 }
 
 /// Opens an image (and its backing chain) for reading; `-U` takes no locks.
-func openImage(_ path: String, format: FormatOption, share: ShareOption, backing: Bool = true) throws -> any DiskImage {
+func openImage(_ image: String, format: FormatOption, share: ShareOption, imageOpts: ImageOptsOption? = nil,
+               backing: Bool = true, dataFiles: Bool = true) throws -> any DiskImage {
     var opener = ImageOpener()
     opener.openBacking = backing
+    opener.openDataFiles = dataFiles
     opener.forceShare = share.forceShare
-    return try opener.open(path, format: try format.imageFormat(path: path))
+    // (An ImageOptsOption exists only as a parsed option group: commands without one pass nil.)
+    let (path, fmt) = try imageOpts?.locate(image, format: format) ?? (image, try format.imageFormat(path: image))
+    return try opener.open(path, format: fmt)
 }
