@@ -31,6 +31,10 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     case needsRepair(path: String, detail: String)
     /// Shrinking would cut off allocated data and was not asked for.
     case shrinkWouldLoseData(path: String)
+    /// Another run holds the backup repository's lock.
+    case repositoryLocked(path: String)
+    /// A backup repository's manifest or files are not what they must be.
+    case repositoryDamaged(path: String, field: String, detail: String)
 
     public var path: String {
         switch self {
@@ -38,7 +42,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
              .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _),
              .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
              .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
-             .shrinkWouldLoseData(let p):
+             .shrinkWouldLoseData(let p), .repositoryLocked(let p), .repositoryDamaged(let p, _, _):
             return p
         }
     }
@@ -63,6 +67,10 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
             return "the target exists"
         case .shrinkWouldLoseData:
             return "the part being cut off holds data"
+        case .repositoryLocked:
+            return "the repository is locked by another run"
+        case .repositoryDamaged(_, let field, let detail):
+            return field.isEmpty ? "repository damaged: \(detail)" : "repository damaged: invalid \(field): \(detail)"
         }
     }
 
@@ -83,6 +91,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .targetExists: return .targetExists(path: p)
         case .needsRepair(_, let d): return .needsRepair(path: p, detail: d)
         case .shrinkWouldLoseData: return .shrinkWouldLoseData(path: p)
+        case .repositoryLocked: return .repositoryLocked(path: p)
+        case .repositoryDamaged(_, let f, let d): return .repositoryDamaged(path: p, field: f, detail: d)
         }
     }
 

@@ -30,10 +30,19 @@ extension QCow2Image {
     /// for `.merge` (nil: merge from this image).
     public func applyBitmapActions(_ actions: [BitmapAction], to name: String,
                                    mergeSource: ((String) throws -> DirtyBitmap)? = nil) throws {
+        try applyBitmapActions(actions.map { ($0, name) }, mergeSource: mergeSource)
+    }
+
+    /// Applies each action to the bitmap named with it, all committed together (one
+    /// directory switch): e.g. a backup repository's new bitmap added and the previous
+    /// one removed at once.
+    public func applyBitmapActions(_ steps: [(BitmapAction, String)],
+                                   mergeSource: ((String) throws -> DirtyBitmap)? = nil) throws {
         _ = try requireAllocator()
         var entries = header.autoclearFeatures & Features.autoclearBitmaps != 0 ? bitmaps : []
         var data: [String: DirtyBitmap] = [:]  // new content of bitmaps that change
         var removed: [BitmapDirectoryEntry] = []
+        var name = steps.last?.1 ?? ""
         func fail(_ a: BitmapAction, _ reason: String, inconsistent: String? = nil) -> QCow2Error {
             .bitmapOperation(path: path, action: a.name, bitmap: name, reason: reason, inconsistent: inconsistent)
         }
@@ -43,7 +52,8 @@ extension QCow2Image {
         func consistent(_ a: BitmapAction, _ i: Int) throws {
             if entries[i].inUse { throw inconsistent(a, name) }
         }
-        for a in actions {
+        for (a, stepName) in steps {
+            name = stepName
             let index = entries.firstIndex { $0.name == name }
             switch a {
             case .add(let g, let disabled):
@@ -108,7 +118,7 @@ extension QCow2Image {
         // bitmap whose extension cannot fit in the header is refused before any write.
         if !entries.isEmpty {
             do { try checkBitmapsExtensionFits() } catch let e as QCow2Error {
-                throw QCow2Error.bitmapOperation(path: path, action: actions.last?.name ?? "add", bitmap: name, reason: e.message, inconsistent: nil)
+                throw QCow2Error.bitmapOperation(path: path, action: steps.last?.0.name ?? "add", bitmap: name, reason: e.message, inconsistent: nil)
             }
         }
         try clearUnknownAutoclearBits()
