@@ -220,11 +220,14 @@ private struct JSONReader {
             case UInt8(ascii: "f"): raw.append(0x0C)
             case UInt8(ascii: "u"):
                 flush()
-                var v: UInt32 = 0
-                for _ in 0..<4 {
-                    guard pos < bytes.count, let d = hexValue(bytes[pos]) else { throw error("bad \\u escape") }
-                    v = v << 4 | d
-                    pos += 1
+                var v = try hex4()
+                if (0xD800...0xDBFF).contains(v) {
+                    // A surrogate pair: \uD8xx\uDCxx.
+                    guard pos + 1 < bytes.count, bytes[pos] == UInt8(ascii: "\\"), bytes[pos + 1] == UInt8(ascii: "u") else { throw error("bad \\u escape") }
+                    pos += 2
+                    let low = try hex4()
+                    guard (0xDC00...0xDFFF).contains(low) else { throw error("bad \\u escape") }
+                    v = 0x10000 + ((v - 0xD800) << 10) + (low - 0xDC00)
                 }
                 guard let u = Unicode.Scalar(v) else { throw error("bad \\u escape") }
                 scalars.append(u)
@@ -232,6 +235,16 @@ private struct JSONReader {
             }
         }
         throw error("unterminated string")
+    }
+
+    mutating func hex4() throws -> UInt32 {
+        var v: UInt32 = 0
+        for _ in 0..<4 {
+            guard pos < bytes.count, let d = hexValue(bytes[pos]) else { throw error("bad \\u escape") }
+            v = v << 4 | d
+            pos += 1
+        }
+        return v
     }
 
     func hexValue(_ c: UInt8) -> UInt32? {
