@@ -283,6 +283,11 @@ import Glibc
         #expect(mode("out.qcow2") == 0o600)
         try B.qimg(["backup", "--sync=full", "vm.qcow2", "plain.qcow2"], dir)
         #expect(mode("plain.qcow2") == 0o600)
+        try B.qimg(["convert", "-O", "qcow2", "vm.qcow2", "converted.qcow2"], dir)
+        #expect(mode("converted.qcow2") == 0o600)
+        chmod(dir + "/vm.qcow2", 0o640)
+        try B.qimg(["convert", "-O", "raw", "vm.qcow2", "converted.raw"], dir)
+        #expect(mode("converted.raw") == 0o640)
         try FileManager.default.createDirectory(atPath: dir + "/open", withIntermediateDirectories: false)
         chmod(dir + "/open", 0o777)
         let r = try Qimg.run(["backup", "--repo", "open", "--bitmap=daily", "vm.qcow2"], cwd: dir)
@@ -310,6 +315,53 @@ import Glibc
             let d = try Qimg.run(args, cwd: dir)
             #expect(d.status == 2 && d.stderrLines.count == 1 && d.err.contains("repository damaged"), "\(args): \(d.summary): \(d.err)")
         }
+    }
+
+    /// A lost manifest is rebuilt from the point files: the same ids, files, kinds and
+    /// parents; every point restores; the next run is a full (the bitmaps belonged to the
+    /// lost repository id) and incrementals follow.
+    @Test(.requiresQEMU) func lostManifestIsRebuilt() throws {
+        let dir = try Self.scratch("rebuild")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
+        for day in 1...3 {
+            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 256)k 100k", "vm.qcow2"], dir)
+            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
+            try Self.backup(dir, day: day)
+        }
+        let before = try Self.points(dir)
+        unlink(dir + "/R/qimg-repository.json")
+        let after = try Self.points(dir)
+        #expect(after.count == 3)
+        for (a, b) in zip(before, after) {
+            for k in ["id", "file", "kind", "time", "virtual-size"] { #expect("\(a[k] ?? "-")" == "\(b[k] ?? "-")", "\(k)") }
+            #expect((a["parent"] as? String) == (b["parent"] as? String))
+        }
+        for (i, p) in after.enumerated() { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(i + 1).qcow2", "rebuilt") }
+        let full = try Self.backup(dir, day: 4)
+        #expect(full["full-reason"] as? String == "bitmap missing" && full["id"] as? String == "000004", "\(full)")
+        try B.tool(["qemu-io", "-c", "write -P 5 0 4k", "vm.qcow2"], dir)
+        #expect(try Self.backup(dir, day: 5)["kind"] as? String == "incremental")
+        try Self.expectRepositoryClean(dir, "after the rebuild")
+    }
+
+    /// An image a VM holds (qemu-storage-daemon with the image open read-write): exit 4,
+    /// nothing added to the repository.
+    @Test(.requiresStorageDaemon) func imageInUseExits4() throws {
+        let dir = try Self.scratch("busy")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
+        try Self.backup(dir, day: 1)
+        let before = try B.bytes(dir, "R/qimg-repository.json")
+        let daemon = try PipedProcess(Env.qemuStorageDaemon ?? "qemu-storage-daemon",
+                                      ["--blockdev", "driver=file,node-name=f,filename=\(dir)/vm.qcow2",
+                                       "--blockdev", "driver=qcow2,node-name=q,file=f", "--chardev", "stdio,id=m0", "--monitor", "chardev=m0"])
+        defer { daemon.stop() }
+        try daemon.waitForLine(containing: "\"QMP\"")
+        let r = try Qimg.run(["backup", "--repo", "R", "--bitmap=daily", "vm.qcow2"], cwd: dir)
+        #expect(r.status == 4 && r.stderrLines.count == 1 && r.err.contains("in use"), "\(r.summary): \(r.err)")
+        #expect(try B.bytes(dir, "R/qimg-repository.json") == before)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == 1)
     }
 
     /// SIGKILL at every write and every sync of an incremental repository run (odd writes

@@ -11,22 +11,24 @@ public struct PointDigest: Equatable, Sendable {
 
     /// Reads the point at `path` (its own layer only; the backing file is not opened).
     public static func compute(_ path: String) throws -> PointDigest {
-        var opener = ImageOpener()
-        opener.openBacking = false
-        guard let q = try opener.open(path, format: .qcow2) as? QCow2Image else {
-            throw QCow2Error.invalidArgument(path: path, detail: "not a qcow2 image")
-        }
+        let q = try openAlone(path)
         return PointDigest(fileSize: try q.file.size(), metadataSHA256: try metadataDigest(q), runs: try dataRuns(q))
     }
 
     /// Only the size and the metadata digest (what a backup checks of the newest point).
     public static func identity(_ path: String) throws -> (fileSize: UInt64, metadataSHA256: String) {
+        let q = try openAlone(path)
+        return (try q.file.size(), try metadataDigest(q))
+    }
+
+    /// A point file read-only, without its backing file.
+    static func openAlone(_ path: String) throws -> QCow2Image {
         var opener = ImageOpener()
         opener.openBacking = false
         guard let q = try opener.open(path, format: .qcow2) as? QCow2Image else {
             throw QCow2Error.invalidArgument(path: path, detail: "not a qcow2 image")
         }
-        return (try q.file.size(), try metadataDigest(q))
+        return q
     }
 
     static func metadataDigest(_ q: QCow2Image) throws -> String {

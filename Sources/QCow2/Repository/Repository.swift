@@ -45,9 +45,12 @@ public final class Repository {
             manifest = RepositoryManifest(repositoryID: Self.randomID())
             try save(mode: 0o600)
         } else {
-            throw QCow2Error.repositoryDamaged(path: manifestPath, field: "", detail: create
-                ? "the manifest is missing in a directory that is not empty (rebuilding it from the files is not implemented)"
-                : "no manifest: not a qimg backup repository")
+            // Lost: rebuilt from the point files (and written by a backup run).
+            manifest = try RepositoryManifest.rebuild(from: self.path)
+            guard !manifest.images.isEmpty else {
+                throw QCow2Error.repositoryDamaged(path: manifestPath, field: "", detail: "no manifest and no point file: not a qimg backup repository")
+            }
+            if lock == .exclusive { try save(mode: 0o600) }
         }
     }
 

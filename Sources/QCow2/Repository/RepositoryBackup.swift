@@ -61,7 +61,7 @@ public enum RepositoryBackup {
         cleaned += removeOrphans(repo, chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []
         let jobBitmaps = source.bitmaps.filter { $0.name.hasPrefix(prefix) }
-        let reason = fullReason(repo, chain: chain, bitmaps: jobBitmaps, prefix: prefix, source: source, options: o)
+        let reason = fullReason(repo, chainName, bitmaps: jobBitmaps, prefix: prefix, source: source, options: o)
         let parent = reason == nil ? chain.last : nil
 
         let number = repo.manifest.nextPoint
@@ -144,8 +144,9 @@ public enum RepositoryBackup {
     }
 
     /// nil when an incremental on the newest point is safe, else why not.
-    static func fullReason(_ repo: Repository, chain: [RepositoryManifest.Point], bitmaps: [BitmapDirectoryEntry], prefix: String,
+    static func fullReason(_ repo: Repository, _ name: String, bitmaps: [BitmapDirectoryEntry], prefix: String,
                            source: SourceHold, options o: RepositoryBackupOptions) -> FullReason? {
+        let chain = repo.manifest.chain(name)?.points ?? []
         guard let newest = chain.last else { return .noChain }
         if let policy = o.fullEvery, let full = chain.lastIndex(where: { $0.kind == .full }) {
             switch policy {
@@ -154,7 +155,7 @@ public enum RepositoryBackup {
             }
         }
         // Every file of the newest point's chain present, the newest one as recorded.
-        for p in repo.manifest.ancestry(of: newest.id, in: chain.isEmpty ? "" : chainName(repo, newest)) {
+        for p in repo.manifest.ancestry(of: newest.id, in: name) {
             var st = stat()
             guard Sys.stat(repo.file(p.file), &st) == 0, UInt64(st.st_size) == p.fileSize else { return .newestPointMissing }
         }
@@ -164,9 +165,5 @@ public enum RepositoryBackup {
         if bitmaps[0].inUse { return .bitmapInUse }
         if source.image.virtualSize != newest.virtualSize { return .sizeChanged }
         return nil
-    }
-
-    static func chainName(_ repo: Repository, _ p: RepositoryManifest.Point) -> String {
-        String(p.file.split(separator: "/").first ?? "")
     }
 }

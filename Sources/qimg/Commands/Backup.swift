@@ -1,8 +1,5 @@
 import ArgumentParser
 import QCow2
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Backup: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -100,7 +97,7 @@ struct Backup: ParsableCommand {
         let r: BackupResult
         do {
             // The backup is never readable by more users than the image.
-            r = try StagedFile.$creationMode.withValue(Self.permissions(of: source)) {
+            r = try StagedFile.$creationMode.withValue(FileModes.permissions(of: source)) {
                 try BackupOperation.run(source: source, target: target, options: o)
             }
         } catch {
@@ -117,11 +114,5 @@ struct Backup: ParsableCommand {
             let rate = r.seconds > 0 ? UInt64(Double(r.bytesToCopy) / r.seconds) : 0
             Output.out("Backup complete: \(target): \(r.bytesToCopy) bytes in \(r.clusters) clusters copied (\(Human.size(r.bytesWritten)) of data) in \(Human.format("%.2f", r.seconds)) s (\(Human.size(rate))/s)\n")
         }
-    }
-
-    /// The permission bits of `path` (read and write bits only), for the files made from it.
-    static func permissions(of path: String) -> mode_t {
-        var st = stat()
-        return stat(path, &st) == 0 ? st.st_mode & 0o666 : 0o600
     }
 }

@@ -49,3 +49,12 @@ struct RunLog {
         _ = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
     }
 }
+
+/// The permission bits of files qimg makes from an image (backup, convert): the image's
+/// read and write bits, so that a copy is never readable by more users than the image.
+enum FileModes {
+    static func permissions(of path: String) -> mode_t {
+        var st = stat()
+        return stat(path, &st) == 0 ? st.st_mode & 0o666 : 0o600
+    }
+}
