@@ -23,6 +23,8 @@ public enum FullReason: String, Sendable {
     case noChain = "no chain"
     case bitmapMissing = "bitmap missing"
     case bitmapInUse = "bitmap in use"
+    /// Disabled bitmaps record nothing.
+    case bitmapDisabled = "bitmap disabled"
     case sizeChanged = "size changed"
     case newestPointMissing = "newest point missing or replaced"
     case policy = "policy"
@@ -163,6 +165,7 @@ public enum RepositoryBackup {
               id.fileSize == newest.fileSize, id.metadataSHA256 == newest.metadataSHA256 else { return .newestPointMissing }
         guard bitmaps.count == 1, bitmaps[0].name == prefix + newest.id else { return .bitmapMissing }
         if bitmaps[0].inUse { return .bitmapInUse }
+        if !bitmaps[0].isAuto { return .bitmapDisabled }
         if source.image.virtualSize != newest.virtualSize { return .sizeChanged }
         return nil
     }
