@@ -404,6 +404,82 @@ import Glibc
         }
     }
 
+    /// Six days, then `prune --keep 3`: the kept points keep their ids and restore what they
+    /// restored before; the oldest kept becomes a full; verify passes; the next run is still
+    /// an incremental on the newest point. Then --keep 1 on a chain whose newest is a full.
+    @Test(.requiresQEMU) func pruneKeepsWhatItKeeps() throws {
+        let dir = try Self.scratch("prune")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.sixDays(dir)
+        let before = try Self.points(dir)
+        let r = try B.qimg(["repo", "prune", "R", "--keep", "3"], dir)
+        #expect(r.err.contains("merged into \(before[3]["id"] as? String ?? "?")"), "\(r.err)")
+        let after = try Self.points(dir)
+        #expect(after.map { $0["id"] as? String } == before.suffix(3).map { $0["id"] as? String })
+        #expect(after.first?["kind"] as? String == "full" && after.first?["parent"] is NSNull)
+        for (i, p) in after.enumerated() { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(i + 4).qcow2", "after prune") }
+        try Self.expectRepositoryClean(dir, "after prune")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == 3)
+        try B.tool(["qemu-io", "-c", "write -P 7 3M 4k", "vm.qcow2"], dir)
+        #expect(try Self.backup(dir, day: 7)["kind"] as? String == "incremental")
+        try B.qimg(["repo", "prune", "R", "--keep", "1"], dir)
+        let last = try Self.points(dir)
+        #expect(last.count == 1 && last.first?["kind"] as? String == "full")
+        try Self.expectRestores(dir, point: last.first?["id"] as? String ?? "?", as: "vm.qcow2", "keep 1")
+        try Self.expectRepositoryClean(dir, "after keep 1")
+        try B.tool(["qemu-io", "-c", "write -P 8 2M 4k", "vm.qcow2"], dir)
+        let next = try Self.backup(dir, day: 8)
+        #expect(next["kind"] as? String == "incremental", "\(next)")
+        try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "after keep 1")
+    }
+
+    /// A full and five incrementals, day N's disk saved as dayN.qcow2.
+    static func sixDays(_ dir: String) throws {
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "4M"], dir)
+        for day in 1...6 {
+            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 300)k 100k", "-c", "write -z \((day + 2) * 200)k 8k", "vm.qcow2"], dir)
+            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
+            try Self.backup(dir, day: day)
+        }
+    }
+
+    /// SIGKILL at every write and sync of `prune --keep 3`: every listed point restores
+    /// what its day's disk held, right after the kill; the next prune finishes and verify
+    /// passes; the next backup is an incremental that restores right.
+    @Test(.requiresQEMU) func killPruneAtEveryWriteAndSync() throws {
+        let dir = try Self.scratch("prune-kill")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.sixDays(dir)
+        let days = Dictionary(uniqueKeysWithValues: try Self.points(dir).enumerated().map { ($0.element["id"] as? String ?? "?", $0.offset + 1) })
+        try Self.shell("cp -a R R.template && cp -a vm.qcow2 vm.template", dir)
+        var kills = 0
+        for kind in ["write", "sync"] {
+            for n in 1..<400 {
+                try? FileManager.default.removeItem(atPath: dir + "/R")
+                try Self.shell("cp -a R.template R && cp -a vm.template vm.qcow2", dir)
+                let spec = "\(kind):\(n):kill\(kind == "write" && n % 2 == 1 ? ":partial" : "")"
+                let r = try Runner.run("/usr/bin/env", ["QIMG_FAULTS=\(spec)", Qimg.path, "repo", "prune", "R", "--keep", "3"], cwd: dir)
+                if r.exitedNormally && r.status == 0 { break }
+                #expect(r.signaled && r.status == SIGKILL, "\(spec): \(r.summary): \(r.err)")
+                kills += 1
+                for p in try Self.points(dir) {
+                    let id = p["id"] as? String ?? "?"
+                    try Self.expectRestores(dir, point: id, as: "day\(days[id] ?? 0).qcow2", "\(spec): right after the kill")
+                }
+                try B.qimg(["repo", "prune", "R", "--keep", "3"], dir)
+                let pts = try Self.points(dir)
+                #expect(pts.count == 3, "\(spec)")
+                try Self.expectRepositoryClean(dir, "\(spec): after the next prune")
+                #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == 3, "\(spec): files left")
+                try B.tool(["qemu-io", "-c", "write -P 9 1M 4k", "vm.qcow2"], dir)
+                let next = try Self.backup(dir, day: 9)
+                #expect(next["kind"] as? String == "incremental", "\(spec): \(next)")
+                try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "\(spec): next backup")
+            }
+        }
+        #expect(kills >= 20, "kill points: \(kills)")
+    }
+
     /// SIGKILL at every write and every sync of an incremental repository run (odd writes
     /// torn in half): each killed run leaves the repository verifiable, the next run
     /// completes, and every point restores to the disk of its day; nothing is left behind.

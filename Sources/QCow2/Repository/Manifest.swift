@@ -49,6 +49,9 @@ public struct RepositoryManifest: Equatable, Sendable {
         /// SHA-256 of the point's qcow2 metadata (header cluster, L1 and L2 tables).
         public var metadataSHA256: String
         public var runs: [DataRun]
+        /// Set by a prune between recording a merged point and renaming its new file (this
+        /// path, relative) over `file`; the next prune or backup finishes the rename.
+        public var replacement: String? = nil
     }
 
     public func chain(_ name: String) -> ImageChain? { images.first { $0.name == name } }
@@ -107,7 +110,7 @@ extension RepositoryManifest.Point {
             ("bitmap", .string(bitmap)), ("state", .string(state.rawValue)),
             ("file-size", .number(fileSize)), ("metadata-sha256", .string(metadataSHA256)),
             ("runs", .array(runs.map { .array([.number($0.offset), .number($0.length), .string($0.sha256)]) })),
-        ])
+        ] + (replacement.map { [("replacement", JSON.string($0))] } ?? []))
     }
 
     init(json j: JSON) throws {
@@ -130,10 +133,13 @@ extension RepositoryManifest.Point {
             guard a.count == 3 else { throw FormatError("runs", "a run is [offset, length, sha256]") }
             return RepositoryManifest.DataRun(offset: try a[0].number(), length: try a[1].number(), sha256: try a[2].string())
         }
-        // The file is a name inside the repository, never a way out of it.
-        let parts = file.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else {
-            throw FormatError("file", "'\(file)' is not CHAIN/FILE inside the repository")
+        if j["replacement"] != nil { replacement = try j.field("replacement").string() }
+        // The files are names inside the repository, never a way out of it.
+        for f in [file] + (replacement.map { [$0] } ?? []) {
+            let parts = f.split(separator: "/", omittingEmptySubsequences: false)
+            guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else {
+                throw FormatError("file", "'\(f)' is not CHAIN/FILE inside the repository")
+            }
         }
     }
 }

@@ -94,6 +94,23 @@ public final class Repository {
         }
     }
 
+    /// Removes the point files (and unfinished prune replacements) of chain `name` that
+    /// the manifest does not list: files of killed backups (made durable, never recorded,
+    /// the bitmap never switched to them) and of expired points whose removal a killed
+    /// prune cut short. Call with the exclusive lock, after `finishReplacements`.
+    /// Returns the relative names removed.
+    @discardableResult
+    public func removeUnlisted(chain name: String) -> [String] {
+        let known = Set(manifest.chain(name)?.points.flatMap { [$0.file] + ($0.replacement.map { [$0] } ?? []) } ?? [])
+        var removed: [String] = []
+        for entry in Self.entries(file(name)) where entry.hasSuffix(".qcow2") || entry.hasSuffix(".qcow2" + RepositoryPrune.replacementSuffix) {
+            let rel = "\(name)/\(entry)"
+            if !known.contains(rel) && Sys.unlink(file(rel)) == 0 { removed.append(rel) }
+        }
+        if !removed.isEmpty { try? StagedFile.syncDirectory(of: file(removed[0])) }
+        return removed
+    }
+
     static func isEmptyDirectory(_ p: String) -> Bool {
         entries(p).allSatisfy { $0 == ".lock" || $0.hasSuffix(StagedFile.temporarySuffix) }
     }

@@ -59,8 +59,9 @@ public enum RepositoryBackup {
             repo.manifest.images.append(RepositoryManifest.ImageChain(name: chainName))
         }
         let prefix = "\(o.bitmap)@\(repo.manifest.repositoryID)."
+        try RepositoryPrune.finishReplacements(repo)
         var cleaned = try resolvePending(repo, chainName, source: source)
-        cleaned += removeOrphans(repo, chainName)
+        cleaned += repo.removeUnlisted(chain: chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []
         let jobBitmaps = source.bitmaps.filter { $0.name.hasPrefix(prefix) }
         let reason = fullReason(repo, chainName, bitmaps: jobBitmaps, prefix: prefix, source: source, options: o)
@@ -130,19 +131,6 @@ public enum RepositoryBackup {
         _ = Sys.unlink(repo.file(last.file))
         try StagedFile.syncDirectory(of: repo.file(last.file))
         return [last.file]
-    }
-
-    /// Point files of chain `name` that the manifest does not list: a killed run made
-    /// them durable but never recorded them (the bitmap was never switched to them).
-    static func removeOrphans(_ repo: Repository, _ name: String) -> [String] {
-        let known = Set(repo.manifest.chain(name)?.points.map(\.file) ?? [])
-        var removed: [String] = []
-        for entry in Repository.entries(repo.file(name)) where entry.hasSuffix(".qcow2") {
-            let rel = "\(name)/\(entry)"
-            if !known.contains(rel) && Sys.unlink(repo.file(rel)) == 0 { removed.append(rel) }
-        }
-        if !removed.isEmpty { try? StagedFile.syncDirectory(of: repo.file(removed[0])) }
-        return removed
     }
 
     /// nil when an incremental on the newest point is safe, else why not.

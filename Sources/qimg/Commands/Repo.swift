@@ -7,7 +7,7 @@ struct Repo: ParsableCommand {
         commandName: "repo",
         abstract: "List, verify and restore the points of a backup repository (qimg backup --repo).",
         discussion: RepoExit.help,
-        subcommands: [RepoList.self, RepoVerify.self, RepoRestore.self])
+        subcommands: [RepoList.self, RepoVerify.self, RepoRestore.self, RepoPrune.self])
 }
 
 struct RepoList: ParsableCommand {
@@ -102,5 +102,26 @@ struct RepoRestore: ParsableCommand {
         }
         bar.finish(succeeded: true)
         Output.error("qimg: restore \(repo): point \(p.id) (\(RepositoryTime.iso(p.time))) written to \(out)")
+    }
+}
+
+struct RepoPrune: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "prune",
+        abstract: "Keep the newest N points of a chain: the older ones are merged into the oldest kept point, which becomes a full.",
+        discussion: "Every kept point restores what it restored before, under the same id. A run killed at any moment is finished by the next prune or backup. " + RepoExit.help)
+
+    @Option(name: .customLong("image"), help: ArgumentHelp("The image's chain (needed when the repository holds several).", valueName: "name")) var image: String?
+    @Option(name: .customLong("keep"), help: ArgumentHelp("How many of the newest points to keep (at least 1).", valueName: "N")) var keep: Int
+    @Argument(help: "The repository directory.") var repo: String
+
+    func run() throws {
+        let r: RepositoryPrune.Result
+        do { r = try RepositoryPrune.run(repository: repo, chain: image, keep: keep) } catch { throw RepoExit.failure(error) }
+        if r.removed.isEmpty {
+            Output.error("qimg: prune \(repo): \(r.chain): nothing to prune")
+        } else {
+            Output.error("qimg: prune \(repo): \(r.chain): points \(r.removed.joined(separator: ", ")) merged into \(r.into ?? "?"), \(Human.size(r.bytesCopied)) copied")
+        }
     }
 }
