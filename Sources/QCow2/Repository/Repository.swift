@@ -26,7 +26,8 @@ public final class Repository {
         self.path = path.count > 1 && path.hasSuffix("/") ? String(path.dropLast()) : path
         var st = stat()
         if Sys.stat(self.path, &st) != 0 {
-            guard create, errno == ENOENT else { throw QCow2Error.io(path: path, operation: "open", errno: errno) }
+            guard errno == ENOENT else { throw QCow2Error.io(path: path, operation: "open", errno: errno) }
+            guard create else { throw QCow2Error.invalidArgument(path: path, detail: "no such repository directory") }
             guard Sys.mkdir(self.path, 0o700) == 0 || errno == EEXIST else { throw QCow2Error.io(path: path, operation: "mkdir", errno: errno) }
             try StagedFile.syncDirectory(of: self.path)
             guard Sys.stat(self.path, &st) == 0 else { throw QCow2Error.io(path: path, operation: "open", errno: errno) }
