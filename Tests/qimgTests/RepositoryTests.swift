@@ -433,11 +433,13 @@ import Glibc
         try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "after keep 1")
     }
 
-    /// A full and five incrementals, day N's disk saved as dayN.qcow2.
+    /// A full and five incrementals, day N's disk saved as dayN.qcow2. 24 scattered writes
+    /// a day: merging points is many writes long (about 90 kill points for a prune).
     static func sixDays(_ dir: String) throws {
-        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "4M"], dir)
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "8M"], dir)
         for day in 1...6 {
-            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 300)k 100k", "-c", "write -z \((day + 2) * 200)k 8k", "vm.qcow2"], dir)
+            let writes = (0..<24).flatMap { ["-c", "write -P \(day) \($0 * 320 + day * 48 + 8)k 4k"] }
+            try B.tool(["qemu-io"] + writes + ["-c", "write -z \((day + 2) * 200)k 8k", "vm.qcow2"], dir)
             try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
             try Self.backup(dir, day: day)
         }
@@ -477,7 +479,7 @@ import Glibc
                 try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "\(spec): next backup")
             }
         }
-        #expect(kills >= 20, "kill points: \(kills)")
+        #expect(kills >= 80, "kill points: \(kills)")
     }
 
     /// SIGKILL at every write and every sync of an incremental repository run (odd writes
@@ -486,11 +488,13 @@ import Glibc
     @Test(.requiresQEMU) func killAtEveryWriteAndSync() throws {
         let dir = try Self.scratch("kill")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "4M"], dir)
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "8M"], dir)
         try B.tool(["qemu-io", "-c", "write -P 1 0 1M", "vm.qcow2"], dir)
         try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day1.qcow2"], dir)
         try Self.backup(dir, day: 1)
-        try B.tool(["qemu-io", "-c", "write -P 2 64k 100k", "-c", "write -P 3 2M 8k", "vm.qcow2"], dir)
+        // 80 scattered writes, each in its own cluster of the point (64 KiB): the copy is
+        // many writes long (over 100 kill points in all).
+        try B.tool(["qemu-io"] + (0..<80).flatMap { ["-c", "write -P \(2 + $0 % 5) \($0 * 96 + 8)k 4k"] } + ["vm.qcow2"], dir)
         try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day2.qcow2"], dir)
         try Self.shell("cp -a R R.template && cp -a vm.qcow2 vm.template", dir)
         var kills = 0
@@ -519,6 +523,6 @@ import Glibc
                 #expect(left.isEmpty, "\(spec): left behind: \(left)")
             }
         }
-        #expect(kills >= 40, "kill points: \(kills)")
+        #expect(kills >= 100, "kill points: \(kills)")
     }
 }
