@@ -413,7 +413,7 @@ import Glibc
         try Self.sixDays(dir)
         let before = try Self.points(dir)
         let r = try B.qimg(["repo", "prune", "R", "--keep", "3"], dir)
-        #expect(r.err.contains("merged into \(before[3]["id"] as? String ?? "?")"), "\(r.err)")
+        #expect(r.err.contains("from \(before[3]["id"] as? String ?? "?") on"), "\(r.err)")
         let after = try Self.points(dir)
         #expect(after.map { $0["id"] as? String } == before.suffix(3).map { $0["id"] as? String })
         #expect(after.first?["kind"] as? String == "full" && after.first?["parent"] is NSNull)
@@ -431,6 +431,36 @@ import Glibc
         let next = try Self.backup(dir, day: 8)
         #expect(next["kind"] as? String == "incremental", "\(next)")
         try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "after keep 1")
+    }
+
+    /// Ten daily points (2026-01-01, a Thursday, to 01-10), then --keep-daily 2
+    /// --keep-weekly 2: days 4 (newest of the week Dec 29 - Jan 4), 9 and 10 stay; day 4
+    /// becomes a full, day 9 an incremental on day 4 holding what differs from it, day 10
+    /// is untouched; each restores its day's disk. Then --keep-monthly 1: day 10 alone.
+    @Test(.requiresQEMU) func prunePoliciesKeepMiddlePoints() throws {
+        let dir = try Self.scratch("policy")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
+        var ids: [Int: String] = [:]
+        for day in 1...10 {
+            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 200)k 100k", "-c", "write -P \(day + 20) \(day % 3 * 1024)k 64k", "vm.qcow2"], dir)
+            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
+            ids[day] = try Self.backup(dir, day: day)["id"] as? String
+        }
+        try B.qimg(["repo", "prune", "R", "--keep-daily", "2", "--keep-weekly", "2"], dir)
+        let pts = try Self.points(dir)
+        #expect(pts.map { $0["id"] as? String } == [ids[4], ids[9], ids[10]])
+        #expect(pts.map { $0["kind"] as? String } == ["full", "incremental", "incremental"])
+        #expect(pts.map { $0["parent"] as? String } == [nil, ids[4], ids[9]])
+        for (p, day) in zip(pts, [4, 9, 10]) { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(day).qcow2", "policy prune") }
+        try Self.expectRepositoryClean(dir, "after the policy prune")
+        try B.qimg(["repo", "prune", "R", "--keep-monthly", "1"], dir)
+        let one = try Self.points(dir)
+        #expect(one.count == 1 && one.first?["id"] as? String == ids[10] && one.first?["kind"] as? String == "full")
+        try Self.expectRestores(dir, point: ids[10] ?? "?", as: "day10.qcow2", "monthly")
+        try Self.expectRepositoryClean(dir, "after the monthly prune")
+        try B.tool(["qemu-io", "-c", "write -P 99 0 4k", "vm.qcow2"], dir)
+        #expect(try Self.backup(dir, day: 11)["kind"] as? String == "incremental")
     }
 
     /// A full and five incrementals, day N's disk saved as dayN.qcow2. 24 scattered writes

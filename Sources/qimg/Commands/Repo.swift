@@ -108,20 +108,25 @@ struct RepoRestore: ParsableCommand {
 struct RepoPrune: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "prune",
-        abstract: "Keep the newest N points of a chain: the older ones are merged into the oldest kept point, which becomes a full.",
+        abstract: "Keep the points a policy names (--keep N newest, --keep-daily/weekly/monthly N); the others are merged into the kept points after them.",
         discussion: "Every kept point restores what it restored before, under the same id. A run killed at any moment is finished by the next prune or backup. " + RepoExit.help)
 
     @Option(name: .customLong("image"), help: ArgumentHelp("The image's chain (needed when the repository holds several).", valueName: "name")) var image: String?
-    @Option(name: .customLong("keep"), help: ArgumentHelp("How many of the newest points to keep (at least 1).", valueName: "N")) var keep: Int
+    @Option(name: .customLong("keep"), help: ArgumentHelp("Keep the newest N points.", valueName: "N")) var keep: Int = 0
+    @Option(name: .customLong("keep-daily"), help: ArgumentHelp("Keep the newest point of each of the newest N days (UTC) that have points.", valueName: "N")) var keepDaily: Int = 0
+    @Option(name: .customLong("keep-weekly"), help: ArgumentHelp("Likewise for weeks (Monday to Sunday).", valueName: "N")) var keepWeekly: Int = 0
+    @Option(name: .customLong("keep-monthly"), help: ArgumentHelp("Likewise for months.", valueName: "N")) var keepMonthly: Int = 0
     @Argument(help: "The repository directory.") var repo: String
 
     func run() throws {
         let r: RepositoryPrune.Result
-        do { r = try RepositoryPrune.run(repository: repo, chain: image, keep: keep) } catch { throw RepoExit.failure(error) }
+        let policy = RetentionPolicy(last: keep, daily: keepDaily, weekly: keepWeekly, monthly: keepMonthly)
+        if policy.isEmpty { throw CommandFailure(message: "\(repo): prune needs --keep, --keep-daily, --keep-weekly or --keep-monthly") }
+        do { r = try RepositoryPrune.run(repository: repo, chain: image, policy: policy) } catch { throw RepoExit.failure(error) }
         if r.removed.isEmpty {
             Output.error("qimg: prune \(repo): \(r.chain): nothing to prune")
         } else {
-            Output.error("qimg: prune \(repo): \(r.chain): points \(r.removed.joined(separator: ", ")) merged into \(r.into ?? "?"), \(Human.size(r.bytesCopied)) copied")
+            Output.error("qimg: prune \(repo): \(r.chain): points \(r.removed.joined(separator: ", ")) merged into the kept points after them" + (r.into.map { " (from \($0) on)" } ?? "") + ", \(Human.size(r.bytesCopied)) copied")
         }
     }
 }
