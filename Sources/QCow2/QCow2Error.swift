@@ -40,6 +40,11 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     /// No internal snapshot has this ID or name.
     case snapshotNotFound(path: String, snapshot: String)
 
+    /// Another run holds the backup repository's lock.
+    case repositoryLocked(path: String)
+    /// A backup repository's manifest or files are not what they must be.
+    case repositoryDamaged(path: String, field: String, detail: String)
+
     /// What a comparison was doing when it failed (qemu-img tells them apart by exit status).
     public enum CompareStep: Sendable { case blockStatus, read }
 
@@ -49,7 +54,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
              .backing(let p, _), .invalidArgument(let p, _), .mismatch(let p, _),
              .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
              .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
-             .shrinkWouldLoseData(let p), .foreignFormat(let p, _, _), .snapshotNotFound(let p, _):
+             .shrinkWouldLoseData(let p), .foreignFormat(let p, _, _), .snapshotNotFound(let p, _),
+             .repositoryLocked(let p), .repositoryDamaged(let p, _, _):
             return p
         case .compareFailed(_, _, _, _, let cause):
             return cause.path
@@ -83,6 +89,10 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
             return cause.message
         case .snapshotNotFound(_, let s):
             return "no snapshot '\(s)'"
+        case .repositoryLocked:
+            return "the repository is locked by another run"
+        case .repositoryDamaged(_, let field, let detail):
+            return field.isEmpty ? "repository damaged: \(detail)" : "repository damaged: invalid \(field): \(detail)"
         }
     }
 
@@ -106,6 +116,8 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .foreignFormat(_, let f, let r): return .foreignFormat(path: p, format: f, probedAsRaw: r)
         case .compareFailed(let a, let b, let o, let s, let c): return .compareFailed(first: a, second: b, offset: o, step: s, cause: c.withPath(p))
         case .snapshotNotFound(_, let s): return .snapshotNotFound(path: p, snapshot: s)
+        case .repositoryLocked: return .repositoryLocked(path: p)
+        case .repositoryDamaged(_, let f, let d): return .repositoryDamaged(path: p, field: f, detail: d)
         }
     }
 

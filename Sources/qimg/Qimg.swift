@@ -17,7 +17,7 @@ struct Qimg: ParsableCommand {
             Each command's --help lists its exit status. Most exit 0 on success and 1 on any \
             error (a usage error included); check, compare, backup and convert have more codes.
             """,
-        subcommands: [Create.self, Info.self, Map.self, Check.self, IO.self, Resize.self, Amend.self, Bitmap.self, Convert.self, Backup.self, Compare.self, Commit.self, Rebase.self, Measure.self, Snapshot.self])
+        subcommands: [Create.self, Info.self, Map.self, Check.self, IO.self, Resize.self, Amend.self, Bitmap.self, Convert.self, Backup.self, Repo.self, Compare.self, Commit.self, Rebase.self, Measure.self, Snapshot.self])
 
     @Flag(name: [.customShort("V"), .customLong("version")], help: "Show the version and exit.")
     var showVersion = false

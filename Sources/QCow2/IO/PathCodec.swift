@@ -110,6 +110,12 @@ enum Sys {
     static func link(_ from: String, _ to: String) -> Int32 {
         PathCodec.withCPath(from) { f in PathCodec.withCPath(to) { Glibc.link(f, $0) } }
     }
+    static func mkdir(_ path: String, _ mode: mode_t) -> Int32 {
+        PathCodec.withCPath(path) { Glibc.mkdir($0, mode) }
+    }
+    static func rmdir(_ path: String) -> Int32 {
+        PathCodec.withCPath(path) { Glibc.rmdir($0) }
+    }
     static func opendir(_ path: String) -> OpaquePointer? {
         PathCodec.withCPath(path) { Glibc.opendir($0) }
     }

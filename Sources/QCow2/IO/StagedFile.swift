@@ -23,6 +23,10 @@ public final class StagedFile {
     public static let temporarySuffix = ".qimg-tmp"
     /// The byte a live run locks exclusively (QEMU uses bytes 100...203).
     static let guardByte: Int64 = 1024
+    /// The permission bits new temporary files are created with (the umask applies):
+    /// a caller copying an image sets its source's bits for the scope of the copy, so that
+    /// the copy is never readable by more users than the source.
+    @TaskLocal public static var creationMode: mode_t = 0o644
 
     /// Creates an empty temporary file for `finalPath`, after removing dead runs'
     /// temporary files from its directory.
@@ -33,7 +37,7 @@ public final class StagedFile {
             let token = String(UInt32.random(in: 0...UInt32.max), radix: 16)
             let name = "\(finalPath).\(getpid())-\(token)\(Self.temporarySuffix)"
             var fd: Int32
-            repeat { fd = Sys.open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644) } while fd < 0 && errno == EINTR
+            repeat { fd = Sys.open(name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, Self.creationMode) } while fd < 0 && errno == EINTR
             if fd < 0 {
                 if errno == EEXIST { continue }
                 throw QCow2Error.io(path: finalPath, operation: "create", errno: errno)

@@ -30,16 +30,27 @@ extension QCow2Image {
     /// for `.merge` (nil: merge from this image).
     public func applyBitmapActions(_ actions: [BitmapAction], to name: String,
                                    mergeSource: ((String) throws -> DirtyBitmap)? = nil) throws {
+        try applyBitmapActions(actions.map { ($0, name) }, mergeSource: mergeSource)
+    }
+
+    /// Applies each action to the bitmap named with it, all committed together (one
+    /// directory switch): e.g. a backup repository's new bitmap added and the previous
+    /// one removed at once.
+    public func applyBitmapActions(_ steps: [(BitmapAction, String)],
+                                   mergeSource: ((String) throws -> DirtyBitmap)? = nil) throws {
         _ = try requireAllocator()
-        var edit = BitmapEdit(image: self, name: name,
+        var edit = BitmapEdit(image: self, name: steps.last?.1 ?? "",
                               entries: header.autoclearFeatures & Features.autoclearBitmaps != 0 ? bitmaps : [])
-        for a in actions { try edit.apply(a, mergeSource: mergeSource) }
+        for (a, stepName) in steps {
+            edit.name = stepName
+            try edit.apply(a, mergeSource: mergeSource)
+        }
         // Commit: new data and tables, then the directory switch, then frees. A first
         // bitmap whose extension cannot fit in the header is refused before any write.
         var entries = edit.entries
         if !entries.isEmpty {
             do { try checkBitmapsExtensionFits() } catch let e as QCow2Error {
-                throw QCow2Error.bitmapOperation(path: path, action: actions.last?.name ?? "add", bitmap: name, reason: e.message, inconsistent: nil)
+                throw QCow2Error.bitmapOperation(path: path, action: steps.last?.0.name ?? "add", bitmap: edit.name, reason: e.message, inconsistent: nil)
             }
         }
         try clearUnknownAutoclearBits()
@@ -73,7 +84,8 @@ extension QCow2Image {
 /// until every action succeeded.
 private struct BitmapEdit {
     let image: QCow2Image
-    let name: String
+    /// The bitmap the current action names.
+    var name: String
     var entries: [BitmapDirectoryEntry]
     /// New content of bitmaps that change.
     var data: [String: DirtyBitmap] = [:]

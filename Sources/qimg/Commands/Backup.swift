@@ -15,10 +15,15 @@ struct Backup: ParsableCommand {
             A target that is the source, the -b file or a file of their backing chains is refused, \
             --force or not.
 
-            \(ExitStatus.interruptible)
+            Repository mode (qimg backup --repo DIR --bitmap=NAME [--name CHAIN] [--time ISO-8601] \
+            [--full-every N|Nd] IMAGE): no TARGET and no --sync; qimg takes a full backup or an \
+            incremental on the chain's newest point by itself, records the point in DIR's manifest \
+            and prints a one-line summary on stderr (or appends it to --log FILE); see Docs/backup.md.
+
+            \(ExitStatus.interruptible) In repository mode: \(RepoExit.help)
             """)
 
-    @Option(name: .customLong("sync"), help: ArgumentHelp("full, top, incremental (dirty-bitmap) or bitmap.", valueName: "mode")) var sync: String
+    @Option(name: .customLong("sync"), help: ArgumentHelp("full, top, incremental (dirty-bitmap) or bitmap.", valueName: "mode")) var sync: String?
     @Option(name: .customLong("bitmap"), help: ArgumentHelp("The persistent dirty bitmap to use.", valueName: "name")) var bitmap: String?
     @Option(name: .customLong("bitmap-mode"), help: ArgumentHelp("on-success, always or never (sync=bitmap).", valueName: "mode")) var bitmapMode: String?
     @Option(name: .customShort("b"), help: ArgumentHelp("Backing file of TARGET (normally the previous backup).", valueName: "backing_file")) var backing: String?
@@ -31,14 +36,27 @@ struct Backup: ParsableCommand {
     @Option(name: .customLong("speed"), help: ArgumentHelp("Limit throughput (bytes per second; k, M, G suffixes).", valueName: "bytes_per_sec")) var speed: SizeArgument?
     @Flag(name: .customLong("force"), help: "Replace an existing TARGET.") var force = false
     @Flag(name: .customLong("no-backing"), help: "Allow an incremental or bitmap backup without -b: a delta that reads as zeros wherever nothing changed.") var noBacking = false
+    @Option(name: .customLong("repo"), help: ArgumentHelp("Back up into this repository (full or incremental chosen by qimg).", valueName: "dir")) var repo: String?
+    @Option(name: .customLong("name"), help: ArgumentHelp("Repository mode: the chain's name (default: the image's file name).", valueName: "chain")) var chain: String?
+    @Option(name: .customLong("time"), help: ArgumentHelp("Repository mode: record the point with this time (ISO-8601; UTC unless an offset is given).", valueName: "time")) var time: String?
+    @Option(name: .customLong("full-every"), help: ArgumentHelp("Repository mode: a full backup every N points (N) or N days (Nd).", valueName: "N|Nd")) var fullEvery: String?
+    @Option(name: .customLong("output"), help: ArgumentHelp("Repository mode: human or json (the point made, on stdout).", valueName: "fmt")) var output: OutputFormat = .human
+    @Option(name: .customLong("log"), help: ArgumentHelp("Repository mode: append the summary line to this file instead of stderr.", valueName: "file")) var log: String?
     @Argument(help: "The image to back up.") var source: String
-    @Argument(help: "The backup image to write.") var target: String
+    @Argument(help: "The backup image to write (not in repository mode).") var target: String?
 
     static let advice = ErrorText.Advice(
         inUseByOthers: "back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)",
         bitmapInconsistent: "remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
 
     func run() throws {
+        if let repo { return try RepoBackup(command: self, repo: repo).run() }
+        guard let sync, let target else {
+            throw CommandFailure(message: "\(source): " + (sync == nil ? "--sync is required (or --repo DIR)" : "a TARGET is required (or --repo DIR)"))
+        }
+        for (flag, given) in [("--name", chain != nil), ("--time", time != nil), ("--full-every", fullEvery != nil), ("--log", log != nil), ("--output", output != .human)] where given {
+            throw CommandFailure(message: "\(source): \(flag) applies only with --repo")
+        }
         var o = BackupOptions()
         let syncName = sync == "dirty-bitmap" ? "incremental" : sync
         guard let s = BackupOptions.Sync(rawValue: syncName) else {
@@ -78,7 +96,10 @@ struct Backup: ParsableCommand {
 
         let r: BackupResult
         do {
-            r = try BackupOperation.run(source: source, target: target, options: o)
+            // The backup is never readable by more users than the image.
+            r = try StagedFile.$creationMode.withValue(FileModes.permissions(of: source)) {
+                try BackupOperation.run(source: source, target: target, options: o)
+            }
         } catch {
             bar.finish(succeeded: false)
             if Interruption.requested {

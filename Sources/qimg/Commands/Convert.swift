@@ -94,7 +94,10 @@ struct Convert: ParsableCommand {
         o.shouldStop = { Interruption.requested }
         Interruption.install()
         do {
-            try ConvertOperation.run(source: src, target: target, options: o) { done, total in bar.update(done, total) }
+            // The copy is never readable by more users than the source.
+            try StagedFile.$creationMode.withValue(FileModes.permissions(of: source)) {
+                try ConvertOperation.run(source: src, target: target, options: o) { done, total in bar.update(done, total) }
+            }
         } catch {
             bar.finish(succeeded: false)
             if Interruption.requested {

@@ -66,37 +66,5 @@ enum QemuJSON {
     }
 
     /// QEMU's string quoting: control and non-ASCII characters as \uXXXX.
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\u{08}": out += "\\b"
-            case "\u{0C}": out += "\\f"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if PathCodec.isEscape(u) {
-                    out += "\\uFFFD"  // a byte of invalid UTF-8 (QEMU writes U+FFFD)
-                } else if u.value < 0x20 || u.value >= 0x7F {
-                    if u.value > 0xFFFF {
-                        let v = u.value - 0x10000
-                        out += hex4(0xD800 | (v >> 10)) + hex4(0xDC00 | (v & 0x3FF))
-                    } else {
-                        out += hex4(u.value)
-                    }
-                } else {
-                    out.unicodeScalars.append(u)
-                }
-            }
-        }
-        return out + "\""
-    }
-
-    static func hex4(_ v: UInt32) -> String {
-        let h = String(v, radix: 16, uppercase: true)
-        return "\\u" + String(repeating: "0", count: max(0, 4 - h.count)) + h
-    }
+    static func quote(_ s: String) -> String { JSON.quote(s, qemu: true) }
 }

@@ -1,0 +1,47 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A lost manifest rebuilt from the point files themselves: each chain directory's
+/// `<time>-<id>.qcow2` files, linked by their backing file names, digests read anew. The
+/// repository id cannot be recovered: a new one is made, so the image's old bitmaps no
+/// longer belong to the job and the next backup is a full ("bitmap missing").
+extension RepositoryManifest {
+    static func rebuild(from repo: String) throws -> RepositoryManifest {
+        var m = RepositoryManifest(repositoryID: Repository.randomID())
+        for dirName in Repository.entries(repo).sorted() where !dirName.hasPrefix(".") {
+            var st = stat()
+            guard Sys.lstat(repo + "/" + dirName, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else { continue }
+            var chain = ImageChain(name: dirName)
+            let named = Repository.entries(repo + "/" + dirName).compactMap { f in pointName(f).map { (f, $0.time, $0.number) } }
+            for (file, time, number) in named.sorted(by: { $0.2 < $1.2 }) {
+                let relative = dirName + "/" + file
+                guard let q = try? PointDigest.openAlone(repo + "/" + relative) else { continue }
+                var parent: String?
+                if let b = q.backingFileName {
+                    // A point whose parent is gone cannot be restored: left out (its file stays).
+                    guard let p = chain.points.first(where: { $0.file == dirName + "/" + b }) else { continue }
+                    parent = p.id
+                }
+                guard let d = try? PointDigest.compute(repo + "/" + relative) else { continue }
+                chain.points.append(Point(
+                    id: RepositoryBackup.pointID(number), file: relative, kind: parent == nil ? .full : .incremental, parent: parent,
+                    time: time, virtualSize: q.virtualSize, bytesCopied: d.runs.reduce(0) { $0 + $1.length }, bitmap: "",
+                    state: .complete, fileSize: d.fileSize, metadataSHA256: d.metadataSHA256, runs: d.runs))
+                m.nextPoint = max(m.nextPoint, number + 1)
+            }
+            if !chain.points.isEmpty { m.images.append(chain) }
+        }
+        return m
+    }
+
+    /// `YYYYMMDDTHHMMSSZ-NNNNNN.qcow2`: the time and the point number.
+    static func pointName(_ name: String) -> (time: Int64, number: UInt64)? {
+        let b = Array(name.utf8)
+        guard b.count > 24, name.hasSuffix(".qcow2"), b[8] == UInt8(ascii: "T"), b[15] == UInt8(ascii: "Z"), b[16] == UInt8(ascii: "-") else { return nil }
+        let s = { (r: Range<Int>) in String(decoding: b[r], as: UTF8.self) }
+        guard let time = RepositoryTime.parse("\(s(0..<4))-\(s(4..<6))-\(s(6..<8))T\(s(9..<11)):\(s(11..<13)):\(s(13..<15))Z"),
+              let number = UInt64(s(17..<(b.count - 6))) else { return nil }
+        return (time, number)
+    }
+}

@@ -1,0 +1,136 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A backup repository directory: `qimg-repository.json` (the manifest), `.lock` (held
+/// for a run: exclusive by a backup, shared by readers) and one directory per chain.
+public final class Repository {
+    public enum LockKind: Sendable { case shared, exclusive }
+
+    public let path: String
+    public var manifest: RepositoryManifest
+    private var lockFD: Int32 = -1
+
+    /// The largest manifest read (a bound on memory, not a limit of practice).
+    static let maxManifestBytes: UInt64 = 512 << 20
+
+    public var manifestPath: String { file(RepositoryManifest.fileName) }
+
+    /// A path inside the repository.
+    public func file(_ relative: String) -> String { path + "/" + relative }
+
+    /// Opens (with `create`, creates: mode 0700) the repository at `path`, refuses a
+    /// directory other users can write, and takes its lock, waiting at most `lockWait`
+    /// seconds for another run to release it.
+    public init(_ path: String, create: Bool, lock: LockKind, lockWait: Double = 0) throws {
+        self.path = path.count > 1 && path.hasSuffix("/") ? String(path.dropLast()) : path
+        var st = stat()
+        if Sys.stat(self.path, &st) != 0 {
+            guard errno == ENOENT else { throw QCow2Error.io(path: path, operation: "open", errno: errno) }
+            guard create else { throw QCow2Error.invalidArgument(path: path, detail: "no such repository directory") }
+            guard Sys.mkdir(self.path, 0o700) == 0 || errno == EEXIST else { throw QCow2Error.io(path: path, operation: "mkdir", errno: errno) }
+            try StagedFile.syncDirectory(of: self.path)
+            guard Sys.stat(self.path, &st) == 0 else { throw QCow2Error.io(path: path, operation: "open", errno: errno) }
+        }
+        guard (st.st_mode & S_IFMT) == S_IFDIR else { throw QCow2Error.invalidArgument(path: path, detail: "not a directory") }
+        guard st.st_mode & 0o022 == 0 else {
+            let mode = String(st.st_mode & 0o7777, radix: 8)
+            throw QCow2Error.invalidArgument(path: path, detail: "the repository directory is writable by other users (mode 0\(mode)): they could replace backups; make it 0700")
+        }
+        manifest = RepositoryManifest(repositoryID: "")
+        try takeLock(lock, wait: lockWait)
+        var mst = stat()
+        if Sys.stat(manifestPath, &mst) == 0 {
+            manifest = try Self.readManifest(manifestPath)
+        } else if create && Self.isEmptyDirectory(self.path) {
+            manifest = RepositoryManifest(repositoryID: Self.randomID())
+            try save(mode: 0o600)
+        } else {
+            // Lost: rebuilt from the point files (and written by a backup run).
+            manifest = try RepositoryManifest.rebuild(from: self.path)
+            guard !manifest.images.isEmpty else {
+                throw QCow2Error.repositoryDamaged(path: manifestPath, field: "", detail: "no manifest and no point file: not a qimg backup repository")
+            }
+            if lock == .exclusive { try save(mode: 0o600) }
+        }
+    }
+
+    deinit { if lockFD >= 0 { close(lockFD) } }
+
+    private func takeLock(_ kind: LockKind, wait: Double) throws {
+        let p = file(".lock")
+        let fd = Sys.open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw QCow2Error.io(path: p, operation: "open", errno: errno) }
+        lockFD = fd
+        let deadline = monotonicNanoseconds() + UInt64(max(0, wait) * 1e9)
+        while flock(fd, (kind == .exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0 {
+            guard errno == EWOULDBLOCK || errno == EINTR else { throw QCow2Error.io(path: p, operation: "lock", errno: errno) }
+            guard monotonicNanoseconds() < deadline else { throw QCow2Error.repositoryLocked(path: path) }
+            var ts = timespec(tv_sec: 0, tv_nsec: 100_000_000)
+            nanosleep(&ts, nil)
+        }
+    }
+
+    static func readManifest(_ p: String) throws -> RepositoryManifest {
+        let f = try BlockFile(path: p)
+        let size = try f.size()
+        guard size <= maxManifestBytes else { throw QCow2Error.repositoryDamaged(path: p, field: "", detail: "the manifest is larger than \(maxManifestBytes) bytes") }
+        do {
+            return try RepositoryManifest.parse(try f.read(count: Int(size), at: 0))
+        } catch let e as FormatError {
+            throw QCow2Error.repositoryDamaged(path: p, field: e.field, detail: e.detail)
+        }
+    }
+
+    /// Writes the manifest atomically: a temporary file, fsync, rename, directory fsync.
+    public func save(mode: mode_t = 0o600) throws {
+        let text = manifest.json().rendered() + "\n"
+        try StagedFile.$creationMode.withValue(mode) {
+            let staged = try StagedFile(final: manifestPath)
+            defer { staged.discard() }
+            let f = try BlockFile(path: staged.temporaryPath, writable: true)
+            try f.write(Array(text.utf8), at: 0)
+            try f.fullSync()
+            try staged.commit(replacing: true, durable: true)
+        }
+    }
+
+    /// Removes the point files (and unfinished prune replacements) of chain `name` that
+    /// the manifest does not list: files of killed backups (made durable, never recorded,
+    /// the bitmap never switched to them) and of expired points whose removal a killed
+    /// prune cut short. Call with the exclusive lock, after `finishReplacements`.
+    /// Returns the relative names removed.
+    @discardableResult
+    public func removeUnlisted(chain name: String) -> [String] {
+        let known = Set(manifest.chain(name)?.points.flatMap { [$0.file] + ($0.replacement.map { [$0] } ?? []) } ?? [])
+        var removed: [String] = []
+        for entry in Self.entries(file(name)) where entry.hasSuffix(".qcow2") || entry.hasSuffix(".qcow2" + RepositoryPrune.replacementSuffix) {
+            let rel = "\(name)/\(entry)"
+            if !known.contains(rel) && Sys.unlink(file(rel)) == 0 { removed.append(rel) }
+        }
+        if !removed.isEmpty { try? StagedFile.syncDirectory(of: file(removed[0])) }
+        return removed
+    }
+
+    static func isEmptyDirectory(_ p: String) -> Bool {
+        entries(p).allSatisfy { $0 == ".lock" || $0.hasSuffix(StagedFile.temporarySuffix) }
+    }
+
+    /// The names in directory `p` (without . and ..).
+    static func entries(_ p: String) -> [String] {
+        guard let d = Sys.opendir(p) else { return [] }
+        defer { closedir(d) }
+        var out: [String] = []
+        while let e = readdir(d) {
+            let n = Sys.name(of: e)
+            if n != "." && n != ".." { out.append(n) }
+        }
+        return out
+    }
+
+    static func randomID() -> String {
+        let v = UInt32.random(in: 0...UInt32.max)
+        let h = String(v, radix: 16)
+        return String(repeating: "0", count: 8 - h.count) + h
+    }
+}

@@ -1,0 +1,132 @@
+import ArgumentParser
+import QCow2
+
+/// `qimg repo`: the restore points of a backup repository (made by `qimg backup --repo`).
+struct Repo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "repo",
+        abstract: "List, verify and restore the points of a backup repository (qimg backup --repo).",
+        discussion: RepoExit.help,
+        subcommands: [RepoList.self, RepoVerify.self, RepoRestore.self, RepoPrune.self])
+}
+
+struct RepoList: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "list", abstract: "List the restore points, oldest first, per image.", discussion: RepoExit.help)
+
+    @Option(name: .customLong("output"), help: ArgumentHelp("human or json.", valueName: "fmt")) var output: OutputFormat = .human
+    @Argument(help: "The repository directory.") var repo: String
+
+    func run() throws {
+        let r: Repository
+        do { r = try Repository(repo, create: false, lock: .shared) } catch { throw RepoExit.failure(error) }
+        let m = r.manifest
+        if output == .json {
+            let images: [JSON] = m.images.map { c in .object([("image", .string(c.name)), ("points", .array(c.points.map { $0.listJSON() }))]) }
+            Output.out(JSON.object([("images", .array(images))]).rendered() + "\n")
+            return
+        }
+        var out = "Repository \(repo) (id \(m.repositoryID))\n"
+        for c in m.images {
+            out += "\n\(c.name): \(c.points.count) point\(c.points.count == 1 ? "" : "s")\n"
+            out += "ID      TIME                  KIND         PARENT  VIRTUAL SIZE  COPIED      STATE     FILE\n"
+            for p in c.points {
+                out += [pad(p.id, 7), pad(RepositoryTime.iso(p.time), 21), pad(p.kind.rawValue, 12), pad(p.parent ?? "-", 7),
+                        pad(Human.size(p.virtualSize), 13), pad(Human.size(p.bytesCopied), 11), pad(p.state.rawValue, 9), p.file].joined(separator: " ") + "\n"
+            }
+        }
+        Output.out(out)
+    }
+
+    func pad(_ s: String, _ n: Int) -> String { s + String(repeating: " ", count: max(0, n - s.count)) }
+}
+
+struct RepoVerify: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "verify",
+        abstract: "Check every point (or one point's chain): files present and linked, clean, every recorded SHA-256 matching.",
+        discussion: RepoExit.help)
+
+    @Option(name: .customLong("image"), help: ArgumentHelp("Only this image's chain.", valueName: "name")) var image: String?
+    @Option(name: .customLong("point"), help: ArgumentHelp("Only this point and the points it is made of.", valueName: "id")) var point: String?
+    @Argument(help: "The repository directory.") var repo: String
+
+    func run() throws {
+        let r: RepositoryVerify.Report
+        do { r = try RepositoryVerify.run(repository: repo, chain: image, point: point) } catch { throw RepoExit.failure(error) }
+        for p in r.problems {
+            Output.error("qimg: \(repo)/\(p.file): point \(p.point)\(p.offset.map { " at guest offset \($0)" } ?? ""): \(p.detail)")
+        }
+        if !r.problems.isEmpty {
+            throw CommandFailure(message: "\(repo): verify failed: \(r.problems.count) problem\(r.problems.count == 1 ? "" : "s") in \(r.pointsChecked) points", exitCode: RepoExit.damaged)
+        }
+        Output.out("\(repo): \(r.pointsChecked) points verified, \(Human.size(r.bytesRead)) of data read; no problem found\n")
+    }
+}
+
+struct RepoRestore: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "restore",
+        abstract: "Write a point (the newest by default) as a standalone image (no backing file).",
+        discussion: RepoExit.help)
+
+    @Option(name: .customLong("image"), help: ArgumentHelp("The image's chain (needed when the repository holds several).", valueName: "name")) var image: String?
+    @Option(name: .customLong("point"), help: ArgumentHelp("The point to restore.", valueName: "id")) var point: String?
+    @Option(name: .customLong("at"), help: ArgumentHelp("The newest point recorded at or before this time (ISO-8601).", valueName: "time")) var at: String?
+    @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 (default) or raw.", valueName: "fmt")) var format: String = "qcow2"
+    @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
+    @Argument(help: "The repository directory.") var repo: String
+    @Argument(help: "The image to write (must not exist).") var out: String
+
+    func run() throws {
+        var o = RepositoryRestore.Options()
+        o.chain = image
+        o.point = point
+        if point != nil && at != nil { throw CommandFailure(message: "\(repo): --point and --at cannot be used together") }
+        if let at {
+            guard let t = RepositoryTime.parse(at) else { throw CommandFailure(message: "\(repo): invalid --at '\(at)' (ISO-8601, e.g. 2026-12-03T02:00:00Z)") }
+            o.at = t
+        }
+        guard let f = ImageFormat(rawValue: format) else { throw CommandFailure(message: "\(out): unknown output format '\(format)' (qcow2 or raw)") }
+        o.format = f
+        o.shouldStop = { Interruption.requested }
+        Interruption.install()
+        let bar = ProgressReporter(enabled: showProgress)
+        let p: RepositoryManifest.Point
+        do {
+            p = try RepositoryRestore.run(repository: repo, target: out, options: o) { bar.update($0, $1) }
+        } catch {
+            bar.finish(succeeded: false)
+            if Interruption.requested { throw Interruption.failure(out, "\(out) was not written") }
+            throw RepoExit.failure(error)
+        }
+        bar.finish(succeeded: true)
+        Output.error("qimg: restore \(repo): point \(p.id) (\(RepositoryTime.iso(p.time))) written to \(out)")
+    }
+}
+
+struct RepoPrune: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "prune",
+        abstract: "Keep the points a policy names (--keep N newest, --keep-daily/weekly/monthly N); the others are merged into the kept points after them.",
+        discussion: "Every kept point restores what it restored before, under the same id. A run killed at any moment is finished by the next prune or backup. " + RepoExit.help)
+
+    @Option(name: .customLong("image"), help: ArgumentHelp("The image's chain (needed when the repository holds several).", valueName: "name")) var image: String?
+    @Option(name: .customLong("keep"), help: ArgumentHelp("Keep the newest N points.", valueName: "N")) var keep: Int = 0
+    @Option(name: .customLong("keep-daily"), help: ArgumentHelp("Keep the newest point of each of the newest N days (UTC) that have points.", valueName: "N")) var keepDaily: Int = 0
+    @Option(name: .customLong("keep-weekly"), help: ArgumentHelp("Likewise for weeks (Monday to Sunday).", valueName: "N")) var keepWeekly: Int = 0
+    @Option(name: .customLong("keep-monthly"), help: ArgumentHelp("Likewise for months.", valueName: "N")) var keepMonthly: Int = 0
+    @Argument(help: "The repository directory.") var repo: String
+
+    func run() throws {
+        let r: RepositoryPrune.Result
+        let policy = RetentionPolicy(last: keep, daily: keepDaily, weekly: keepWeekly, monthly: keepMonthly)
+        if policy.isEmpty { throw CommandFailure(message: "\(repo): prune needs --keep, --keep-daily, --keep-weekly or --keep-monthly") }
+        do { r = try RepositoryPrune.run(repository: repo, chain: image, policy: policy) } catch { throw RepoExit.failure(error) }
+        if r.removed.isEmpty {
+            Output.error("qimg: prune \(repo): \(r.chain): nothing to prune")
+        } else {
+            Output.error("qimg: prune \(repo): \(r.chain): points \(r.removed.joined(separator: ", ")) merged into the kept points after them" + (r.into.map { " (from \($0) on)" } ?? "") + ", \(Human.size(r.bytesCopied)) copied")
+        }
+    }
+}
