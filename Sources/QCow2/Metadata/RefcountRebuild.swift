@@ -18,6 +18,7 @@ struct RefcountRebuild {
     private(set) var blocks: [Int: UInt64] = [:]
     private(set) var tableCluster: UInt64 = 0
     private(set) var tableClusters: UInt64 = 0
+    var tableOffset: UInt64 { tableCluster << UInt64(g.clusterBits) }
     private let keep: Set<UInt64>
     private var firstFree: UInt64 = 0
 
@@ -118,12 +119,34 @@ extension MetadataTransaction {
     /// Writes a rebuilt refcount structure (blocks and table, made durable) and switches
     /// the header to it. The old structure stays as it was, counted by the new one.
     mutating func rebuildRefcounts(_ r: RefcountRebuild) throws {
-        let cb = UInt64(image.geometry.clusterBits)
+        try writeRefcountStructure(r)
+        try publishRefcountStructure(tableOffset: r.tableOffset, tableClusters: UInt32(r.tableClusters))
+    }
+
+    /// Step 2 of a new refcount structure: its blocks and table written into clusters
+    /// the one in force leaves free, then a barrier.
+    func writeRefcountStructure(_ r: RefcountRebuild) throws {
+        let cb = UInt64(r.g.clusterBits)
         for (index, cluster) in r.blocks.sorted(by: { $0.key < $1.key }) {
             try writeNew(r.block(index), at: cluster << cb, durable: false)
         }
-        try writeNew(r.table, at: r.tableCluster << cb, durable: false)
+        try writeNew(r.table, at: r.tableOffset, durable: false)
         try barrier()
-        try publishRefcountStructure(tableOffset: r.tableCluster << cb, tableClusters: UInt32(r.tableClusters))
+    }
+
+    /// A refcount structure of another width (`r`, laid out with the new refcount order,
+    /// its own clusters counted, the old structure's not) written durable, then
+    /// refcount_order, refcount_table_offset and refcount_table_clusters switched with one
+    /// header write and a barrier. The old structure's clusters are free from then on.
+    /// The image's geometry no longer matches the file: its writing ends here (the caller
+    /// opens the image again).
+    func publishRefcountWidth(_ r: RefcountRebuild) throws {
+        try writeRefcountStructure(r)
+        var h = image.header
+        h.refcountTableOffset = r.tableOffset
+        h.refcountTableClusters = UInt32(r.tableClusters)
+        h.refcountOrder = UInt32(r.g.refcountOrder)
+        try image.file.publish(.refcountStructure, of: h)
+        image.allocator = nil
     }
 }
