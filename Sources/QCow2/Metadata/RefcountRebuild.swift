@@ -133,20 +133,4 @@ extension MetadataTransaction {
         try writeNew(r.table, at: r.tableOffset, durable: false)
         try barrier()
     }
-
-    /// A refcount structure of another width (`r`, laid out with the new refcount order,
-    /// its own clusters counted, the old structure's not) written durable, then
-    /// refcount_order, refcount_table_offset and refcount_table_clusters switched with one
-    /// header write and a barrier. The old structure's clusters are free from then on.
-    /// The image's geometry no longer matches the file: its writing ends here (the caller
-    /// opens the image again).
-    func publishRefcountWidth(_ r: RefcountRebuild) throws {
-        try writeRefcountStructure(r)
-        var h = image.header
-        h.refcountTableOffset = r.tableOffset
-        h.refcountTableClusters = UInt32(r.tableClusters)
-        h.refcountOrder = UInt32(r.g.refcountOrder)
-        try image.file.publish(.refcountStructure, of: h)
-        image.allocator = nil
-    }
 }
