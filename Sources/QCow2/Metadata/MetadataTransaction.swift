@@ -38,6 +38,9 @@ struct MetadataTransaction {
     /// One more reference to cluster `c` (index): a compressed cluster packed into it.
     func addReference(_ c: UInt64) throws { try alloc.increment(c) }
 
+    /// The refcount of cluster `c` (index) as this change sees it.
+    func refcount(_ c: UInt64) throws -> UInt64 { try alloc.refcount(c) }
+
     /// Makes the refcounts of everything allocated so far durable.
     func commitRefcounts() throws { try alloc.commit() }
 

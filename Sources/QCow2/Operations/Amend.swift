@@ -46,6 +46,7 @@ extension QCow2Image {
         }
         _ = try headers.layout(h, extensions: exts, backingName: backingFileName)  // fits, before any write
         try clearUnknownAutoclearBits()
+        if version == 2 { try expandZeroClusters() }
         try MetadataTransaction(self).rewriteHeaderCluster(h, extensions: exts, backingName: backingFileName)
     }
 
@@ -66,21 +67,6 @@ extension QCow2Image {
             return no("Internal snapshots prevent downgrade of image")
         }
         if header.isDirty { return no("Cannot downgrade an image that was not closed cleanly") }
-        if try hasZeroClusters() {
-            return no("Cannot downgrade an image with zero clusters (version 2 has no zero flag); write the zeros as data first")
-        }
         return nil
-    }
-
-    /// Whether any L2 entry of the active table or a snapshot uses the zero flag.
-    func hasZeroClusters() throws -> Bool {
-        var l1s: [[UInt64]] = []
-        for sn in snapshots {
-            var t: [UInt64] = []
-            let raw = try file.read(count: Int(sn.l1Size) * 8, at: sn.l1TableOffset)
-            raw.withUnsafeBytes { decodeBigEndianU64($0, into: &t) }
-            l1s.append(t)
-        }
-        return try map.hasZeroClusters(snapshotL1s: l1s)
     }
 }
