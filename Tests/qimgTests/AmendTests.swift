@@ -19,6 +19,20 @@ import TestSupport
         }
     }
 
+    /// `amend -o OPTS` by qemu-img on q.qcow2 and by qimg on m.qcow2: both succeed, the
+    /// same `qemu-img info` (which shows `expected`), qimg's result `qemu-img check` clean.
+    static func amendBoth(_ opts: String, showing expected: String, _ label: String, _ dir: String,
+                          sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let q = try Runner.qemuImg(["amend", "-o", opts, "q.qcow2"], cwd: dir)
+        let m = try Qimg.run(["amend", "-o", opts, "m.qcow2"], cwd: dir)
+        #expect(q.status == 0, "\(label): qemu-img: \(q.err)", sourceLocation: sourceLocation)
+        #expect(m.status == 0 && m.err.isEmpty, "\(label): \(m.summary): \(m.err)", sourceLocation: sourceLocation)
+        let mi = try info("m.qcow2", dir)
+        #expect(mi == (try info("q.qcow2", dir)), "\(label)", sourceLocation: sourceLocation)
+        #expect(mi.contains(expected), "\(label): \(mi)", sourceLocation: sourceLocation)
+        try expectCheckClean("m.qcow2", dir, label, sourceLocation: sourceLocation)
+    }
+
     /// `amend -o OPTS` on copies of `image` (q.qcow2, m.qcow2): qemu-img refuses it, qimg
     /// too with the same exit code and message, and leaves its copy byte for byte as it was.
     static func expectRefusedAsQemuImg(_ image: String, _ opts: String, _ dir: String,
@@ -60,14 +74,7 @@ import TestSupport
             try Self.copy(source, to: ["q.qcow2", "m.qcow2"], dir)
             for (step, width) in [bits, 16].enumerated() {
                 let label = "\(source) refcount_bits=\(width) (step \(step + 1) from 16 to \(bits) and back)"
-                let q = try Runner.qemuImg(["amend", "-o", "refcount_bits=\(width)", "q.qcow2"], cwd: dir)
-                let m = try Qimg.run(["amend", "-o", "refcount_bits=\(width)", "m.qcow2"], cwd: dir)
-                #expect(q.status == 0, "\(label): qemu-img: \(q.err)")
-                #expect(m.status == 0 && m.err.isEmpty, "\(label): \(m.summary): \(m.err)")
-                let mi = try Self.info("m.qcow2", dir)
-                #expect(mi == (try Self.info("q.qcow2", dir)), "\(label)")
-                #expect(mi.contains("\"refcount-bits\": \(width)"), "\(label): \(mi)")
-                try expectCheckClean("m.qcow2", dir, label)
+                try Self.amendBoth("refcount_bits=\(width)", showing: "\"refcount-bits\": \(width)", label, dir)
                 let c = try Runner.qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", source, "m.qcow2"], cwd: dir)
                 #expect(c.status == 0, "\(label): \(c.out)\(c.err)")
             }
@@ -100,14 +107,10 @@ import TestSupport
         for (image, opts) in refused { try Self.expectRefusedAsQemuImg(image, opts, dir) }
         // Allowed together: a v2 image upgraded and narrowed, an 8-bit image widened to 16
         // and downgraded.
-        for (image, opts) in [("v2.qcow2", "compat=1.1,refcount_bits=8"), ("r8.qcow2", "compat=0.10,refcount_bits=16")] {
-            let label = "amend -o \(opts) \(image)"
+        for (image, opts, shown) in [("v2.qcow2", "compat=1.1,refcount_bits=8", "\"refcount-bits\": 8"),
+                                     ("r8.qcow2", "compat=0.10,refcount_bits=16", "\"compat\": \"0.10\"")] {
             try Self.copy(image, to: ["q.qcow2", "m.qcow2"], dir)
-            let q = try Runner.qemuImg(["amend", "-o", opts, "q.qcow2"], cwd: dir)
-            let m = try Qimg.run(["amend", "-o", opts, "m.qcow2"], cwd: dir)
-            #expect(q.status == 0 && m.status == 0, "\(label): \(q.err) \(m.err)")
-            #expect(try Self.info("m.qcow2", dir) == (try Self.info("q.qcow2", dir)), "\(label)")
-            try expectCheckClean("m.qcow2", dir, label)
+            try Self.amendBoth(opts, showing: shown, "amend -o \(opts) \(image)", dir)
         }
     }
 
@@ -152,15 +155,8 @@ import TestSupport
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try Self.makeZeroClusterImage("z.qcow2", backed: backed, dir)
         try Self.copy("z.qcow2", to: ["q.qcow2", "m.qcow2"], dir)
-        let q = try Runner.qemuImg(["amend", "-o", "compat=0.10", "q.qcow2"], cwd: dir)
-        let m = try Qimg.run(["amend", "-o", "compat=0.10", "m.qcow2"], cwd: dir)
         let label = backed ? "with a backing file" : "without a backing file"
-        #expect(q.status == 0, "\(label): qemu-img: \(q.err)")
-        #expect(m.status == 0 && m.err.isEmpty, "\(label): \(m.summary): \(m.err)")
-        let mi = try Self.info("m.qcow2", dir)
-        #expect(mi == (try Self.info("q.qcow2", dir)), "\(label)")
-        #expect(mi.contains("\"compat\": \"0.10\""), "\(label): \(mi)")
-        try expectCheckClean("m.qcow2", dir, label)
+        try Self.amendBoth("compat=0.10", showing: "\"compat\": \"0.10\"", label, dir)
         #expect(try Self.mapShape("m.qcow2", dir) == (try Self.mapShape("q.qcow2", dir)), "\(label): map")
         for other in ["z.qcow2", "q.qcow2"] {
             let c = try Runner.qemuImg(["compare", "-f", "qcow2", "-F", "qcow2", other, "m.qcow2"], cwd: dir)
