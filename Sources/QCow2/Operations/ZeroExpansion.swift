@@ -34,6 +34,10 @@ extension QCow2Image {
         let cb = UInt64(geometry.clusterBits)
         var tx = try MetadataTransaction(self)
         let tableRefs = try tx.refcount(offset >> cb)
+        // Only L1 tables name an L2 table: the active one and the snapshots'.
+        guard (1...UInt64(snapshots.count + 1)).contains(tableRefs) else {
+            throw QCow2Error.malformed(path: path, field: "refcount", detail: "L2 table 0x\(String(offset, radix: 16)) has refcount \(tableRefs)")
+        }
         var changed: [(Int, L2Entry)] = []
         var zeroed: [UInt64] = []
         for j in 0..<geometry.l2Entries {
@@ -52,7 +56,7 @@ extension QCow2Image {
             if host == 0 || refs != tableRefs {
                 if host != 0 { tx.free(Array(repeating: host >> cb, count: Int(tableRefs))) }
                 target = try tx.allocate(1)
-                for _ in 1..<max(tableRefs, 1) { try tx.addReference(target >> cb) }
+                for _ in 1..<tableRefs { try tx.addReference(target >> cb) }
                 refs = tableRefs
             }
             zeroed.append(target)
