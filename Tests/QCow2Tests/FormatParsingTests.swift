@@ -46,6 +46,26 @@ import TestSupport
         #expect(out == Array(Self.header[0..<0x70]))
     }
 
+    /// A refcount structure switched by amend (another width): one write carrying the
+    /// table's offset and size and refcount_order, with the fields between as they are,
+    /// at their places in qemu-img's header.
+    @Test func refcountStructureFieldMatchesTheHeader() throws {
+        var h = try Header(parsing: ByteReader(Self.header))
+        h.refcountTableOffset = 0x1234_0000
+        h.refcountTableClusters = 3
+        h.refcountOrder = 6
+        var whole: [UInt8] = []
+        h.serialize(into: &whole)
+        let (offset, bytes) = HeaderField.refcountStructure.encoded(h)
+        #expect(offset == 48 && bytes.count == 52)
+        #expect(bytes == Array(whole[48..<100]))
+        var patched = Self.header
+        HeaderField.patch(&patched, [.refcountStructure], of: h)
+        let back = try Header(parsing: ByteReader(patched))
+        #expect(back.refcountTableOffset == 0x1234_0000 && back.refcountTableClusters == 3 && back.refcountOrder == 6)
+        #expect(back.autoclearFeatures == 1 && back.nbSnapshots == 0 && back.headerLength == 0x70)
+    }
+
     @Test func rejectsBadHeaders() {
         var b = Self.header
         b[7] = 4

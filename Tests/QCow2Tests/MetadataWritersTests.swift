@@ -13,6 +13,7 @@ import Testing
         "Image/QCow2Image+Compressed.swift": (1, "the compressed stream (step 2)"),
         "Image/RawImage.swift": (1, "raw guest data"),
         "Operations/Commit.swift": (2, "guest data into a raw base"),
+        "Operations/ZeroExpansion.swift": (1, "zeros written into the clusters of expanded zero entries (step 2)"),
         "Operations/Create.swift": (4, "a new file's first clusters, zero data for preallocation"),
         "Features/Bitmaps/BitmapStore.swift": (1, "bitmap data lowered in place (Docs/architecture.md: the one exception)"),
     ]

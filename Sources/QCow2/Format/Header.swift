@@ -154,6 +154,10 @@ public enum HeaderField: Sendable {
     /// size (24) through l1_table_offset (40), crypt_method (32) rewritten as it is: the
     /// active L1 table and the disk size switched together (a snapshot applied).
     case sizeAndL1Table
+    /// refcount_table_offset (48) through refcount_order (96), the fields between rewritten
+    /// as they are: a refcount structure of another width switched in with one write
+    /// (all inside the first 512-byte sector).
+    case refcountStructure
 
     /// Where the field is in the file and its bytes as `h` holds it.
     public func encoded(_ h: Header) -> (offset: UInt64, bytes: [UInt8]) {
@@ -185,6 +189,12 @@ public enum HeaderField: Sendable {
         case .sizeAndL1Table:
             w.u64(h.size); w.u32(h.cryptMethod); w.u32(h.l1Size); w.u64(h.l1TableOffset)
             return (24, w.bytes)
+        case .refcountStructure:
+            w.u64(h.refcountTableOffset); w.u32(h.refcountTableClusters)
+            w.u32(h.nbSnapshots); w.u64(h.snapshotsOffset)
+            w.u64(h.incompatibleFeatures); w.u64(h.compatibleFeatures); w.u64(h.autoclearFeatures)
+            w.u32(h.refcountOrder)
+            return (48, w.bytes)
         }
     }
 

@@ -204,18 +204,4 @@ final class ClusterMap {
             }
         }
     }
-
-    /// Whether any L2 entry of the active table or of `snapshotL1s` uses the zero flag.
-    func hasZeroClusters(snapshotL1s: [[UInt64]]) throws -> Bool {
-        for l1 in [l1Table] + snapshotL1s {
-            for (i, e) in l1.enumerated() where L1Entry(e).l2Offset != 0 {
-                let table = try l2Table(at: L1Entry(e).l2Offset, l1Index: i)
-                for j in 0..<geometry.l2Entries {
-                    let x = l2Entry(table, j)
-                    if !x.isCompressed && x.raw & L2Entry.zeroFlag != 0 { return true }
-                }
-            }
-        }
-        return false
-    }
 }

@@ -38,6 +38,9 @@ struct MetadataTransaction {
     /// One more reference to cluster `c` (index): a compressed cluster packed into it.
     func addReference(_ c: UInt64) throws { try alloc.increment(c) }
 
+    /// The refcount of cluster `c` (index) as this change sees it.
+    func refcount(_ c: UInt64) throws -> UInt64 { try alloc.refcount(c) }
+
     /// Makes the refcounts of everything allocated so far durable.
     func commitRefcounts() throws { try alloc.commit() }
 
@@ -169,6 +172,22 @@ struct MetadataTransaction {
         image.fileSize = try image.file.size()
         alloc = try Allocator(image: image, lenient: true)
         image.allocator = alloc
+    }
+
+    /// A refcount structure of another width (`r`, laid out with the new refcount order,
+    /// its own clusters counted, the old structure's not) written durable, then
+    /// refcount_order, refcount_table_offset and refcount_table_clusters switched with one
+    /// header write and a barrier. The old structure's clusters are free from then on.
+    /// The image's geometry no longer matches the file: its writing ends here (the caller
+    /// opens the image again).
+    func publishRefcountWidth(_ r: RefcountRebuild) throws {
+        try writeRefcountStructure(r)
+        var h = image.header
+        h.refcountTableOffset = r.tableOffset
+        h.refcountTableClusters = UInt32(r.tableClusters)
+        h.refcountOrder = UInt32(r.g.refcountOrder)
+        try image.file.publish(.refcountStructure, of: h)
+        image.allocator = nil
     }
 
     /// How an L2 table reaches the disk.

@@ -18,6 +18,7 @@ struct RefcountRebuild {
     private(set) var blocks: [Int: UInt64] = [:]
     private(set) var tableCluster: UInt64 = 0
     private(set) var tableClusters: UInt64 = 0
+    var tableOffset: UInt64 { tableCluster << UInt64(g.clusterBits) }
     private let keep: Set<UInt64>
     private var firstFree: UInt64 = 0
 
@@ -118,12 +119,18 @@ extension MetadataTransaction {
     /// Writes a rebuilt refcount structure (blocks and table, made durable) and switches
     /// the header to it. The old structure stays as it was, counted by the new one.
     mutating func rebuildRefcounts(_ r: RefcountRebuild) throws {
-        let cb = UInt64(image.geometry.clusterBits)
+        try writeRefcountStructure(r)
+        try publishRefcountStructure(tableOffset: r.tableOffset, tableClusters: UInt32(r.tableClusters))
+    }
+
+    /// Step 2 of a new refcount structure: its blocks and table written into clusters
+    /// the one in force leaves free, then a barrier.
+    func writeRefcountStructure(_ r: RefcountRebuild) throws {
+        let cb = UInt64(r.g.clusterBits)
         for (index, cluster) in r.blocks.sorted(by: { $0.key < $1.key }) {
             try writeNew(r.block(index), at: cluster << cb, durable: false)
         }
-        try writeNew(r.table, at: r.tableCluster << cb, durable: false)
+        try writeNew(r.table, at: r.tableOffset, durable: false)
         try barrier()
-        try publishRefcountStructure(tableOffset: r.tableCluster << cb, tableClusters: UInt32(r.tableClusters))
     }
 }

@@ -46,40 +46,27 @@ extension QCow2Image {
         }
         _ = try headers.layout(h, extensions: exts, backingName: backingFileName)  // fits, before any write
         try clearUnknownAutoclearBits()
+        if version == 2 { try expandZeroClusters() }
         try MetadataTransaction(self).rewriteHeaderCluster(h, extensions: exts, backingName: backingFileName)
     }
 
     /// Why a downgrade to version 2 would be refused once the disk is `finalSize` bytes
-    /// (amend resizes before it downgrades); nil when it can be done. Reads, never writes.
-    public func downgradeRefusal(finalSize: UInt64) throws -> QCow2Error? {
+    /// with refcounts `refcountBits` wide (amend changes them first); nil when it can be
+    /// done. Reads, never writes.
+    public func downgradeRefusal(finalSize: UInt64, refcountBits: Int? = nil) throws -> QCow2Error? {
         func no(_ d: String) -> QCow2Error { .unsupported(path: path, detail: d) }
         if header.hasExtendedL2 { return no("Cannot downgrade an image with incompatible features 0x10 set (extended L2 entries)") }
         if compressionType != .zlib { return no("Cannot downgrade an image with the zstd compression type") }
         if bitmapsExtension != nil {
             return no("Cannot downgrade an image with persistent bitmaps: version 2 cannot store them (remove them first)")
         }
-        if geometry.refcountBits != 16 { return no("compat=0.10 requires refcount_bits=16") }
+        if (refcountBits ?? geometry.refcountBits) != 16 { return no("compat=0.10 requires refcount_bits=16") }
         // Version 2 snapshots have no disk size of their own (they take the image's)
         // and a 32-bit VM state size: others could not be applied any more.
         if snapshots.contains(where: { ($0.diskSize ?? virtualSize) != finalSize || $0.vmStateSize > UInt64(UInt32.max) }) {
             return no("Internal snapshots prevent downgrade of image")
         }
         if header.isDirty { return no("Cannot downgrade an image that was not closed cleanly") }
-        if try hasZeroClusters() {
-            return no("Cannot downgrade an image with zero clusters (version 2 has no zero flag); write the zeros as data first")
-        }
         return nil
-    }
-
-    /// Whether any L2 entry of the active table or a snapshot uses the zero flag.
-    func hasZeroClusters() throws -> Bool {
-        var l1s: [[UInt64]] = []
-        for sn in snapshots {
-            var t: [UInt64] = []
-            let raw = try file.read(count: Int(sn.l1Size) * 8, at: sn.l1TableOffset)
-            raw.withUnsafeBytes { decodeBigEndianU64($0, into: &t) }
-            l1s.append(t)
-        }
-        return try map.hasZeroClusters(snapshotL1s: l1s)
     }
 }
