@@ -15,7 +15,7 @@ import Testing
         "Operations/Commit.swift": (2, "guest data into a raw base"),
         "Operations/ZeroExpansion.swift": (1, "zeros written into the clusters of expanded zero entries (step 2)"),
         "Operations/Create.swift": (4, "a new file's first clusters, zero data for preallocation"),
-        "Features/Bitmaps/BitmapStore.swift": (1, "bitmap data lowered in place (Docs/architecture.md: the one exception)"),
+        "Repository/Repository.swift": (1, "the repository's manifest (a JSON file, not an image)"),
     ]
 
     @Test func metadataIsWrittenOnlyThroughTheTransaction() throws {

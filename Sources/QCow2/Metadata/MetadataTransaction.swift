@@ -61,6 +61,18 @@ struct MetadataTransaction {
     /// Makes everything written so far durable.
     func barrier() throws { try image.file.sync() }
 
+    /// Bitmap data lowered where it is (`lowerBitmapInPlace`): each cluster written
+    /// belongs to one bitmap of this image alone, and every value a torn write can leave
+    /// (old bits, lowered bits, or a mix) is a valid bitmap holding at most the old bits,
+    /// so no ordering step is needed; nothing is allocated, published or freed. Then a
+    /// barrier.
+    /// `content(k)` is what goes to `offsets[k]` (made one cluster at a time: memory stays
+    /// one cluster whatever the bitmap's size).
+    func overwriteBitmapData(at offsets: [UInt64], content: (Int) -> [UInt8]) throws {
+        for (k, off) in offsets.enumerated() { try image.file.write(content(k), at: off) }
+        try image.file.sync()
+    }
+
     /// Extends the file with zeros to `length` bytes (`check -r` giving a refcount block
     /// the table names past the end of the file a cluster of its own, as QEMU does);
     /// a longer file leaks at worst. Never shrinks.

@@ -106,10 +106,9 @@ extension QCow2Image {
         }
         try clearUnknownAutoclearBits()
         let zeros = [UInt8](repeating: 0, count: cs)
-        for (off, k) in writes {
-            try file.write(lowered.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) ?? zeros, at: off)
+        try MetadataTransaction(self).overwriteBitmapData(at: writes.map(\.offset)) { k in
+            lowered.bytes(atByte: UInt64(writes[k].index) * UInt64(cs), count: cs) ?? zeros
         }
-        try file.sync()
         return true
     }
 
