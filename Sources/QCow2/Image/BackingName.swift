@@ -56,7 +56,7 @@ public enum BackingName {
     /// An image named by block options (`--image-opts`, "driver=qcow2,file.filename=X"):
     /// the same shapes as a json: name, the same refusals (`named`: the text, for errors).
     public static func locate(imageOptions: [(key: String, value: String)], named: String) throws -> BackingLocation {
-        var opts: [String: ParsedJSON] = [:]
+        var opts: [String: JSON] = [:]
         for (k, v) in imageOptions { opts[k] = .string(v) }
         do { return try fromOptions(opts, format: nil) } catch let e {
             throw QCow2Error.unsupported(path: named, detail: e.detail)
@@ -64,16 +64,16 @@ public enum BackingName {
     }
 
     static func fromJSON(_ text: String, format: ImageFormat?) throws(FormatError) -> BackingLocation {
-        guard case .object(let members) = try JSONParser.parse(text) else {
+        guard case .object(let members) = try JSON.parse(text, rules: .qemu) else {
             throw FormatError("json", "the options are not a JSON object")
         }
-        var opts: [String: ParsedJSON] = [:]
+        var opts: [String: JSON] = [:]
         try flatten(members, prefix: "", into: &opts)
         return try fromOptions(opts, format: format)
     }
 
     /// The shapes qimg follows, over flattened (dotted) options.
-    static func fromOptions(_ options: [String: ParsedJSON], format: ImageFormat?) throws(FormatError) -> BackingLocation {
+    static func fromOptions(_ options: [String: JSON], format: ImageFormat?) throws(FormatError) -> BackingLocation {
         var opts = options
         func string(_ key: String) throws(FormatError) -> String? {
             guard let v = opts.removeValue(forKey: key) else { return nil }
@@ -104,8 +104,8 @@ public enum BackingName {
     }
 
     /// QEMU's flattening: nested objects become dotted keys; a key given twice is an error.
-    private static func flatten(_ members: [(key: String, value: ParsedJSON)], prefix: String,
-                                into out: inout [String: ParsedJSON]) throws(FormatError) {
+    private static func flatten(_ members: [(String, JSON)], prefix: String,
+                                into out: inout [String: JSON]) throws(FormatError) {
         for (k, v) in members {
             let key = prefix + k
             switch v {

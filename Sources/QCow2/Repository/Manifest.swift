@@ -75,15 +75,15 @@ extension RepositoryManifest {
     public func json() -> JSON {
         .object([
             ("format", .string(Self.formatName)),
-            ("version", .number(Self.version)),
+            ("version", .uint(Self.version)),
             ("repository-id", .string(repositoryID)),
-            ("next-point", .number(nextPoint)),
+            ("next-point", .uint(nextPoint)),
             ("images", .array(images.map { c in .object([("image", .string(c.name)), ("points", .array(c.points.map { $0.json() }))]) })),
         ])
     }
 
     public static func parse(_ bytes: [UInt8]) throws -> RepositoryManifest {
-        let j = try JSON.parse(bytes)
+        let j = try JSON.parse(bytes, rules: .manifest)
         guard try j.field("format").string() == formatName else { throw FormatError("format", "not a qimg repository manifest") }
         let v = try j.field("version").number()
         guard v == version else { throw FormatError("version", "unsupported manifest version \(v)") }
@@ -106,10 +106,10 @@ extension RepositoryManifest.Point {
         .object([
             ("id", .string(id)), ("file", .string(file)), ("kind", .string(kind.rawValue)),
             ("parent", parent.map { .string($0) } ?? .null), ("time", .string(RepositoryTime.iso(time))),
-            ("virtual-size", .number(virtualSize)), ("bytes-copied", .number(bytesCopied)),
+            ("virtual-size", .uint(virtualSize)), ("bytes-copied", .uint(bytesCopied)),
             ("bitmap", .string(bitmap)), ("state", .string(state.rawValue)),
-            ("file-size", .number(fileSize)), ("metadata-sha256", .string(metadataSHA256)),
-            ("runs", .array(runs.map { .array([.number($0.offset), .number($0.length), .string($0.sha256)]) })),
+            ("file-size", .uint(fileSize)), ("metadata-sha256", .string(metadataSHA256)),
+            ("runs", .array(runs.map { .array([.uint($0.offset), .uint($0.length), .string($0.sha256)]) })),
         ] + (replacement.map { [("replacement", JSON.string($0))] } ?? []))
     }
 
@@ -154,7 +154,7 @@ extension JSON {
         return s
     }
     func number() throws -> UInt64 {
-        guard case .number(let n) = self else { throw FormatError("JSON", "expected a number") }
+        guard let n = uint64 else { throw FormatError("JSON", "expected a number") }
         return n
     }
     func array() throws -> [JSON] {

@@ -42,8 +42,8 @@ extension RepositoryManifest.Point {
         .object([
             ("id", .string(id)), ("file", .string(file)), ("kind", .string(kind.rawValue)),
             ("parent", parent.map { .string($0) } ?? .null), ("time", .string(RepositoryTime.iso(time))),
-            ("virtual-size", .number(virtualSize)), ("bytes-copied", .number(bytesCopied)),
-            ("state", .string(state.rawValue)), ("file-size", .number(fileSize)), ("bitmap", .string(bitmap)),
+            ("virtual-size", .uint(virtualSize)), ("bytes-copied", .uint(bytesCopied)),
+            ("state", .string(state.rawValue)), ("file-size", .uint(fileSize)), ("bitmap", .string(bitmap)),
         ])
     }
 }
