@@ -27,7 +27,6 @@ DEPS := \
 	prlimit:util-linux \
 	/usr/include/zlib.h:zlib1g-dev \
 	/usr/include/zstd.h:libzstd-dev \
-	/usr/include/openssl/evp.h:libssl-dev \
 	qemu-img:qemu-utils \
 	qemu-io:qemu-utils \
 	qemu-nbd:qemu-utils \

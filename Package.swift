@@ -19,11 +19,8 @@ let package = Package(
                        providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
-        // SHA-256 of backup repository data runs (Debian `libssl-dev`).
-        .systemLibrary(name: "CCrypto", path: "Sources/CCrypto", pkgConfig: "libcrypto",
-                       providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
-        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CCrypto", "CLinux"], swiftSettings: [faultInjection]),
+        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CLinux"], swiftSettings: [faultInjection]),
         .executableTarget(name: "qimg", dependencies: [
             "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -33,7 +33,7 @@ public struct PointDigest: Equatable, Sendable {
 
     static func metadataDigest(_ q: QCow2Image) throws -> String {
         let cluster = Int(q.geometry.clusterSize)
-        var h = SHA256()
+        var h = try SHA256()
         h.update(try q.file.read(count: cluster, at: 0))
         var l1: [UInt8] = []
         l1.reserveCapacity(q.l1Table.count * 8)
@@ -78,7 +78,7 @@ public struct PointDigest: Equatable, Sendable {
         return try dataRanges(q).map { a, n in
             let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(n)])
             try q.read(into: slice, at: a)
-            var h = SHA256()
+            var h = try SHA256()
             h.update(UnsafeRawBufferPointer(slice))
             return RepositoryManifest.DataRun(offset: a, length: n, sha256: h.finish())
         }
