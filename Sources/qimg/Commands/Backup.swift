@@ -20,7 +20,7 @@ struct Backup: ParsableCommand {
             incremental on the chain's newest point by itself, records the point in DIR's manifest \
             and prints a one-line summary on stderr (or appends it to --log FILE); see Docs/backup.md.
 
-            \(ExitStatus.interruptible) In repository mode: \(RepoExit.help)
+            \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes)
             """)
 
     @Option(name: .customLong("sync"), help: ArgumentHelp("full, top, incremental (dirty-bitmap) or bitmap.", valueName: "mode")) var sync: String?

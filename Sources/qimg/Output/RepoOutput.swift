@@ -11,8 +11,10 @@ enum RepoExit {
     static let sourceBusy: Int32 = 4
     static let ioError: Int32 = 5
 
-    static let help = """
-        Exit status: 0 success (a full backup taken instead of an incremental included: the \
+    static let help = "Exit status: " + codes
+    /// The exit codes of the repository commands (backup --repo's --help lists them too).
+    static let codes = """
+        0 success (a full backup taken instead of an incremental included: the \
         summary says why), 1 failure (a usage error included), 2 repository damaged (verify \
         found a problem, a manifest or point file is not as recorded), 3 the repository is \
         locked by another run, 4 the image is in use (a VM or another program holds it), 5 I/O \
