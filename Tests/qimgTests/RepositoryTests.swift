@@ -18,8 +18,8 @@ import Glibc
     /// `qimg backup --repo R --bitmap=daily [extra] vm.qcow2 --output=json`, which must
     /// succeed: the point it printed.
     @discardableResult
-    static func backup(_ dir: String, day: Int, repo: String = "R", image: String = "vm.qcow2", _ extra: [String] = []) throws -> [String: Any] {
-        let time = String(format: "2026-01-%02dT02:00:00Z", day)
+    static func backup(_ dir: String, day: Int, repo: String = "R", image: String = "vm.qcow2", _ extra: [String] = [], at: String? = nil) throws -> [String: Any] {
+        let time = at ?? String(format: "2026-01-%02dT02:00:00Z", day)
         let r = try B.qimg(["backup", "--repo", repo, "--bitmap=daily", "--time", time, "--output=json"] + extra + [image], dir)
         let obj = try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any] ?? [:]
         #expect(r.stderrLines.count == 1, "one summary line: \(r.err)")
@@ -402,114 +402,6 @@ import Glibc
                         "round \(round) \(args): \(r.summary): \(r.err)")
             }
         }
-    }
-
-    /// Six days, then `prune --keep 3`: the kept points keep their ids and restore what they
-    /// restored before; the oldest kept becomes a full; verify passes; the next run is still
-    /// an incremental on the newest point. Then --keep 1 on a chain whose newest is a full.
-    @Test(.requiresQEMU) func pruneKeepsWhatItKeeps() throws {
-        let dir = try Self.scratch("prune")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try Self.sixDays(dir)
-        let before = try Self.points(dir)
-        let r = try B.qimg(["repo", "prune", "R", "--keep", "3"], dir)
-        #expect(r.err.contains("from \(before[3]["id"] as? String ?? "?") on"), "\(r.err)")
-        let after = try Self.points(dir)
-        #expect(after.map { $0["id"] as? String } == before.suffix(3).map { $0["id"] as? String })
-        #expect(after.first?["kind"] as? String == "full" && after.first?["parent"] is NSNull)
-        for (i, p) in after.enumerated() { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(i + 4).qcow2", "after prune") }
-        try Self.expectRepositoryClean(dir, "after prune")
-        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == 3)
-        try B.tool(["qemu-io", "-c", "write -P 7 3M 4k", "vm.qcow2"], dir)
-        #expect(try Self.backup(dir, day: 7)["kind"] as? String == "incremental")
-        try B.qimg(["repo", "prune", "R", "--keep", "1"], dir)
-        let last = try Self.points(dir)
-        #expect(last.count == 1 && last.first?["kind"] as? String == "full")
-        try Self.expectRestores(dir, point: last.first?["id"] as? String ?? "?", as: "vm.qcow2", "keep 1")
-        try Self.expectRepositoryClean(dir, "after keep 1")
-        try B.tool(["qemu-io", "-c", "write -P 8 2M 4k", "vm.qcow2"], dir)
-        let next = try Self.backup(dir, day: 8)
-        #expect(next["kind"] as? String == "incremental", "\(next)")
-        try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "after keep 1")
-    }
-
-    /// Ten daily points (2026-01-01, a Thursday, to 01-10), then --keep-daily 2
-    /// --keep-weekly 2: days 4 (newest of the week Dec 29 - Jan 4), 9 and 10 stay; day 4
-    /// becomes a full, day 9 an incremental on day 4 holding what differs from it, day 10
-    /// is untouched; each restores its day's disk. Then --keep-monthly 1: day 10 alone.
-    @Test(.requiresQEMU) func prunePoliciesKeepMiddlePoints() throws {
-        let dir = try Self.scratch("policy")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
-        var ids: [Int: String] = [:]
-        for day in 1...10 {
-            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 200)k 100k", "-c", "write -P \(day + 20) \(day % 3 * 1024)k 64k", "vm.qcow2"], dir)
-            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
-            ids[day] = try Self.backup(dir, day: day)["id"] as? String
-        }
-        try B.qimg(["repo", "prune", "R", "--keep-daily", "2", "--keep-weekly", "2"], dir)
-        let pts = try Self.points(dir)
-        #expect(pts.map { $0["id"] as? String } == [ids[4], ids[9], ids[10]])
-        #expect(pts.map { $0["kind"] as? String } == ["full", "incremental", "incremental"])
-        #expect(pts.map { $0["parent"] as? String } == [nil, ids[4], ids[9]])
-        for (p, day) in zip(pts, [4, 9, 10]) { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(day).qcow2", "policy prune") }
-        try Self.expectRepositoryClean(dir, "after the policy prune")
-        try B.qimg(["repo", "prune", "R", "--keep-monthly", "1"], dir)
-        let one = try Self.points(dir)
-        #expect(one.count == 1 && one.first?["id"] as? String == ids[10] && one.first?["kind"] as? String == "full")
-        try Self.expectRestores(dir, point: ids[10] ?? "?", as: "day10.qcow2", "monthly")
-        try Self.expectRepositoryClean(dir, "after the monthly prune")
-        try B.tool(["qemu-io", "-c", "write -P 99 0 4k", "vm.qcow2"], dir)
-        #expect(try Self.backup(dir, day: 11)["kind"] as? String == "incremental")
-    }
-
-    /// A full and five incrementals, day N's disk saved as dayN.qcow2. 24 scattered writes
-    /// a day: merging points is many writes long (about 90 kill points for a prune).
-    static func sixDays(_ dir: String) throws {
-        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "8M"], dir)
-        for day in 1...6 {
-            let writes = (0..<24).flatMap { ["-c", "write -P \(day) \($0 * 320 + day * 48 + 8)k 4k"] }
-            try B.tool(["qemu-io"] + writes + ["-c", "write -z \((day + 2) * 200)k 8k", "vm.qcow2"], dir)
-            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
-            try Self.backup(dir, day: day)
-        }
-    }
-
-    /// SIGKILL at every write and sync of `prune --keep 3`: every listed point restores
-    /// what its day's disk held, right after the kill; the next prune finishes and verify
-    /// passes; the next backup is an incremental that restores right.
-    @Test(.requiresQEMU) func killPruneAtEveryWriteAndSync() throws {
-        let dir = try Self.scratch("prune-kill")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try Self.sixDays(dir)
-        let days = Dictionary(uniqueKeysWithValues: try Self.points(dir).enumerated().map { ($0.element["id"] as? String ?? "?", $0.offset + 1) })
-        try Self.shell("cp -a R R.template && cp -a vm.qcow2 vm.template", dir)
-        var kills = 0
-        for kind in ["write", "sync"] {
-            for n in 1..<400 {
-                try? FileManager.default.removeItem(atPath: dir + "/R")
-                try Self.shell("cp -a R.template R && cp -a vm.template vm.qcow2", dir)
-                let spec = "\(kind):\(n):kill\(kind == "write" && n % 2 == 1 ? ":partial" : "")"
-                let r = try Runner.run("/usr/bin/env", ["QIMG_FAULTS=\(spec)", Qimg.path, "repo", "prune", "R", "--keep", "3"], cwd: dir)
-                if r.exitedNormally && r.status == 0 { break }
-                #expect(r.signaled && r.status == SIGKILL, "\(spec): \(r.summary): \(r.err)")
-                kills += 1
-                for p in try Self.points(dir) {
-                    let id = p["id"] as? String ?? "?"
-                    try Self.expectRestores(dir, point: id, as: "day\(days[id] ?? 0).qcow2", "\(spec): right after the kill")
-                }
-                try B.qimg(["repo", "prune", "R", "--keep", "3"], dir)
-                let pts = try Self.points(dir)
-                #expect(pts.count == 3, "\(spec)")
-                try Self.expectRepositoryClean(dir, "\(spec): after the next prune")
-                #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == 3, "\(spec): files left")
-                try B.tool(["qemu-io", "-c", "write -P 9 1M 4k", "vm.qcow2"], dir)
-                let next = try Self.backup(dir, day: 9)
-                #expect(next["kind"] as? String == "incremental", "\(spec): \(next)")
-                try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "\(spec): next backup")
-            }
-        }
-        #expect(kills >= 80, "kill points: \(kills)")
     }
 
     /// SIGKILL at every write and every sync of an incremental repository run (odd writes

@@ -95,16 +95,16 @@ public final class Repository {
         }
     }
 
-    /// Removes the point files (and unfinished prune replacements) of chain `name` that
-    /// the manifest does not list: files of killed backups (made durable, never recorded,
+    /// Removes the point files of chain `name` that the manifest does not list (nor an
+    /// unfinished prune merge): files of killed backups (made durable, never recorded,
     /// the bitmap never switched to them) and of expired points whose removal a killed
-    /// prune cut short. Call with the exclusive lock, after `finishReplacements`.
+    /// prune cut short. Call with the exclusive lock, after `finishMerges`.
     /// Returns the relative names removed.
     @discardableResult
     public func removeUnlisted(chain name: String) -> [String] {
-        let known = Set(manifest.chain(name)?.points.flatMap { [$0.file] + ($0.replacement.map { [$0] } ?? []) } ?? [])
+        let known = Set(manifest.chain(name)?.points.flatMap { [$0.file] + ($0.merge?.files ?? []) } ?? [])
         var removed: [String] = []
-        for entry in Self.entries(file(name)) where entry.hasSuffix(".qcow2") || entry.hasSuffix(".qcow2" + RepositoryPrune.replacementSuffix) {
+        for entry in Self.entries(file(name)) where entry.hasSuffix(".qcow2") || entry.hasSuffix(".qcow2" + RepositoryPrune.oldReplacementSuffix) {
             let rel = "\(name)/\(entry)"
             if !known.contains(rel) && Sys.unlink(file(rel)) == 0 { removed.append(rel) }
         }

@@ -59,7 +59,7 @@ public enum RepositoryBackup {
             repo.manifest.images.append(RepositoryManifest.ImageChain(name: chainName))
         }
         let prefix = "\(o.bitmap)@\(repo.manifest.repositoryID)."
-        try RepositoryPrune.finishReplacements(repo)
+        try RepositoryPrune.finishMerges(repo)
         var cleaned = try resolvePending(repo, chainName, source: source)
         cleaned += repo.removeUnlisted(chain: chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []

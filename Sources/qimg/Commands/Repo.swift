@@ -116,6 +116,7 @@ struct RepoPrune: ParsableCommand {
     @Option(name: .customLong("keep-daily"), help: ArgumentHelp("Keep the newest point of each of the newest N days (UTC) that have points.", valueName: "N")) var keepDaily: Int = 0
     @Option(name: .customLong("keep-weekly"), help: ArgumentHelp("Likewise for weeks (Monday to Sunday).", valueName: "N")) var keepWeekly: Int = 0
     @Option(name: .customLong("keep-monthly"), help: ArgumentHelp("Likewise for months.", valueName: "N")) var keepMonthly: Int = 0
+    @Option(name: .customLong("output"), help: ArgumentHelp("human or json (the merges on stdout).", valueName: "fmt")) var output: OutputFormat = .human
     @Argument(help: "The repository directory.") var repo: String
 
     func run() throws {
@@ -123,10 +124,26 @@ struct RepoPrune: ParsableCommand {
         let policy = RetentionPolicy(last: keep, daily: keepDaily, weekly: keepWeekly, monthly: keepMonthly)
         if policy.isEmpty { throw CommandFailure(message: "\(repo): prune needs --keep, --keep-daily, --keep-weekly or --keep-monthly") }
         do { r = try RepositoryPrune.run(repository: repo, chain: image, policy: policy) } catch { throw RepoExit.failure(error) }
+        if output == .json { Output.out(r.json().rendered() + "\n") }
         if r.removed.isEmpty {
             Output.error("qimg: prune \(repo): \(r.chain): nothing to prune")
         } else {
-            Output.error("qimg: prune \(repo): \(r.chain): points \(r.removed.joined(separator: ", ")) merged into the kept points after them" + (r.into.map { " (from \($0) on)" } ?? "") + ", \(Human.size(r.bytesCopied)) copied")
+            Output.error("qimg: prune \(repo): \(r.chain): points \(r.removed.joined(separator: ", ")) merged into the kept points after them" + (r.into.map { " (from \($0) on)" } ?? "") + r.merges.map { m in
+                ", \(m.point) \(m.direction == .down ? "committed down into the full" : "merged up")"
+            }.joined() + ", \(Human.size(r.bytesCopied)) copied")
         }
+    }
+}
+
+extension RepositoryPrune.Result {
+    /// `{"image": NAME, "removed": [ID], "merges": [{"point", "direction", "parent",
+    /// "bytes-copied", "bytes-other-way"}], "bytes-copied": N}`.
+    func json() -> JSON {
+        let merges: [JSON] = merges.map { m in
+            .object([("point", .string(m.point)), ("direction", .string(m.direction.rawValue)), ("parent", m.parent.map { .string($0) } ?? .null),
+                     ("bytes-copied", .uint(m.bytesCopied)), ("bytes-other-way", m.otherWay.map { .uint($0) } ?? .null)])
+        }
+        return .object([("image", .string(chain)), ("removed", .array(removed.map { .string($0) })), ("merges", .array(merges)),
+                        ("bytes-copied", .uint(bytesCopied))])
     }
 }
