@@ -17,12 +17,12 @@ import Glibc
 
     /// `qimg repo prune R ARGS --output=json`, which must succeed: its JSON.
     @discardableResult
-    static func prune(_ dir: String, _ args: [String]) throws -> [String: Any] {
-        let r = try B.qimg(["repo", "prune", "R", "--output=json"] + args, dir)
+    static func prune(_ dir: String, repo: String = "R", _ args: [String]) throws -> [String: Any] {
+        let r = try B.qimg(["repo", "prune", repo, "--output=json"] + args, dir)
         return try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any] ?? [:]
     }
 
-    static func ids(_ dir: String) throws -> [String] { try R.points(dir).map { $0["id"] as? String ?? "?" } }
+    static func ids(_ dir: String, repo: String = "R") throws -> [String] { try R.points(dir, repo: repo).map { $0["id"] as? String ?? "?" } }
 
     static func inode(_ path: String) -> UInt64 { var st = stat(); return stat(path, &st) == 0 ? UInt64(st.st_ino) : 0 }
 
@@ -157,13 +157,13 @@ import Glibc
         }
     }
 
-    /// `days` daily points (4 KiB clusters) from 2026-01-01: 12 scattered 4 KiB writes a
+    /// `days` daily points (4 KiB clusters) from 2026-01-01: 8 scattered 4 KiB writes a
     /// day, and on day `big` 1 MiB more (the full: a downward merge is cheaper; a later
     /// day: an upward one).
     static func killFixture(_ dir: String, days: Int, big: Int) throws {
         try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "8M"], dir)
         for day in 1...days {
-            var writes = (0..<12).flatMap { ["-c", "write -P \(day) \($0 * 320 + day * 24 + 8)k 4k"] }
+            var writes = (0..<8).flatMap { ["-c", "write -P \(day) \($0 * 320 + day * 24 + 8)k 4k"] }
             if day == big { writes += ["-c", "write -P \(day + 40) 6M 1M"] }
             try B.tool(["qemu-io"] + writes + ["-c", "write -z \((day + 2) * 200)k 8k", "vm.qcow2"], dir)
             try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
@@ -176,11 +176,14 @@ import Glibc
     /// --keep-weekly 2 on a chain whose day 4 is large (day 4 merged up into a full, day 6
     /// merged up onto day 4: a middle merge). Right after each kill every listed point
     /// reads (qemu-img compare, through its backing files) as its day's disk; the next
-    /// prune finishes, leaves only the kept files, every file checks clean and verify
-    /// passes; the next backup is an incremental that restores right.
+    /// prune finishes, leaves only the kept files, every file checks clean, verify passes
+    /// and each kept point reads as its day; the next backup is an incremental reading as
+    /// the disk. (qemu-img reads the files directly here, to keep the campaign short;
+    /// restores are tested above.)
     @Test(.requiresQEMU) func killPruneAtEveryWriteAndSync() throws {
         let keep = try Self.killCampaign("down", days: 6, big: 1, ["--keep", "3"], kept: [4, 5, 6])
         let policy = try Self.killCampaign("up", days: 7, big: 4, ["--keep-daily", "2", "--keep-weekly", "2"], kept: [4, 6, 7])
+        print("killPruneAtEveryWriteAndSync: \(keep) kills (--keep), \(policy) kills (policy)")
         #expect(keep >= 50 && policy >= 50 && keep + policy >= 100, "kill points: --keep \(keep), policy \(policy)")
     }
 
@@ -214,14 +217,101 @@ import Glibc
                 try B.qimg(["repo", "prune", "R"] + args, dir)
                 #expect(try Self.ids(dir) == kept.map { ids[$0 - 1] }, "\(spec)")
                 try R.expectRepositoryClean(dir, "\(spec): after the next prune")
-                for (id, day) in zip(try Self.ids(dir), kept) { try R.expectRestores(dir, point: id, as: "day\(day).qcow2", "\(spec): after the next prune") }
+                for (p, day) in zip(try R.points(dir), kept) {
+                    try B.expectIdentical("R/" + (p["file"] as? String ?? "?"), "day\(day).qcow2", dir, "\(spec): after the next prune")
+                }
                 #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == kept.count, "\(spec): files left")
                 try B.tool(["qemu-io", "-c", "write -P 9 1M 4k", "vm.qcow2"], dir)
                 let next = try R.backup(dir, day: 9)
                 #expect(next["kind"] as? String == "incremental", "\(spec): \(next)")
-                try R.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "\(spec): next backup")
+                try B.expectIdentical("R/" + (next["file"] as? String ?? "?"), "vm.qcow2", dir, "\(spec): next backup")
             }
         }
         return kills
+    }
+
+    /// Thirty simulated days (2026-01-20 to 02-18, 02:00 UTC; 64 KiB clusters; a full
+    /// every 7 points), a few qemu-io writes a day and each day's disk saved: every point
+    /// restores its day's disk. Then each policy prunes a copy of the repository: the kept
+    /// points are those the policy names (worked out here with Foundation's ISO-8601
+    /// calendar), each still restores its day's disk, the oldest is a full, every file is
+    /// clean and verify passes; a second prune and the next backup work on the result.
+    @Test(.requiresQEMU) func thirtyDaysEveryPolicy() throws {
+        let dir = try R.scratch("thirty")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
+        var cal = Calendar(identifier: .iso8601)
+        cal.timeZone = TimeZone(identifier: "UTC")!
+        let start = cal.date(from: DateComponents(year: 2026, month: 1, day: 20, hour: 2))!
+        let dates = (0..<30).map { cal.date(byAdding: .day, value: $0, to: start)! }
+        let iso = ISO8601DateFormatter()
+        var rng = SeededRNG(state: 30)
+        var ids: [String] = []
+        for (d, date) in dates.enumerated() {
+            let cmds: [String] = (0..<3).flatMap { _ -> [String] in
+                let off = rng.next() % (4 << 20 - 100_000), len = 512 + rng.next() % 90_000
+                return ["-c", rng.next() % 4 == 0 ? "write -z \(off) \(len)" : "write -P \(d + 1) \(off) \(len)"]
+            }
+            try B.tool(["qemu-io"] + cmds + ["vm.qcow2"], dir)
+            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(d).qcow2"], dir)
+            let p = try R.backup(dir, day: d, ["--full-every", "7"], at: iso.string(from: date))
+            #expect(p["kind"] as? String == (d % 7 == 0 ? "full" : "incremental"), "day \(d): \(p)")
+            ids.append(p["id"] as? String ?? "?")
+        }
+        for (d, id) in ids.enumerated() { try R.expectRestores(dir, point: id, as: "day\(d).qcow2", "before any prune") }
+        try R.expectRepositoryClean(dir, "thirty days")
+
+        // The days a policy keeps (restic's rules): the newest `last`, the newest point of
+        // each of the newest N days / ISO weeks / months, and the newest point.
+        func kept(last: Int = 0, daily: Int = 0, weekly: Int = 0, monthly: Int = 0) -> [Int] {
+            var keep = Set(max(0, 30 - last)..<30).union([29])
+            func by(_ n: Int, _ key: (Date) -> [Int]) {
+                var seen: [[Int]] = []
+                for d in (0..<30).reversed() where !seen.contains(key(dates[d])) && seen.count < n {
+                    seen.append(key(dates[d]))
+                    keep.insert(d)
+                }
+            }
+            by(daily) { let c = cal.dateComponents([.year, .month, .day], from: $0); return [c.year!, c.month!, c.day!] }
+            by(weekly) { let c = cal.dateComponents([.yearForWeekOfYear, .weekOfYear], from: $0); return [c.yearForWeekOfYear!, c.weekOfYear!] }
+            by(monthly) { let c = cal.dateComponents([.year, .month], from: $0); return [c.year!, c.month!] }
+            return keep.sorted()
+        }
+        let policies: [(String, [String], [Int])] = [
+            ("keep", ["--keep", "5"], kept(last: 5)),
+            ("daily", ["--keep-daily", "10"], kept(daily: 10)),
+            ("weekly", ["--keep-weekly", "3"], kept(weekly: 3)),
+            ("monthly", ["--keep-monthly", "2"], kept(monthly: 2)),
+            ("combined", ["--keep", "2", "--keep-daily", "4", "--keep-weekly", "3", "--keep-monthly", "2"],
+             kept(last: 2, daily: 4, weekly: 3, monthly: 2)),
+        ]
+        for (label, args, days) in policies {
+            try R.shell("cp -a R P-\(label)", dir)
+            try Self.prune(dir, repo: "P-\(label)", args)
+            try Self.expectKept(dir, repo: "P-\(label)", days: days, ids: ids, label)
+        }
+        // The combined result pruned again, then the next backup on it.
+        try Self.prune(dir, repo: "P-combined", ["--keep-weekly", "1"])
+        try Self.expectKept(dir, repo: "P-combined", days: [29], ids: ids, "combined, then --keep-weekly 1")
+        try B.tool(["qemu-io", "-c", "write -P 77 1M 64k", "vm.qcow2"], dir)
+        let next = try R.backup(dir, day: 30, repo: "P-combined", at: iso.string(from: cal.date(byAdding: .day, value: 30, to: start)!))
+        #expect(next["kind"] as? String == "incremental", "\(next)")
+        try R.expectRestores(dir, repo: "P-combined", point: next["id"] as? String ?? "?", as: "vm.qcow2", "after the prunes")
+    }
+
+    /// `repo` lists exactly the points of `days` (their ids unchanged), oldest a full, each
+    /// parent the previous kept point (or none: a full), each restoring its day's disk.
+    static func expectKept(_ dir: String, repo: String, days: [Int], ids: [String], _ label: String) throws {
+        let pts = try R.points(dir, repo: repo)
+        #expect(pts.map { $0["id"] as? String ?? "?" } == days.map { ids[$0] }, "\(label): kept days \(days)")
+        #expect(pts.first?["kind"] as? String == "full", "\(label)")
+        for (i, p) in pts.enumerated() {
+            let parent = p["parent"] as? String
+            #expect(parent == nil ? p["kind"] as? String == "full" : i > 0 && parent == pts[i - 1]["id"] as? String, "\(label): \(p)")
+        }
+        for (id, d) in zip(pts.map { $0["id"] as? String ?? "?" }, days) {
+            try R.expectRestores(dir, repo: repo, point: id, as: "day\(d).qcow2", label)
+        }
+        try R.expectRepositoryClean(dir, repo: repo, label)
     }
 }
