@@ -109,7 +109,7 @@ struct RepoPrune: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "prune",
         abstract: "Keep the points a policy names (--keep N newest, --keep-daily/weekly/monthly N); the others are merged into the kept points after them.",
-        discussion: "Every kept point restores what it restored before, under the same id. A run killed at any moment is finished by the next prune or backup. " + RepoExit.help)
+        discussion: "Every kept point restores what it restored before, under the same id. A kept point whose parent expires is merged down (its data committed into the expired full, which becomes its file) or up (what it lacks copied into its own file), whichever copies less. A run killed at any moment is finished by the next prune or backup. " + RepoExit.help)
 
     @Option(name: .customLong("image"), help: ArgumentHelp("The image's chain (needed when the repository holds several).", valueName: "name")) var image: String?
     @Option(name: .customLong("keep"), help: ArgumentHelp("Keep the newest N points.", valueName: "N")) var keep: Int = 0
