@@ -136,7 +136,7 @@ public final class Repository {
         let temporaries = { Set(Self.entries(self.file(name)).filter { $0.hasSuffix(StagedFile.temporarySuffix) }) }
         let before = temporaries()
         guard !before.isEmpty else { return [] }
-        StagedFile.removeDeadLeftovers(besides: file(name) + "/" + RepositoryManifest.fileName)
+        StagedFile.removeDeadLeftovers(besides: file(name) + "/")
         return before.subtracting(temporaries()).sorted().map { "\(name)/\($0)" }
     }
 
