@@ -307,10 +307,14 @@ import Glibc
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
         try Self.backup(dir, day: 1)
+        // One point: singular nouns.
+        let v = try B.qimg(["repo", "verify", "R"], dir)
+        #expect(v.out.hasPrefix("R: 1 point verified, "), "\(v.out)")
+        #expect(try B.qimg(["repo", "list", "R"], dir).out.contains("\nvm.qcow2: 1 point\n"))
         let before = try B.bytes(dir, "R/qimg-repository.json")
         let fd = open(dir + "/R/.lock", O_RDWR)
         #expect(flock(fd, LOCK_EX) == 0)
-        let r = try Qimg.run(["backup", "--repo", "R", "--bitmap=daily", "vm.qcow2"], cwd: dir)
+        let r = try Qimg.run(["backup", "--repo", "R", "--bitmap=daily", "--lock-wait", "0", "vm.qcow2"], cwd: dir)
         close(fd)
         #expect(r.status == 3 && r.err.contains("locked"), "\(r.summary): \(r.err)")
         #expect(try B.bytes(dir, "R/qimg-repository.json") == before)
@@ -322,9 +326,69 @@ import Glibc
         }
     }
 
-    /// A lost manifest is rebuilt from the point files: the same ids, files, kinds and
-    /// parents; every point restores; the next run is a full (the bitmaps belonged to the
-    /// lost repository id) and incrementals follow.
+    /// The job's bitmaps in `image`, as qemu-img info lists them (`daily@...`).
+    static func jobBitmaps(_ dir: String, image: String = "vm.qcow2") throws -> [String] {
+        try BitmapScaleTests.listedBitmaps(image, dir).map(\.name).filter { $0.hasPrefix("daily@") }
+    }
+
+    /// Whether process `pid` has a descriptor open on a path ending in `suffix`.
+    static func hasOpen(_ pid: pid_t, _ suffix: String) -> Bool {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        return fds.contains { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "").hasSuffix(suffix) }
+    }
+
+    /// A second run of the job while the first one (stopped with SIGSTOP in the middle of
+    /// its copy, its temporary file on disk) holds the repository lock: with --lock-wait 0
+    /// it exits 3 at once (a reader too), the first run's temporary file untouched; with a
+    /// wait it blocks on the lock, and completes on top of the first run's point once the
+    /// first run (continued) has finished.
+    @Test(.requiresQEMU) func secondRunWaitsForTheLock() throws {
+        let dir = try Self.scratch("lockwait")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "8M"], dir)
+        try Self.backup(dir, day: 1)
+        try B.tool(["qemu-io", "-c", "write -P 2 1M 1M", "vm.qcow2"], dir)
+        // One byte per pwrite: the copy is slow enough to be stopped in the middle.
+        let first = try Spawned("/usr/bin/env", ["QIMG_FAULTS=short-writes:1", Qimg.path, "backup", "--repo", "R", "--bitmap=daily",
+                                                 "--time", "2026-01-02T02:00:00Z", "vm.qcow2"], cwd: dir)
+        func temporaries() -> [String] {
+            ((try? FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2")) ?? []).filter { $0.hasSuffix(".qimg-tmp") }
+        }
+        while temporaries().isEmpty && first.isRunning { usleep(2000) }
+        first.send(SIGSTOP)
+        defer { first.send(SIGCONT) }
+        let held = temporaries()
+        #expect(first.isRunning && held.count == 1, "the first run is stopped mid-copy: \(first.summary): \(first.err)")
+        let manifest = try B.bytes(dir, "R/qimg-repository.json")
+        for args in [["backup", "--repo", "R", "--bitmap=daily", "--time", "2026-01-03T02:00:00Z", "vm.qcow2"], ["repo", "list", "R"]] {
+            let r = try Qimg.run(args + ["--lock-wait", "0"], cwd: dir)
+            #expect(r.status == 3 && r.stderrLines.count == 1 && r.err.contains("locked"), "\(args): \(r.summary): \(r.err)")
+        }
+        #expect(temporaries() == held, "the first run's temporary file stays")
+        #expect(try B.bytes(dir, "R/qimg-repository.json") == manifest)
+
+        let second = try Spawned(Qimg.path, ["backup", "--repo", "R", "--bitmap=daily", "--time", "2026-01-03T02:00:00Z",
+                                             "--output=json", "--lock-wait", "3600", "vm.qcow2"], cwd: dir)
+        while !Self.hasOpen(second.pid, "/R/.lock") && second.isRunning { usleep(2000) }
+        #expect(second.isRunning, "the second run waits: \(second.summary): \(second.err)")
+        let waiting = try B.bytes(dir, "R/qimg-repository.json")
+        #expect(temporaries() == held && waiting == manifest, "nothing changed while it waits")
+        first.send(SIGCONT)
+        #expect(first.wait(timeout: Runner.backstopSeconds) && first.status == 0, "\(first.summary): \(first.err)")
+        #expect(second.wait(timeout: Runner.backstopSeconds) && second.status == 0, "\(second.summary): \(second.err)")
+        let pts = try Self.points(dir)
+        #expect(pts.map { $0["id"] as? String ?? "?" } == ["000001", "000002", "000003"], "\(pts)")
+        #expect(pts.last?["parent"] as? String == "000002" && pts.last?["kind"] as? String == "incremental", "\(pts)")
+        #expect(try Self.jobBitmaps(dir) == [pts.last?["bitmap"] as? String ?? "?"])
+        try Self.expectRestores(dir, point: "000002", as: "vm.qcow2", "the first run's point")
+        try Self.expectRepositoryClean(dir, "after both runs")
+    }
+
+    /// A lost manifest is rebuilt from the point files under the id the repository keeps in
+    /// `qimg-repository.id`: the same ids, files, kinds and parents; every point restores;
+    /// the next run continues the chain on the image's bitmap, and the image never holds
+    /// more than one bitmap of the job (qemu-img info). A lost newest point with it: a full,
+    /// and still one bitmap. A repository without the id file gets it back from its manifest.
     @Test(.requiresQEMU) func lostManifestIsRebuilt() throws {
         let dir = try Self.scratch("rebuild")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -343,11 +407,33 @@ import Glibc
             #expect((a["parent"] as? String) == (b["parent"] as? String))
         }
         for (i, p) in after.enumerated() { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(i + 1).qcow2", "rebuilt") }
-        let full = try Self.backup(dir, day: 4)
-        #expect(full["full-reason"] as? String == "bitmap missing" && full["id"] as? String == "000004", "\(full)")
-        try B.tool(["qemu-io", "-c", "write -P 5 0 4k", "vm.qcow2"], dir)
-        #expect(try Self.backup(dir, day: 5)["kind"] as? String == "incremental")
-        try Self.expectRepositoryClean(dir, "after the rebuild")
+        try B.tool(["qemu-io", "-c", "write -P 4 3M 64k", "vm.qcow2"], dir)
+        let next = try Self.backup(dir, day: 4)
+        #expect(next["kind"] as? String == "incremental" && next["parent"] as? String == "000003" && next["id"] as? String == "000004", "\(next)")
+        #expect(try Self.jobBitmaps(dir) == [next["bitmap"] as? String ?? "?"], "one bitmap of the job after the rebuild")
+        try Self.expectRestores(dir, point: "000004", as: "vm.qcow2", "continued chain")
+
+        // The manifest and the newest point's file lost: a full, and the old bitmap removed.
+        unlink(dir + "/R/qimg-repository.json")
+        unlink(dir + "/R/" + (next["file"] as? String ?? "?"))
+        let full = try Self.backup(dir, day: 5)
+        #expect(full["kind"] as? String == "full" && full["full-reason"] as? String == "bitmap missing", "\(full)")
+        #expect(try Self.jobBitmaps(dir) == [full["bitmap"] as? String ?? "?"], "one bitmap of the job after a full")
+
+        // A repository made before the id file: the next backup writes it from the manifest.
+        let id = try String(contentsOfFile: dir + "/R/qimg-repository.id", encoding: .utf8)
+        #expect(id.hasSuffix("\n") && (full["bitmap"] as? String ?? "").hasPrefix("daily@" + id.dropLast() + "."), "\(id)")
+        unlink(dir + "/R/qimg-repository.id")
+        try B.tool(["qemu-io", "-c", "write -P 6 0 4k", "vm.qcow2"], dir)
+        try Self.backup(dir, day: 6)
+        #expect(try String(contentsOfFile: dir + "/R/qimg-repository.id", encoding: .utf8) == id)
+        unlink(dir + "/R/qimg-repository.json")
+        try B.tool(["qemu-io", "-c", "write -P 7 4k 4k", "vm.qcow2"], dir)
+        let last = try Self.backup(dir, day: 7)
+        #expect(last["kind"] as? String == "incremental", "\(last)")
+        #expect(try Self.jobBitmaps(dir) == [last["bitmap"] as? String ?? "?"])
+        try Self.expectRepositoryClean(dir, "after the rebuilds")
+        try expectCheckClean("vm.qcow2", dir, "the image")
     }
 
     /// An image a VM holds (qemu-storage-daemon with the image open read-write): exit 4,

@@ -88,7 +88,7 @@ extension RepositoryManifest {
         let v = try j.field("version").number()
         guard v == version else { throw FormatError("version", "unsupported manifest version \(v)") }
         var m = RepositoryManifest(repositoryID: try j.field("repository-id").string())
-        guard !m.repositoryID.isEmpty, m.repositoryID.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
+        guard RepositoryID.isValid(m.repositoryID) else {
             throw FormatError("repository-id", "not a hex id")
         }
         m.nextPoint = try j.field("next-point").number()

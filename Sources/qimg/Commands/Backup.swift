@@ -16,9 +16,12 @@ struct Backup: ParsableCommand {
             --force or not.
 
             Repository mode (qimg backup --repo DIR --bitmap=NAME [--name CHAIN] [--time ISO-8601] \
-            [--full-every N|Nd] IMAGE): no TARGET and no --sync; qimg takes a full backup or an \
+            [--full-every N|Nd] [--lock-wait SECONDS] IMAGE): no TARGET and no --sync; qimg takes a full backup or an \
             incremental on the chain's newest point by itself, records the point in DIR's manifest \
-            and prints a one-line summary on stderr (or appends it to --log FILE); see Docs/backup.md.
+            and prints a one-line summary on stderr (or appends it to --log FILE); see Docs/backup.md. \
+            A run that finds the repository locked by another run waits for it up to --lock-wait \
+            seconds (default \(Int(LockWaitOption.defaultSeconds)); 0: no wait), then exits 3; it never \
+            touches the other run's files.
 
             \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes)
             """)
@@ -42,6 +45,7 @@ struct Backup: ParsableCommand {
     @Option(name: .customLong("full-every"), help: ArgumentHelp("Repository mode: a full backup every N points (N) or N days (Nd).", valueName: "N|Nd")) var fullEvery: String?
     @Option(name: .customLong("output"), help: ArgumentHelp("Repository mode: human or json (the point made, on stdout).", valueName: "fmt")) var output: OutputFormat = .human
     @Option(name: .customLong("log"), help: ArgumentHelp("Repository mode: append the summary line to this file instead of stderr.", valueName: "file")) var log: String?
+    @OptionGroup var lockWait: LockWaitOption
     @Argument(help: "The image to back up.") var source: String
     @Argument(help: "The backup image to write (not in repository mode).") var target: String?
 
@@ -54,7 +58,7 @@ struct Backup: ParsableCommand {
         guard let sync, let target else {
             throw CommandFailure(message: "\(source): " + (sync == nil ? "--sync is required (or --repo DIR)" : "a TARGET is required (or --repo DIR)"))
         }
-        for (flag, given) in [("--name", chain != nil), ("--time", time != nil), ("--full-every", fullEvery != nil), ("--log", log != nil), ("--output", output != .human)] where given {
+        for (flag, given) in [("--name", chain != nil), ("--time", time != nil), ("--full-every", fullEvery != nil), ("--log", log != nil), ("--output", output != .human), ("--lock-wait", lockWait.seconds != nil)] where given {
             throw CommandFailure(message: "\(source): \(flag) applies only with --repo")
         }
         var o = BackupOptions()
