@@ -49,7 +49,10 @@ struct Backup: ParsableCommand {
         inUseByOthers: "back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)",
         bitmapInconsistent: "remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
 
+    @OptionGroup var pull: NBDOptions
+
     func run() throws {
+        if let uri = pull.nbd { return try NBDBackup(command: self, uri: uri).run() }
         if let repo { return try RepoBackup(command: self, repo: repo).run() }
         guard let sync, let target else {
             throw CommandFailure(message: "\(source): " + (sync == nil ? "--sync is required (or --repo DIR)" : "a TARGET is required (or --repo DIR)"))
@@ -57,6 +60,25 @@ struct Backup: ParsableCommand {
         for (flag, given) in [("--name", chain != nil), ("--time", time != nil), ("--full-every", fullEvery != nil), ("--log", log != nil), ("--output", output != .human)] where given {
             throw CommandFailure(message: "\(source): \(flag) applies only with --repo")
         }
+        var o = try backupOptions(sync: sync, source: source, target: target)
+        if let m = bitmapMode {
+            guard let mode = BackupOptions.BitmapMode(rawValue: m) else {
+                throw CommandFailure(message: "\(source): invalid bitmap mode '\(m)' (on-success, always, never)")
+            }
+            o.bitmapMode = mode
+        }
+        o.sourceFormat = try sourceFormat.map { try ImageFormat(name: $0, path: source) }
+        try perform(o, source: source, target: target) { o in
+            // The backup is never readable by more users than the image.
+            try StagedFile.$creationMode.withValue(FileModes.permissions(of: source)) {
+                try BackupOperation.run(source: source, target: target, options: o)
+            }
+        }
+    }
+
+    /// The options a backup into TARGET shares with the pull mode: sync, bitmap, -b/-F or
+    /// --no-backing, TARGET's create options, compression, speed, --force.
+    func backupOptions(sync: String, source: String, target: String) throws -> BackupOptions {
         var o = BackupOptions()
         let syncName = sync == "dirty-bitmap" ? "incremental" : sync
         guard let s = BackupOptions.Sync(rawValue: syncName) else {
@@ -64,12 +86,6 @@ struct Backup: ParsableCommand {
         }
         o.sync = s
         o.bitmap = bitmap
-        if let m = bitmapMode {
-            guard let mode = BackupOptions.BitmapMode(rawValue: m) else {
-                throw CommandFailure(message: "\(source): invalid bitmap mode '\(m)' (on-success, always, never)")
-            }
-            o.bitmapMode = mode
-        }
         if s == .incremental || s == .bitmap, backing == nil, !noBacking {
             throw CommandFailure(message: "\(source): sync=\(sync) needs -b PREV (the previous backup, whose contents the new one builds on); --no-backing makes a delta that reads as zeros wherever nothing changed")
         }
@@ -79,7 +95,6 @@ struct Backup: ParsableCommand {
         o.allowNoBacking = noBacking
         o.backingFile = backing
         o.backingFormat = try backingFormat.map { try ImageFormat(name: $0, path: backing ?? "") }
-        o.sourceFormat = try sourceFormat.map { try ImageFormat(name: $0, path: source) }
         let list = try OptionList(options)
         for (k, _) in list.values where !["cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type"].contains(k) {
             throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
@@ -89,6 +104,13 @@ struct Backup: ParsableCommand {
         o.compressed = compress
         o.speed = speed?.value ?? 0
         o.force = force
+        return o
+    }
+
+    /// Runs `body` with progress, interruption and error lines set up, then prints the
+    /// summary line (errors and interruptions name `source`).
+    func perform(_ options: BackupOptions, source: String, target: String, _ body: (BackupOptions) throws -> BackupResult) throws {
+        var o = options
         let bar = ProgressReporter(enabled: showProgress && !quiet)
         o.progress = { bar.update($0, $1) }
         o.shouldStop = { Interruption.requested }
@@ -96,10 +118,7 @@ struct Backup: ParsableCommand {
 
         let r: BackupResult
         do {
-            // The backup is never readable by more users than the image.
-            r = try StagedFile.$creationMode.withValue(FileModes.permissions(of: source)) {
-                try BackupOperation.run(source: source, target: target, options: o)
-            }
+            r = try body(o)
         } catch {
             bar.finish(succeeded: false)
             if Interruption.requested {
