@@ -14,28 +14,7 @@ public final class QMPClient {
     public init(socketPath: String, alive: () -> Bool) throws {
         let timeout = Runner.backstopSeconds
         let deadline = Date().addingTimeInterval(timeout)
-        let bytes = Array(socketPath.utf8)
-        var addr = sockaddr_un()
-        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-            throw TestFailure("QMP socket path too long: \(socketPath)")
-        }
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            for (i, b) in bytes.enumerated() { p[i] = b }
-            p[bytes.count] = 0
-        }
-        while true {
-            let s = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            guard s >= 0 else { throw TestFailure("socket(): errno \(errno)") }
-            let rc = withUnsafePointer(to: &addr) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(s, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            if rc == 0 { fd = s; break }
-            let e = errno
-            close(s)
-            if !alive() || Date() > deadline { throw TestFailure("cannot connect to QMP socket \(socketPath): errno \(e)") }
-            usleep(20_000)
-        }
+        fd = try connectUnixSocket(socketPath, alive: alive, deadline: deadline)
         let greeting = try readMessage(timeout: timeout)
         guard greeting["QMP"] != nil else { throw TestFailure("unexpected QMP greeting: \(greeting)") }
         _ = try execute("qmp_capabilities")
