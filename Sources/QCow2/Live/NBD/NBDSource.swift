@@ -21,12 +21,13 @@ public final class NBDSource: BlockSource {
         try client.read(into: buffer, at: offset)
     }
 
+    /// The first extent of one block-status request.
     public func extent(at offset: UInt64, maxLength: UInt64) throws -> SourceExtent {
-        var first: SourceExtent?
-        try forEachExtent(from: offset, to: offset + min(maxLength, virtualSize - offset)) { _, e in
-            if first == nil { first = e }
-        }
-        return first ?? SourceExtent(.data, length: 1)
+        guard offset < virtualSize else { throw QCow2Error.invalidArgument(path: path, detail: "offset \(offset) is past the end of the export") }
+        let length = min(maxLength, virtualSize - offset)
+        guard allocationKnown else { return SourceExtent(.data, length: length) }
+        let e = try allocation(at: offset, length: length)[0]
+        return SourceExtent(Self.kind(e.flags), length: e.length)
     }
 
     /// One block-status request per run of extents the server returns.
@@ -38,15 +39,20 @@ public final class NBDSource: BlockSource {
             return
         }
         while pos < end {
-            let list = try client.blockStatus(at: pos, length: end - pos)[Self.allocationContext] ?? []
-            guard !list.isEmpty else {
-                throw QCow2Error.remote(path: path, detail: "the server's block status at offset \(pos) has no base:allocation extent")
-            }
-            for e in list {
+            for e in try allocation(at: pos, length: end - pos) {
                 try body(pos, SourceExtent(Self.kind(e.flags), length: e.length))
                 pos += e.length
             }
         }
+    }
+
+    /// The base:allocation extents of one request (at least one).
+    private func allocation(at offset: UInt64, length: UInt64) throws -> [NBDClient.Extent] {
+        let list = try client.blockStatus(at: offset, length: length)[Self.allocationContext] ?? []
+        guard !list.isEmpty else {
+            throw QCow2Error.remote(path: path, detail: "the server's block status at offset \(offset) has no base:allocation extent")
+        }
+        return list
     }
 
     static func kind(_ flags: UInt32) -> ExtentKind {
