@@ -20,6 +20,11 @@ struct Backup: ParsableCommand {
             incremental on the chain's newest point by itself, records the point in DIR's manifest \
             and prints a one-line summary on stderr (or appends it to --log FILE); see Docs/backup.md.
 
+            Pull mode (qimg backup --nbd URI [--sync=full|incremental] [--bitmap NAME] [-b PREV -F qcow2] \
+            TARGET): the source is an NBD export (qemu-nbd -B, QEMU's or libvirt's pull-mode export); \
+            incremental copies what its qemu:dirty-bitmap:NAME context marks, and the export's bitmap is \
+            left to its owner; see Docs/live-backup.md.
+
             \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes)
             """)
 
