@@ -1,4 +1,5 @@
 import Foundation
+import QCow2
 import Testing
 import TestSupport
 #if canImport(Glibc)
@@ -236,6 +237,41 @@ private final class LiveDisk {
         return UInt64(s)
     }
 
+    // MARK: The library's NBD source against qemu-img's view of the same image
+
+    /// `NBDSource` over qemu-nbd: the ranges it reports as data are the ones `qemu-img map`
+    /// reports as data (zero clusters and unallocated ranges are not), `extent(at:)` agrees
+    /// with the walk, and reads return what qemu-io wrote, across requests larger than
+    /// one chunk.
+    @Test(.requiresQEMU) func sourceMatchesQEMUMap() throws {
+        let dir = try Self.scratch("source")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "48M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x61 0 40M", "-c", "write -z 1M 2M",
+                       "-c", "write -P 0x62 44M 4k", "-c", "discard 10M 1M"], dir)
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil)
+        defer { e.kill() }
+        let source = NBDSource(try NBDClient(uri: e.uri, contexts: [NBDSource.allocationContext]))
+        #expect(source.virtualSize == 48 * Self.mib)
+        var data: [(UInt64, UInt64)] = []
+        try source.forEachExtent(from: 0, to: source.virtualSize) { start, x in
+            let first = try source.extent(at: start, maxLength: x.length)
+            #expect(first == x, "extent(at: \(start)) \(first) differs from the walk's \(x)")
+            guard x.kind == .data else { return }
+            if let last = data.last, last.0 + last.1 == start { data[data.count - 1].1 += x.length } else { data.append((start, x.length)) }
+        }
+        var expected: [(UInt64, UInt64)] = []
+        for (s, n) in try Self.dataRanges("src.qcow2", dir) {
+            if let last = expected.last, last.0 + last.1 == s { expected[expected.count - 1].1 += n } else { expected.append((s, n)) }
+        }
+        #expect(data.map { [$0.0, $0.1] } == expected.map { [$0.0, $0.1] }, "NBD data \(data), qemu-img map \(expected)")
+        // 36 MiB from 3 MiB: more than the server's 32 MiB maximum request, the discarded
+        // MiB at 10 MiB reading as zeros.
+        var expectedBytes = [UInt8](repeating: 0x61, count: 36 << 20)
+        for i in (7 << 20)..<(8 << 20) { expectedBytes[i] = 0 }
+        #expect(try source.read(count: 36 << 20, at: 3 * Self.mib) == expectedBytes, "the bytes read over NBD differ from what qemu-io wrote")
+    }
+
     // MARK: qemu-storage-daemon: a running disk and point-in-time views
 
     /// A running disk (qemu-storage-daemon) with guest writes before and after each view
@@ -299,7 +335,7 @@ private final class LiveDisk {
         try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "prev.qcow2", "8M"], dir)
         let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: "b0")
         defer { e.kill() }
-        let keep: Set = ["src.qcow2", "prev.qcow2", "nbd.sock"]
+        var keep: Set = ["src.qcow2", "prev.qcow2", "nbd.sock"]
         let inc = ["--sync=incremental", "--bitmap", "nope", "-b", "prev.qcow2", "-F", "qcow2", "t.qcow2"]
         try Self.expectFailure(["backup", "--nbd", e.uri] + inc, uri: e.uri, dir, keep: keep, "bitmap not exported")
         let r = try Qimg.run(["backup", "--nbd", e.uri] + inc, cwd: dir)
@@ -308,6 +344,11 @@ private final class LiveDisk {
                     "nbd://127.0.0.1:1/disk", "nbd:/\(dir)"] {
             try Self.expectFailure(["backup", "--nbd", uri, "t.qcow2"], uri: uri, dir, keep: keep, uri)
         }
+        // A previous backup of another size cannot be the backing file.
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "small.qcow2", "4M"], dir)
+        keep.insert("small.qcow2")
+        try Self.expectFailure(["backup", "--nbd", e.uri, "--sync=incremental", "--bitmap", "b0", "-b", "small.qcow2", "-F", "qcow2", "t.qcow2"],
+                               uri: "small.qcow2", dir, keep: keep, "backing file of another size")
         // Option mistakes are refused before anything is read or written.
         for (args, label) in [(["--sync=top", "t.qcow2"], "sync=top"), (["--bitmap", "b0", "t.qcow2"], "full with a bitmap"),
                               (["src.qcow2", "t.qcow2"], "two arguments"), (["--sync=incremental", "--bitmap", "b0", "t.qcow2"], "no -b")] {

@@ -50,11 +50,12 @@ public final class NBDClient {
 
     /// Fills `buffer` with the export's bytes at `offset`, in requests the server accepts.
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        guard let base = buffer.baseAddress else { return }
         var done = 0
         while done < buffer.count {
             let n = min(maxRead, buffer.count - done)
             let at = offset + UInt64(done)
-            guard api.pread(handle, buffer.baseAddress! + done, n, at, 0) != -1 else {
+            guard api.pread(handle, base + done, n, at, 0) != -1 else {
                 throw QCow2Error.remote(path: uri, detail: "read of \(n) bytes at offset \(at) failed: " + api.lastError)
             }
             done += n
