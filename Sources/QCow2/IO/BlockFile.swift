@@ -99,8 +99,23 @@ public final class BlockFile {
 
     deinit { close(fd) }
 
+    /// When set, `size()` answers from the length this object has seen (one fstat, then
+    /// its own writes, truncations and allocations) instead of asking the kernel on every
+    /// call (the write path asks after each change). Only for files nothing else changes
+    /// while they are open: convert and backup targets under a run's locked temporary name.
+    public var tracksSize = false { didSet { knownSize = nil } }
+    private var knownSize: UInt64?
+
     /// Current length of the file in bytes.
     public func size() throws -> UInt64 {
+        if let known = knownSize { return known }
+        let size = try queriedSize()
+        if tracksSize { knownSize = size }
+        return size
+    }
+
+    /// The length the kernel reports (fstat; lseek for a block device).
+    private func queriedSize() throws -> UInt64 {
         var st = stat()
         guard fstat(fd, &st) == 0 else { throw QCow2Error.io(path: path, operation: "stat", errno: errno) }
         if (st.st_mode & S_IFMT) == S_IFBLK {
@@ -191,6 +206,7 @@ public final class BlockFile {
             // pwrite of a regular file makes progress or fails; never spin on 0.
             if n == 0 { throw QCow2Error.io(path: path, operation: "write", errno: EIO) }
             done += n
+            if let known = knownSize, offset + UInt64(done) > known { knownSize = offset + UInt64(done) }
         }
         #if QIMG_FAULT_INJECTION
         if let e = injected {
@@ -236,12 +252,14 @@ public final class BlockFile {
             if errno == EINTR { continue }
             throw QCow2Error.io(path: path, operation: "truncate", errno: errno)
         }
+        if knownSize != nil { knownSize = length }
     }
 
     /// Allocates disk blocks for [offset, offset+length) (fallocate mode 0); returns false
     /// when the file system cannot.
     public func preallocate(at offset: UInt64, length: UInt64) -> Bool {
         guard length > 0 else { return true }
+        knownSize = nil
         return posix_fallocate(fd, off_t(offset), off_t(length)) == 0
     }
 

@@ -159,7 +159,7 @@ public enum BackupOperation {
         c.backingFile = o.backingFile
         let probedBacking = try backing.map { try ImageOpener.probe($0.file, path: $0.path) }
         c.backingFormat = (o.backingFormat ?? probedBacking)?.rawValue
-        try ImageCreator.create(path, options: c)
+        try ImageCreator.create(path, options: c, filledThenSynced: true)
     }
 
     /// What to copy, in whole target clusters, and whether zeros must be written (they

@@ -105,7 +105,7 @@ public enum ConvertOperation {
             c.size = source.virtualSize
             c.backingFile = o.backingFile
             c.backingFormat = o.backingFormat?.rawValue
-            try ImageCreator.create(work, options: c)
+            try ImageCreator.create(work, options: c, filledThenSynced: true)
         }
         var settings = CopySettings()
         settings.compressed = o.compressed

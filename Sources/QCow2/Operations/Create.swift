@@ -83,16 +83,31 @@ public struct CreateOptions: Sendable, Equatable {
 /// first refcount block, L1 table), each step through the same allocator and
 /// durable before the header points at it.
 public enum ImageCreator {
-    public static func create(_ path: String, options o: CreateOptions) throws {
+    /// `filledThenSynced`: the caller fills the new file and makes it durable as a whole
+    /// (convert and backup targets: `TargetCopy.finish` fsyncs them, and nothing uses
+    /// them before), so its creation needs no barriers and no fsync of its own.
+    public static func create(_ path: String, options o: CreateOptions, filledThenSynced: Bool = false) throws {
         do { try o.check() } catch { throw error.at(path) }
         switch o.format {
-        case .raw: try createRaw(path, o)
-        case .qcow2: try createQCow2(path, o)
+        case .raw: try createRaw(path, o, deferSync: filledThenSynced)
+        case .qcow2: try createQCow2(path, o, deferSync: filledThenSynced)
         }
     }
 
-    static func createRaw(_ path: String, _ o: CreateOptions) throws {
+    /// The new file at `path`, its barriers deferred to the caller's final fsync when asked.
+    static func newFile(_ path: String, deferSync: Bool) throws -> BlockFile {
         let f = try BlockFile(creating: path)
+        f.deferSync = deferSync
+        return f
+    }
+
+    /// The last step of a creation: the new file durable, unless the caller's fsync does it.
+    static func finishFile(_ f: BlockFile) throws {
+        if !f.deferSync { try f.fullSync() }
+    }
+
+    static func createRaw(_ path: String, _ o: CreateOptions, deferSync: Bool) throws {
+        let f = try newFile(path, deferSync: deferSync)
         try removingOnFailure(path, file: f) {
             let size = o.roundedSize
             // A block device (convert -O raw onto a disk) has its size already.
@@ -107,7 +122,7 @@ public enum ImageCreator {
             case .full: try writeZeros(f, at: 0, length: size)
             default: break
             }
-            try f.fullSync()
+            try finishFile(f)
         }
     }
 
@@ -176,7 +191,7 @@ public enum ImageCreator {
         return bytes
     }
 
-    static func createQCow2(_ path: String, _ o: CreateOptions) throws {
+    static func createQCow2(_ path: String, _ o: CreateOptions, deferSync: Bool) throws {
         let g: Geometry
         do { g = try o.geometry() } catch { throw error.at(path) }
         let cs = UInt64(g.clusterSize)
@@ -185,7 +200,7 @@ public enum ImageCreator {
             throw QCow2Error.invalidArgument(path: path, detail: "the header and backing file name do not fit in one cluster")
         }
         // 1. Header (no L1 yet), refcount table, refcount block 0 describing clusters 0..2.
-        let f = try BlockFile(creating: path)
+        let f = try newFile(path, deferSync: deferSync)
         try removingOnFailure(path, file: f) {
             var table = [UInt8](repeating: 0, count: g.clusterSize)
             table.withUnsafeMutableBytes { $0.storeBytes(of: (2 * cs).bigEndian, toByteOffset: 0, as: UInt64.self) }
@@ -222,7 +237,7 @@ public enum ImageCreator {
             if o.preallocation != .off {
                 try image.preallocate(o.preallocation)
             }
-            try f.fullSync()
+            try finishFile(f)
         }
     }
 }

@@ -37,6 +37,7 @@ struct TargetCopy {
             _ = fchown(target.file.fd, replaced.st_uid, replaced.st_gid)
         }
         target.file.deferSync = true
+        target.file.tracksSize = true
         var engine = CopyEngine(source: source, target: target)
         engine.compressed = settings.compressed
         engine.minSparse = settings.minSparse
