@@ -90,4 +90,25 @@ enum RegressionCommand: String, CaseIterable, Sendable {
         #expect(after.mtimeSec == before.mtimeSec && after.mtimeNsec == before.mtimeNsec,
                 "\(name): mtime changed")
     }
+
+    /// The one writer every input goes through: `check -r all` on a private copy ends on
+    /// its own (no signal) within 5 s of CPU time, with exit 0...127, and grows the file by
+    /// no more than a repair may: to twice its length, or 16 clusters (at most 2 MiB each)
+    /// past its end. Whether the repair succeeds depends on the input.
+    @Test(arguments: RegressionInputs.names())
+    func repairEndsAndStaysBounded(_ name: String) throws {
+        let fm = FileManager.default
+        let dir = Paths.scratch + "/regressions-repair-" + UUID().uuidString
+        try fm.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? fm.removeItem(atPath: dir) }
+        let path = dir + "/" + name
+        try fm.copyItem(atPath: RegressionInputs.directory + "/" + name, toPath: path)
+        let length = { (try fm.attributesOfItem(atPath: path)[.size] as? Int) ?? 0 }
+        let before = try length()
+        let r = try Qimg.run(["check", "-r", "all", name], cwd: dir, timeout: 5)
+        let label = "\(name): \(r.command)"
+        #expect(!r.timedOut && !r.signaled && (0...127).contains(r.status), "\(label): \(r.summary)")
+        let size = try length()
+        #expect(size <= max(2 * before, before + 16 * (2 << 20)), "\(label): the file grew from \(before) to \(size) bytes")
+    }
 }
