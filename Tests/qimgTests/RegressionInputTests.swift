@@ -16,6 +16,14 @@ import TestSupport
 enum RegressionInputs {
     static let directory = Paths.packageRoot + "/Tests/regressions"
 
+    /// A new scratch directory holding a copy of input `name` (the caller removes it).
+    static func privateCopy(of name: String) throws -> String {
+        let dir = Paths.scratch + "/regressions-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: directory + "/" + name, toPath: dir + "/" + name)
+        return dir
+    }
+
     /// The input files' names, sorted.
     static func names() -> [String] {
         let fm = FileManager.default
@@ -53,12 +61,9 @@ enum RegressionCommand: String, CaseIterable, Sendable {
 
     @Test(arguments: RegressionInputs.names())
     func regressionInputFailsCleanly(_ name: String) throws {
-        let fm = FileManager.default
-        let dir = Paths.scratch + "/regressions-" + UUID().uuidString
-        try fm.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? fm.removeItem(atPath: dir) }
+        let dir = try RegressionInputs.privateCopy(of: name)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/" + name
-        try fm.copyItem(atPath: RegressionInputs.directory + "/" + name, toPath: path)
         let before = try FileState(path)
 
         for cmd in RegressionCommand.allCases {
@@ -98,11 +103,9 @@ enum RegressionCommand: String, CaseIterable, Sendable {
     @Test(arguments: RegressionInputs.names())
     func repairEndsAndStaysBounded(_ name: String) throws {
         let fm = FileManager.default
-        let dir = Paths.scratch + "/regressions-repair-" + UUID().uuidString
-        try fm.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let dir = try RegressionInputs.privateCopy(of: name)
         defer { try? fm.removeItem(atPath: dir) }
         let path = dir + "/" + name
-        try fm.copyItem(atPath: RegressionInputs.directory + "/" + name, toPath: path)
         let length = { (try fm.attributesOfItem(atPath: path)[.size] as? Int) ?? 0 }
         let before = try length()
         let r = try Qimg.run(["check", "-r", "all", name], cwd: dir, timeout: 5)
