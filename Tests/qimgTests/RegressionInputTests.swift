@@ -16,6 +16,14 @@ import TestSupport
 enum RegressionInputs {
     static let directory = Paths.packageRoot + "/Tests/regressions"
 
+    /// A new scratch directory holding a copy of input `name` (the caller removes it).
+    static func privateCopy(of name: String) throws -> String {
+        let dir = Paths.scratch + "/regressions-" + UUID().uuidString
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: directory + "/" + name, toPath: dir + "/" + name)
+        return dir
+    }
+
     /// The input files' names, sorted.
     static func names() -> [String] {
         let fm = FileManager.default
@@ -53,12 +61,9 @@ enum RegressionCommand: String, CaseIterable, Sendable {
 
     @Test(arguments: RegressionInputs.names())
     func regressionInputFailsCleanly(_ name: String) throws {
-        let fm = FileManager.default
-        let dir = Paths.scratch + "/regressions-" + UUID().uuidString
-        try fm.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? fm.removeItem(atPath: dir) }
+        let dir = try RegressionInputs.privateCopy(of: name)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/" + name
-        try fm.copyItem(atPath: RegressionInputs.directory + "/" + name, toPath: path)
         let before = try FileState(path)
 
         for cmd in RegressionCommand.allCases {
@@ -89,5 +94,24 @@ enum RegressionCommand: String, CaseIterable, Sendable {
         #expect(after.bytes == before.bytes, "\(name): file contents changed")
         #expect(after.mtimeSec == before.mtimeSec && after.mtimeNsec == before.mtimeNsec,
                 "\(name): mtime changed")
+    }
+
+    /// The one writer every input goes through: `check -r all` on a private copy ends on
+    /// its own (no signal) within 5 s of CPU time, with exit 0...127, and grows the file by
+    /// no more than a repair may: to twice its length, or 16 clusters (at most 2 MiB each)
+    /// past its end. Whether the repair succeeds depends on the input.
+    @Test(arguments: RegressionInputs.names())
+    func repairEndsAndStaysBounded(_ name: String) throws {
+        let fm = FileManager.default
+        let dir = try RegressionInputs.privateCopy(of: name)
+        defer { try? fm.removeItem(atPath: dir) }
+        let path = dir + "/" + name
+        let length = { (try fm.attributesOfItem(atPath: path)[.size] as? Int) ?? 0 }
+        let before = try length()
+        let r = try Qimg.run(["check", "-r", "all", name], cwd: dir, timeout: 5)
+        let label = "\(name): \(r.command)"
+        #expect(!r.timedOut && !r.signaled && (0...127).contains(r.status), "\(label): \(r.summary)")
+        let size = try length()
+        #expect(size <= max(2 * before, before + 16 * (2 << 20)), "\(label): the file grew from \(before) to \(size) bytes")
     }
 }

@@ -117,7 +117,7 @@ struct MetadataTransaction {
         w.u64(value)
         try image.file.write(w.bytes, at: image.header.l1TableOffset + UInt64(i) * 8)
         try image.file.sync()
-        image.l1Table[i] = value
+        image.map.l1Table[i] = value  // in place: no copy of the table per entry
     }
 
     /// Empties L1 entries `range` (one write, then a barrier): the L2 tables they
@@ -126,7 +126,7 @@ struct MetadataTransaction {
         guard !range.isEmpty else { return }
         try image.file.write([UInt8](repeating: 0, count: range.count * 8), at: image.header.l1TableOffset + UInt64(range.lowerBound) * 8)
         try image.file.sync()
-        for j in range { image.l1Table[j] = 0 }
+        for j in range { image.map.l1Table[j] = 0 }
     }
 
     /// A pointer in the header (or an extension's payload) switched to what step 2
@@ -145,7 +145,7 @@ struct MetadataTransaction {
         for e in table[changed] { w.u64(e) }
         try image.file.write(w.bytes, at: image.header.l1TableOffset + UInt64(changed.lowerBound) * 8)
         try image.file.sync()
-        image.l1Table.replaceSubrange(changed, with: table[changed])
+        image.map.l1Table.replaceSubrange(changed, with: table[changed])
     }
 
     /// Switches the image to the L1 table step 2 wrote at `offset` (`entries`) and to disk

@@ -317,9 +317,13 @@ public final class CheckOperation {
         needsRebuild = true
     }
 
-    /// How far past the counted clusters a repair extends the file for a refcount block
-    /// (bounds the counters held in memory; further out, the structure is rebuilt).
-    static let maxBlockGrowth = 1 << 20
+    /// The longest a repair makes the file for refcount blocks past its end: its length
+    /// again, or 16 clusters, whichever is more. (QEMU 7.2 extends the file to wherever the
+    /// table points, up to 2^56 bytes; a block further out than this is left out and the
+    /// structure rebuilt, which needs only clusters near the end of the file.)
+    var maxRepairedLength: UInt64 {
+        fileLength + max(fileLength, 16 * UInt64(image.geometry.clusterSize))
+    }
 
     /// Refcount block `i` at `offset`, past the end of the file: an error, or (`check -r
     /// all`) repaired as QEMU repairs it, by extending the file to hold it; when that
@@ -335,7 +339,7 @@ public final class CheckOperation {
         let cluster = offset >> UInt64(image.geometry.clusterBits)
         do {
             guard offset <= UInt64(Int64.max) - cs else { throw QCow2Error.io(path: image.path, operation: "truncate", errno: EINVAL) }
-            guard cluster < UInt64(references.count + Self.maxBlockGrowth) else {
+            guard offset + cs <= maxRepairedLength else {
                 throw QCow2Error.io(path: image.path, operation: "truncate", errno: EFBIG)
             }
             try extendFile(offset + cs)
