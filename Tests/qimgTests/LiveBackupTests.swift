@@ -127,4 +127,145 @@ final class LiveVM {
         #expect(try vm.qimgLeftovers() == [])
         #expect(!(try FileManager.default.contentsOfDirectory(atPath: dir).contains { $0.hasSuffix(".qimg-tmp") }))
     }
+
+    /// A VM whose disk0 has bm0 (made by a full backup into full.qcow2) and `dirty` bytes
+    /// written since (pattern 0x44 at 20 MiB).
+    func vmWithDirtyBitmap(_ dir: String, dirty: Int = 2 << 20, readRate: Int = 4 << 20) throws -> LiveVM {
+        try makeDisk(dir)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: readRate)
+        let full = try qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--bitmap", "bm0", "full.qcow2"], dir)
+        full.wait(timeout: 600)
+        #expect(full.status == 0, "\(full.summary): \(full.err)")
+        if dirty > 0 { try vm.write(0x44, 20 << 20, dirty) }
+        return vm
+    }
+
+    func sha(_ vm: LiveVM, _ name: String) throws -> JSON? {
+        try vm.monitor.execute("x-debug-block-dirty-bitmap-sha256", [("node", .string("disk0")), ("name", .string(name))])["sha256"]
+    }
+
+    func incremental(_ vm: LiveVM, _ target: String, bitmap: String = "bm0") -> [String] {
+        ["--qmp", vm.qmpSocket, "--node", "disk0", "--sync=incremental", "--bitmap", bitmap, "-b", "full.qcow2", "-F", "qcow2", target]
+    }
+
+    func noTemporaries(_ dir: String) throws -> Bool {
+        !(try FileManager.default.contentsOfDirectory(atPath: dir).contains { $0.hasSuffix(".qimg-tmp") })
+    }
+
+    @Test func refusalsAreOneLineWithTheirOwnExitCode() throws {
+        let dir = try Paths.newScratch("live-refuse")
+        let vm = try vmWithDirtyBitmap(dir)
+        defer { vm.stop() }
+        try vm.monitor.execute("block-dirty-bitmap-add", [("node", .string("disk0")), ("name", .string("off")), ("disabled", .bool(true))])
+        try vm.monitor.execute("block-dirty-bitmap-add", [("node", .string("disk0")), ("name", .string("used"))])
+        try vm.monitor.execute("block-export-add", [("type", .string("nbd")), ("id", .string("busy")), ("node-name", .string("disk0")),
+                                                    ("name", .string("busy")), ("writable", .bool(true)), ("bitmaps", .array([.string("used")]))])
+        let before = try sha(vm, "bm0")
+        let sock = vm.qmpSocket
+        let cases: [([String], Int32, String)] = [
+            (["--qmp", sock, "--node", "nope", "t.qcow2"], 12, "no block node, device or qdev named 'nope'"),
+            (incremental(vm, "t.qcow2", bitmap: "missing"), 13, "node 'disk0' has no bitmap 'missing'"),
+            (incremental(vm, "t.qcow2", bitmap: "off"), 14, "bitmap 'off' of node 'disk0' is disabled"),
+            (incremental(vm, "t.qcow2", bitmap: "used"), 15, "bitmap 'used' of node 'disk0' is in use"),
+            (["--qmp", dir + "/no.sock", "--node", "disk0", "t.qcow2"], 10, "cannot connect to the QMP socket: No such file or directory"),
+        ]
+        for (args, code, text) in cases {
+            let r = try Qimg.run(["backup"] + args, cwd: dir)
+            #expect(r.status == code, "\(r.summary): \(r.err)")
+            #expect(r.stderrLines.count == 1 && r.err.hasPrefix("qimg: \(args[1]): \(text)"), "\(r.err)")
+            #expect(!FileManager.default.fileExists(atPath: dir + "/t.qcow2"))
+        }
+        #expect(try noTemporaries(dir))
+        #expect(try sha(vm, "bm0") == before)
+        #expect(try vm.qimgLeftovers() == [])
+    }
+
+    @Test(arguments: [(SIGTERM, Int32(143)), (SIGINT, Int32(130))])
+    func aSignalCancelsTheJobAndTheBitmapKeepsItsBitsPlusTheNewWrites(sig: Int32, code: Int32) throws {
+        let dir = try Paths.newScratch("live-cancel")
+        let vm = try vmWithDirtyBitmap(dir, dirty: 4 << 20, readRate: 2 << 20)
+        defer { vm.stop() }
+        let before = try #require(try vm.bitmap("bm0")).count
+        let run = try qimg(incremental(vm, "inc.qcow2"), dir)
+        #expect(try vm.waitForRunningJob(run), "the job ended before the signal")
+        try vm.write(0x55, 40 << 20, 128 << 10)
+        run.send(sig)
+        run.wait(timeout: 600)
+        #expect(run.status == code && !run.signaled, "\(run.summary): \(run.err)")
+        #expect(run.stderrLines.count == 1 && run.err.contains("inc.qcow2 was not written and the bitmap keeps its bits"), "\(run.err)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"))
+        #expect(try noTemporaries(dir))
+        #expect(try vm.bitmap("bm0")?.count == before + (128 << 10))
+        #expect(try vm.qimgLeftovers() == [])
+    }
+
+    @Test func aFullTargetDiskFailsTheJobAndKeepsTheBitmap() throws {
+        let dir = try Paths.newScratch("live-enospc")
+        let vm = try vmWithDirtyBitmap(dir, dirty: 4 << 20)
+        defer { vm.stop() }
+        let small = dir + "/small"
+        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
+        let mount = try Runner.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small])
+        #expect(mount.status == 0, "a tmpfs is needed for this test (root): \(mount.err)")
+        guard mount.status == 0 else { return }
+        defer { _ = try? Runner.run("/bin/umount", [small]) }
+        let before = try sha(vm, "bm0")
+        let r = try Qimg.run(["backup", "--qmp", vm.qmpSocket, "--node", "disk0", "--sync=incremental", "--bitmap", "bm0",
+                              "-b", "../full.qcow2", "-F", "qcow2", "small/inc.qcow2"], cwd: dir, timeout: 600)
+        #expect(r.status == 17, "\(r.summary): \(r.err)")
+        #expect(r.stderrLines.count == 1 && r.err.hasPrefix("qimg: \(vm.qmpSocket): backup of node 'disk0' failed: No space left on device"), "\(r.err)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: small) == [])
+        #expect(try sha(vm, "bm0") == before)
+        #expect(try vm.qimgLeftovers() == [])
+    }
+
+    @Test func theSocketGoneMidJobLeavesNoTarget() throws {
+        let dir = try Paths.newScratch("live-gone")
+        let vm = try vmWithDirtyBitmap(dir, dirty: 4 << 20, readRate: 2 << 20)
+        let run = try qimg(incremental(vm, "inc.qcow2"), dir)
+        #expect(try vm.waitForRunningJob(run))
+        vm.stop()
+        run.wait(timeout: 600)
+        #expect(run.status == 10, "\(run.summary): \(run.err)")
+        #expect(run.stderrLines.count == 1 && run.err.hasPrefix("qimg: \(vm.qmpSocket): QEMU closed the monitor connection"), "\(run.err)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"))
+        #expect(try noTemporaries(dir))
+    }
+
+    /// SIGKILL at random moments: QEMU keeps answering, no target appears half-made, and the
+    /// next run (a bitmap copy that leaves the bitmap alone) removes what the killed run left
+    /// and finds every bit written since the last completed backup.
+    @Test func killedRunsLoseNoBitAndTheNextRunCleansUp() throws {
+        let dir = try Paths.newScratch("live-kill")
+        let vm = try vmWithDirtyBitmap(dir, dirty: 1 << 20, readRate: 8 << 20)
+        defer { vm.stop() }
+        var rng = SeededRNG(state: 0x5eed_0015)
+        var pending: [[Int]] = [[20 << 20, 1 << 20]]
+        for i in 0..<50 {
+            let at = (24 << 20) + i * (256 << 10)
+            try vm.write(0x60 + i % 16, at, 64 << 10)
+            pending.append([at, 64 << 10])
+            let run = try qimg(incremental(vm, "inc.qcow2"), dir)
+            usleep(UInt32.random(in: 0...400_000, using: &rng))
+            run.send(SIGKILL)
+            run.wait(timeout: 600)
+            #expect(try vm.monitor.execute("query-jobs") != .null, "QEMU answers after kill \(i)")
+            if FileManager.default.fileExists(atPath: dir + "/inc.qcow2") {
+                // The run got as far as the rename: a complete backup of what was pending.
+                try expectCheckClean("inc.qcow2", dir, "kill \(i)")
+                try FileManager.default.removeItem(atPath: dir + "/inc.qcow2")
+                pending = []
+            }
+            let check = try Qimg.run(["backup", "--qmp", vm.qmpSocket, "--node", "disk0", "--sync=bitmap", "--bitmap", "bm0",
+                                      "--bitmap-mode", "never", "--no-backing", "check.qcow2"], cwd: dir, timeout: 600)
+            #expect(check.status == 0, "after kill \(i): \(check.summary): \(check.err)")
+            let found = try dataExtents("check.qcow2", dir)
+            for p in pending {
+                #expect(found.contains { $0[0] <= p[0] && p[0] + p[1] <= $0[0] + $0[1] }, "after kill \(i): the bitmap lost \(p)")
+            }
+            try FileManager.default.removeItem(atPath: dir + "/check.qcow2")
+            #expect(try vm.qimgLeftovers() == [], "after kill \(i)")
+            #expect(try noTemporaries(dir), "after kill \(i)")
+        }
+    }
 }

@@ -62,7 +62,11 @@ public enum PushBackup {
         let runs = try prepare(qmp, disks, o)
         defer { for r in runs { r.staged.discard() } }
         var jobs = PushJobs(qmp: qmp, runs: runs, options: o)
-        let copied = try jobs.run()
+        let copied: [UInt64]
+        do { copied = try jobs.run() } catch QCow2Error.live(let path, .connection, let detail) {
+            let what = runs.count == 1 ? "\(runs[0].disk.target) was not written" : "no target was written"
+            throw QCow2Error.live(path: path, problem: .connection, detail: "\(detail); \(what) (the next run removes what this one left in QEMU and gives the bitmap back its bits)")
+        }
         // Every target is detached (flushed by QEMU): now durable, then in place.
         for r in runs {
             do {

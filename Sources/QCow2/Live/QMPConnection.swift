@@ -152,8 +152,8 @@ public final class QMPConnection {
         guard fd >= 0 else { throw fail(.connection, "the session is closed") }
         var n: Int
         repeat { n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) } } while n < 0 && errno == EINTR
+        if n == 0 || (n < 0 && errno == ECONNRESET) { throw fail(.connection, "QEMU closed the monitor connection") }
         if n < 0 { throw fail(.connection, "read failed: \(errnoDescription(errno))") }
-        if n == 0 { throw fail(.connection, "QEMU closed the monitor connection") }
         received.append(contentsOf: chunk[..<n])
     }
 
