@@ -12,17 +12,20 @@ final class LiveVM {
     let daemon: Spawned
     let monitor: QMPConnection
     var qmpSocket: String { dir + "/qmp.sock" }
-    var nbd: String { "nbd+unix:///disk0?socket=\(dir)/nbd.sock" }
+    var nbd: String { nbd("disk0") }
 
-    /// Starts QSD on `image` (in `dir`) reading at most `readRate` bytes/s from the file.
-    init(dir: String, image: String, readRate: Int = 4 << 20) throws {
+    /// Starts QSD on `images` (in `dir`; nodes disk0, disk1, ...) reading at most `readRate`
+    /// bytes/s from each file.
+    init(dir: String, images: [String], readRate: Int = 4 << 20) throws {
         guard let qsd = Env.qemuStorageDaemon else { throw TestFailure("qemu-storage-daemon not found on PATH (install qemu-system-common)") }
         self.dir = dir
-        daemon = try Spawned(qsd, [
-            "--object", "throttle-group,id=tg0,x-bps-read=\(readRate)",
-            "--blockdev", "driver=file,node-name=file0,filename=\(dir)/\(image)",
-            "--blockdev", "driver=throttle,node-name=thr0,throttle-group=tg0,file=file0",
-            "--blockdev", "driver=qcow2,node-name=disk0,file=thr0",
+        var args = ["--object", "throttle-group,id=tg0,x-bps-read=\(readRate)"]
+        for (i, image) in images.enumerated() {
+            args += ["--blockdev", "driver=file,node-name=file\(i),filename=\(dir)/\(image)",
+                     "--blockdev", "driver=throttle,node-name=thr\(i),throttle-group=tg0,file=file\(i)",
+                     "--blockdev", "driver=qcow2,node-name=disk\(i),file=thr\(i)"]
+        }
+        daemon = try Spawned(qsd, args + [
             "--chardev", "socket,path=\(dir)/qmp.sock,server=on,wait=off,id=m0", "--monitor", "chardev=m0",
             "--chardev", "socket,path=\(dir)/mon.sock,server=on,wait=off,id=m1", "--monitor", "chardev=m1",
             "--nbd-server", "addr.type=unix,addr.path=\(dir)/nbd.sock",
@@ -35,9 +38,17 @@ final class LiveVM {
             if connected == nil { usleep(5_000) }
         }
         monitor = connected!
-        try monitor.execute("block-export-add", [("type", .string("nbd")), ("id", .string("exp0")), ("node-name", .string("disk0")),
-                                                 ("name", .string("disk0")), ("writable", .bool(true))])
+        for i in images.indices {
+            try monitor.execute("block-export-add", [("type", .string("nbd")), ("id", .string("exp\(i)")), ("node-name", .string("disk\(i)")),
+                                                     ("name", .string("disk\(i)")), ("writable", .bool(true))])
+        }
     }
+
+    convenience init(dir: String, image: String, readRate: Int = 4 << 20) throws {
+        try self.init(dir: dir, images: [image], readRate: readRate)
+    }
+
+    func nbd(_ node: String) -> String { "nbd+unix:///\(node)?socket=\(dir)/nbd.sock" }
 
     deinit { stop() }
 
@@ -48,12 +59,12 @@ final class LiveVM {
     }
 
     /// A guest write through the NBD export.
-    func write(_ pattern: Int, _ offset: Int, _ length: Int) throws {
-        let r = try Runner.qemuIO(["-f", "raw", nbd, "-c", "write -P \(pattern) \(offset) \(length)"], cwd: dir)
+    func write(_ pattern: Int, _ offset: Int, _ length: Int, node: String = "disk0") throws {
+        let r = try Runner.qemuIO(["-f", "raw", nbd(node), "-c", "write -P \(pattern) \(offset) \(length)"], cwd: dir)
         #expect(r.status == 0, "\(r.summary)")
     }
 
-    func bitmap(_ name: String) throws -> LiveBitmap? { try LiveNodes.find("disk0", monitor).bitmap(name) }
+    func bitmap(_ name: String, node: String = "disk0") throws -> LiveBitmap? { try LiveNodes.find(node, monitor).bitmap(name) }
 
     /// Names of qimg's jobs, nodes and bitmaps present in QEMU.
     func qimgLeftovers() throws -> [String] {
@@ -267,5 +278,122 @@ final class LiveVM {
             #expect(try vm.qimgLeftovers() == [], "after kill \(i)")
             #expect(try noTemporaries(dir), "after kill \(i)")
         }
+    }
+
+    // MARK: - Several disks into a repository
+
+    /// `count` disks of 64 MiB with 2 MiB of data each (pattern 0x70 + i).
+    func makeDisks(_ dir: String, _ count: Int) throws -> [String] {
+        try (0..<count).map { i throws -> String in
+            let name = "d\(i).qcow2"
+            #expect(try Runner.qemuImg(["create", "-q", "-f", "qcow2", name, "64M"], cwd: dir).status == 0)
+            #expect(try Runner.qemuIO(["-f", "qcow2", name, "-c", "write -P \(0x70 + i) \(i)M 2M"], cwd: dir).status == 0)
+            return name
+        }
+    }
+
+    func repoBackup(_ vm: LiveVM, _ nodes: Int, repo: String = "R", day: Int) throws -> Spawned {
+        try qimg(["--qmp", vm.qmpSocket] + (0..<nodes).flatMap { ["--node", "disk\($0)"] } +
+                 ["--repo", repo, "--bitmap", "daily", "--time", "2026-12-0\(day)T02:00:00Z"], vm.dir)
+    }
+
+    /// Per chain, the points' (kind, file) from the manifest.
+    func points(_ dir: String, repo: String = "R") throws -> [String: [(String, String)]] {
+        let data = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/\(repo)/qimg-repository.json"))
+        let m = try JSONSerialization.jsonObject(with: data) as? [String: Any] ?? [:]
+        var out: [String: [(String, String)]] = [:]
+        for image in m["images"] as? [[String: Any]] ?? [] {
+            out[image["image"] as? String ?? ""] = (image["points"] as? [[String: Any]] ?? []).map { ($0["kind"] as? String ?? "", $0["file"] as? String ?? "") }
+        }
+        return out
+    }
+
+    func jobBitmaps(_ vm: LiveVM, _ node: String) throws -> [String: JSON?] {
+        var out: [String: JSON?] = [:]
+        for b in try LiveNodes.find(node, vm.monitor).bitmaps where b.name.hasPrefix("daily@") {
+            out[b.name] = try vm.monitor.execute("x-debug-block-dirty-bitmap-sha256", [("node", .string(node)), ("name", .string(b.name))])["sha256"]
+        }
+        return out
+    }
+
+    @Test func threeDisksInOneTransactionThenIncrementalsThatRestore() throws {
+        let dir = try Paths.newScratch("live-repo3")
+        let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 3))
+        defer { vm.stop() }
+        let day1 = try repoBackup(vm, 3, day: 1)
+        day1.wait(timeout: 600)
+        #expect(day1.status == 0, "\(day1.summary): \(day1.err)")
+        for i in 0..<3 { try vm.write(0x90 + i, (30 + i) << 20, 64 << 10, node: "disk\(i)") }
+        let day2 = try repoBackup(vm, 3, day: 2)
+        day2.wait(timeout: 600)
+        #expect(day2.status == 0, "\(day2.summary): \(day2.err)")
+        let p = try points(dir)
+        for i in 0..<3 {
+            let chain = try #require(p["disk\(i)"])
+            #expect(chain.map(\.0) == ["full", "incremental"], "disk\(i): \(chain)")
+            guard chain.count == 2 else { continue }
+            try expectCheckClean("R/" + chain[1].1, dir, "disk\(i) day 2")
+            #expect(try dataExtents("R/" + chain[1].1, dir) == [[(30 + i) << 20, 64 << 10]], "disk\(i): the incremental holds the day's write")
+            let same = try compare(["-f", "raw", "-F", "qcow2", vm.nbd("disk\(i)"), "R/" + chain[1].1], dir)
+            #expect(same.status == 0, "disk\(i) restores: \(same.out) \(same.err)")
+            #expect(try jobBitmaps(vm, "disk\(i)").count == 1, "one job bitmap per node")
+        }
+        #expect(try vm.qimgLeftovers() == [])
+    }
+
+    /// One of three jobs fails (cancelled from outside, as QEMU ends a failed job): the
+    /// others are cancelled, no point is kept for any disk, every bitmap keeps its bits.
+    @Test func oneFailingJobOfThreeKeepsNoPointAndEveryBitmap() throws {
+        let dir = try Paths.newScratch("live-repo-fail")
+        let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 3), readRate: 2 << 20)
+        defer { vm.stop() }
+        let day1 = try repoBackup(vm, 3, day: 1)
+        day1.wait(timeout: 600)
+        #expect(day1.status == 0, "\(day1.summary): \(day1.err)")
+        for i in 0..<3 { try vm.write(0x90 + i, (30 + i) << 20, 2 << 20, node: "disk\(i)") }
+        let before = try (0..<3).map { try jobBitmaps(vm, "disk\($0)") }
+        let manifest = try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json"))
+        let day2 = try repoBackup(vm, 3, day: 2)
+        #expect(try vm.waitForRunningJob(day2))
+        guard case .array(let jobs) = try vm.monitor.execute("query-jobs"),
+              case .string(let victim)? = jobs.compactMap({ $0["id"] }).first(where: { if case .string(let s) = $0 { return s.hasSuffix("-1") }; return false })
+        else { Issue.record("no job for disk1"); return }
+        _ = try vm.monitor.tryExecute("job-cancel", [("id", .string(victim))])
+        day2.wait(timeout: 600)
+        #expect(day2.status == 1 && day2.stderrLines.count == 1, "\(day2.summary): \(day2.err)")
+        #expect(day2.err.contains("no target was written and every bitmap keeps its bits"), "\(day2.err)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json")) == manifest)
+        #expect(try (0..<3).map { try jobBitmaps(vm, "disk\($0)") } == before)
+        for i in 0..<3 { #expect(try FileManager.default.contentsOfDirectory(atPath: "\(dir)/R/disk\(i)").count == 1) }
+        #expect(try vm.qimgLeftovers() == [])
+    }
+
+    /// Two disks, the second's chain directory a full 1 MiB tmpfs: its full backup fails
+    /// with ENOSPC, the first disk's incremental is cancelled, no point is added, the first
+    /// disk's bitmap keeps its bits and the second gets none.
+    @Test func twoDisksOneTargetFullKeepsNothing() throws {
+        let dir = try Paths.newScratch("live-repo-nospc")
+        let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 2), readRate: 2 << 20)
+        defer { vm.stop() }
+        let first = try repoBackup(vm, 1, day: 1)
+        first.wait(timeout: 600)
+        #expect(first.status == 0, "\(first.summary): \(first.err)")
+        try vm.write(0x99, 40 << 20, 2 << 20)
+        let before = try jobBitmaps(vm, "disk0")
+        let manifest = try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json"))
+        try FileManager.default.createDirectory(atPath: dir + "/R/disk1", withIntermediateDirectories: true)
+        let mount = try Runner.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", dir + "/R/disk1"])
+        #expect(mount.status == 0, "a tmpfs is needed for this test (root): \(mount.err)")
+        guard mount.status == 0 else { return }
+        defer { _ = try? Runner.run("/bin/umount", [dir + "/R/disk1"]) }
+        let run = try repoBackup(vm, 2, day: 2)
+        run.wait(timeout: 600)
+        #expect(run.status == 17 && run.stderrLines.count == 1, "\(run.summary): \(run.err)")
+        #expect(run.err.contains("No space left on device") && run.err.contains("no target was written and every bitmap keeps its bits"), "\(run.err)")
+        #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json")) == manifest)
+        #expect(try jobBitmaps(vm, "disk0") == before && jobBitmaps(vm, "disk1").isEmpty)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/disk0").count == 1)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/disk1") == [])
+        #expect(try vm.qimgLeftovers() == [])
     }
 }

@@ -6,6 +6,7 @@ public struct LiveBitmap: Sendable, Equatable {
     public var persistent: Bool
     public var inconsistent: Bool
     public var count: UInt64
+    public var granularity: UInt64?
 }
 
 /// A block node of a running QEMU: its name, virtual size and named bitmaps.
@@ -65,7 +66,7 @@ public enum LiveNodes {
                 guard let n = b["name"].flatMap(string) else { continue }
                 bitmaps.append(LiveBitmap(name: n, recording: bool(b["recording"]), busy: bool(b["busy"]),
                                           persistent: bool(b["persistent"]), inconsistent: bool(b["inconsistent"]),
-                                          count: b["count"]?.uint64 ?? 0))
+                                          count: b["count"]?.uint64 ?? 0, granularity: b["granularity"]?.uint64))
             }
         }
         return LiveNode(name: name, virtualSize: size, bitmaps: bitmaps)

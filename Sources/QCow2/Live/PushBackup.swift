@@ -10,6 +10,16 @@ public struct LiveDisk: Sendable {
     /// directory, as qemu-img writes it); nil for a standalone image.
     public var backingFile: String?
     public var backingFormat: ImageFormat?
+    /// full, incremental or bitmap (top has no meaning for a running disk's chain here).
+    public var sync: BackupOptions.Sync = .full
+    public var bitmap: String?
+    /// on-success or never (QEMU's `always` would clear bits of a target that is not kept).
+    public var bitmapMode: BackupOptions.BitmapMode = .onSuccess
+    /// A repository's point: once the target is durable, `bitmap` is renamed to this (its
+    /// bits moved into a new bitmap of this name, in one transaction).
+    public var renameBitmap: String?
+    /// Bitmaps removed in that same transaction (a repository's stale job bitmaps).
+    public var dropBitmaps: [String] = []
 
     public init(node: String, target: String, backingFile: String? = nil, backingFormat: ImageFormat? = nil) {
         self.node = node
@@ -20,11 +30,6 @@ public struct LiveDisk: Sendable {
 }
 
 public struct PushOptions {
-    /// full, incremental or bitmap (top has no meaning for a running disk's chain here).
-    public var sync: BackupOptions.Sync = .full
-    public var bitmap: String?
-    /// on-success or never (QEMU's `always` would clear bits of a target that is not kept).
-    public var bitmapMode: BackupOptions.BitmapMode = .onSuccess
     /// Cluster size and the other qcow2 options of the targets.
     public var create = CreateOptions()
     public var force = false
@@ -54,11 +59,18 @@ public struct PushResult: Sendable {
 /// Several disks are all or none: one failing job cancels the others.
 public enum PushBackup {
     public static func run(socket: String, disks: [LiveDisk], options o: PushOptions) throws -> PushResult {
-        let started = monotonicNanoseconds()
         try validate(socket: socket, disks: disks, options: o)
         let qmp = try QMPConnection(socket: socket)
         defer { qmp.close() }
         try LiveCleanup.run(qmp)
+        return try run(qmp, disks: disks, options: o)
+    }
+
+    /// The backup through a session already cleaned up; `recordDurable` runs once every
+    /// target is durable and in place, before any bitmap lets its old bits go.
+    static func run(_ qmp: QMPConnection, disks: [LiveDisk], options o: PushOptions,
+                    recordDurable: () throws -> Void = {}) throws -> PushResult {
+        let started = monotonicNanoseconds()
         let runs = try prepare(qmp, disks, o)
         defer { for r in runs { r.staged.discard() } }
         var jobs = PushJobs(qmp: qmp, runs: runs, options: o)
@@ -75,6 +87,7 @@ public enum PushBackup {
             } catch let e as QCow2Error { throw e.withPath(r.disk.target) }
             try r.staged.commit(replacing: o.force, durable: true)
         }
+        try recordDurable()
         try jobs.releaseHolds()
         return PushResult(bytesCopied: copied, seconds: Double(monotonicNanoseconds() - started) / 1e9)
     }
@@ -82,18 +95,18 @@ public enum PushBackup {
     static func validate(socket: String, disks: [LiveDisk], options o: PushOptions) throws {
         func invalid(_ m: String) -> QCow2Error { .invalidArgument(path: socket, detail: m) }
         guard !disks.isEmpty else { throw invalid("no disk to back up") }
-        switch o.sync {
-        case .top: throw invalid("sync=top is not available for a running disk (use full, incremental or bitmap)")
-        case .incremental, .bitmap:
-            guard o.bitmap != nil else { throw invalid("a backup with sync=\(o.sync.rawValue) needs a bitmap") }
-        case .full: break
-        }
-        if o.bitmapMode != .onSuccess && o.sync != .bitmap { throw invalid("a bitmap mode applies only to sync=bitmap") }
-        if o.bitmapMode == .always {
-            throw invalid("bitmap mode 'always' is not available for a running disk: a failed run keeps no target, so the bits it cleared would be lost (use on-success)")
-        }
         var seen = Set<String>()
         for d in disks {
+            switch d.sync {
+            case .top: throw invalid("sync=top is not available for a running disk (use full, incremental or bitmap)")
+            case .incremental, .bitmap:
+                guard d.bitmap != nil else { throw invalid("a backup with sync=\(d.sync.rawValue) needs a bitmap") }
+            case .full: break
+            }
+            if d.bitmapMode != .onSuccess && d.sync != .bitmap { throw invalid("a bitmap mode applies only to sync=bitmap") }
+            if d.bitmapMode == .always {
+                throw invalid("bitmap mode 'always' is not available for a running disk: a failed run keeps no target, so the bits it cleared would be lost (use on-success)")
+            }
             guard seen.insert(d.node).inserted else { throw invalid("node '\(d.node)' is given twice") }
             var st = stat()
             guard Sys.stat(d.target, &st) == 0 else { continue }
@@ -107,7 +120,7 @@ public enum PushBackup {
         var runs: [PushRun] = []
         for (i, d) in disks.enumerated() {
             let node = try LiveNodes.find(d.node, qmp)
-            let plan = try bitmapPlan(qmp, node, o)
+            let plan = try bitmapPlan(qmp, node, d)
             if let b = d.backingFile {
                 let loc = try BackingName.locate(b, format: d.backingFormat, relativeTo: d.target)
                 let prev = try ImageOpener().open(loc.path, format: loc.format)
@@ -130,7 +143,7 @@ public enum PushBackup {
     }
 
     /// What happens to the bitmap of `node`, after checking it can be used.
-    static func bitmapPlan(_ qmp: QMPConnection, _ node: LiveNode, _ o: PushOptions) throws(QCow2Error) -> PushRun.BitmapPlan {
+    static func bitmapPlan(_ qmp: QMPConnection, _ node: LiveNode, _ o: LiveDisk) throws(QCow2Error) -> PushRun.BitmapPlan {
         guard let name = o.bitmap else { return .none }
         guard let b = node.bitmap(name) else {
             if o.sync == .full { return .create(name) }

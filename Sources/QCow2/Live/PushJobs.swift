@@ -46,11 +46,25 @@ struct PushJobs {
         return runs.map { if case .completed(let n)? = outcome[$0.job] { return n }; return 0 }
     }
 
-    /// Drops the held bits, once every target is durable and in place.
+    /// Drops the held bits, once every target is durable and in place (and renames a
+    /// repository's bitmap to its new point's name), in one transaction per disk.
     func releaseHolds() throws(QCow2Error) {
         for r in runs {
-            guard case .hold(let name) = r.plan else { continue }
-            try qmp.execute("block-dirty-bitmap-remove", [("node", .string(r.node.name)), ("name", .string(LiveNames.hold(name)))])
+            let node = JSON.string(r.node.name)
+            func remove(_ name: String) -> JSON { LiveActions.action("block-dirty-bitmap-remove", [("node", node), ("name", .string(name))]) }
+            var actions: [JSON] = []
+            if case .hold(let name) = r.plan {
+                if let new = r.disk.renameBitmap {
+                    var add: [(String, JSON)] = [("node", node), ("name", .string(new)), ("persistent", .bool(true))]
+                    if let g = r.node.bitmap(name)?.granularity { add.append(("granularity", .uint(g))) }
+                    actions.append(LiveActions.action("block-dirty-bitmap-add", add))
+                    actions.append(LiveActions.action("block-dirty-bitmap-merge", [("node", node), ("target", .string(new)), ("bitmaps", .array([.string(name)]))]))
+                    actions.append(remove(name))
+                }
+                actions.append(remove(LiveNames.hold(name)))
+            }
+            actions += r.disk.dropBitmaps.map(remove)
+            if !actions.isEmpty { try qmp.execute("transaction", [("actions", .array(actions))]) }
         }
     }
 
@@ -92,7 +106,7 @@ struct PushJobs {
             list.append(LiveActions.action("block-dirty-bitmap-add", [("node", node), ("name", hold), ("persistent", .bool(true)), ("disabled", .bool(true))]))
             list.append(LiveActions.action("block-dirty-bitmap-merge", [("node", node), ("target", hold), ("bitmaps", .array([.string(name)]))]))
             list.append(LiveActions.action("block-dirty-bitmap-clear", [("node", node), ("name", .string(name))]))
-            if options.sync != .full { copied = LiveNames.hold(name) }
+            if r.disk.sync != .full { copied = LiveNames.hold(name) }
         case .readOnly(let name):
             copied = name
         }

@@ -40,7 +40,9 @@ struct Backup: ParsableCommand {
     @Flag(name: .customLong("force"), help: "Replace an existing TARGET.") var force = false
     @Flag(name: .customLong("no-backing"), help: "Allow an incremental or bitmap backup without -b: a delta that reads as zeros wherever nothing changed.") var noBacking = false
     @Option(name: .customLong("repo"), help: ArgumentHelp("Back up into this repository (full or incremental chosen by qimg).", valueName: "dir")) var repo: String?
-    @Option(name: .customLong("name"), help: ArgumentHelp("Repository mode: the chain's name (default: the image's file name).", valueName: "chain")) var chain: String?
+    @Option(name: .customLong("name"), help: ArgumentHelp("Repository mode: the chain's name (default: the image's file name; with --qmp, once per --node, default the node's name).", valueName: "chain")) var chains: [String] = []
+    /// The one chain name of an offline repository run.
+    var chain: String? { chains.last }
     @Option(name: .customLong("time"), help: ArgumentHelp("Repository mode: record the point with this time (ISO-8601; UTC unless an offset is given).", valueName: "time")) var time: String?
     @Option(name: .customLong("full-every"), help: ArgumentHelp("Repository mode: a full backup every N points (N) or N days (Nd).", valueName: "N|Nd")) var fullEvery: String?
     @Option(name: .customLong("output"), help: ArgumentHelp("Repository mode: human or json (the point made, on stdout).", valueName: "fmt")) var output: OutputFormat = .human
@@ -57,6 +59,7 @@ struct Backup: ParsableCommand {
         if let qmp = live.qmp { return try LiveBackup(command: self, socket: qmp).run() }
         if !live.nodes.isEmpty { throw CommandFailure(message: "\(source): --node applies only with --qmp") }
         guard !source.isEmpty else { throw CommandFailure(message: "an IMAGE to back up is required") }
+        if chains.count > 1 { throw CommandFailure(message: "\(source): --name is given once (several only with --qmp, one per --node)") }
         if let repo { return try RepoBackup(command: self, repo: repo).run() }
         guard let sync, let target else {
             throw CommandFailure(message: "\(source): " + (sync == nil ? "--sync is required (or --repo DIR)" : "a TARGET is required (or --repo DIR)"))
