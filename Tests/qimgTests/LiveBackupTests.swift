@@ -48,6 +48,13 @@ final class LiveVM {
         try self.init(dir: dir, images: [image], readRate: readRate)
     }
 
+    /// Stops QEMU the clean way (`quit`): persistent bitmaps are stored in the image files.
+    func quit() throws {
+        _ = try? monitor.tryExecute("quit")
+        daemon.wait(timeout: 600)
+        monitor.close()
+    }
+
     func nbd(_ node: String) -> String { "nbd+unix:///\(node)?socket=\(dir)/nbd.sock" }
 
     deinit { stop() }
@@ -297,6 +304,14 @@ final class LiveVM {
                  ["--repo", repo, "--bitmap", "daily", "--time", "2026-12-0\(day)T02:00:00Z"], vm.dir)
     }
 
+    /// Waits for a run that must succeed.
+    func finishedRun(_ run: Spawned, sourceLocation: SourceLocation = #_sourceLocation) {
+        run.wait(timeout: 600)
+        #expect(run.status == 0 && !run.signaled, "\(run.summary): \(run.err)", sourceLocation: sourceLocation)
+    }
+
+    func manifestBytes(_ dir: String) throws -> Data { try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json")) }
+
     /// Per chain, the points' (kind, file) from the manifest.
     func points(_ dir: String, repo: String = "R") throws -> [String: [(String, String)]] {
         let data = try Data(contentsOf: URL(fileURLWithPath: "\(dir)/\(repo)/qimg-repository.json"))
@@ -320,13 +335,9 @@ final class LiveVM {
         let dir = try Paths.newScratch("live-repo3")
         let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 3))
         defer { vm.stop() }
-        let day1 = try repoBackup(vm, 3, day: 1)
-        day1.wait(timeout: 600)
-        #expect(day1.status == 0, "\(day1.summary): \(day1.err)")
+        try finishedRun(repoBackup(vm, 3, day: 1))
         for i in 0..<3 { try vm.write(0x90 + i, (30 + i) << 20, 64 << 10, node: "disk\(i)") }
-        let day2 = try repoBackup(vm, 3, day: 2)
-        day2.wait(timeout: 600)
-        #expect(day2.status == 0, "\(day2.summary): \(day2.err)")
+        try finishedRun(repoBackup(vm, 3, day: 2))
         let p = try points(dir)
         for i in 0..<3 {
             let chain = try #require(p["disk\(i)"])
@@ -347,12 +358,10 @@ final class LiveVM {
         let dir = try Paths.newScratch("live-repo-fail")
         let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 3), readRate: 2 << 20)
         defer { vm.stop() }
-        let day1 = try repoBackup(vm, 3, day: 1)
-        day1.wait(timeout: 600)
-        #expect(day1.status == 0, "\(day1.summary): \(day1.err)")
+        try finishedRun(repoBackup(vm, 3, day: 1))
         for i in 0..<3 { try vm.write(0x90 + i, (30 + i) << 20, 2 << 20, node: "disk\(i)") }
         let before = try (0..<3).map { try jobBitmaps(vm, "disk\($0)") }
-        let manifest = try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json"))
+        let manifest = try manifestBytes(dir)
         let day2 = try repoBackup(vm, 3, day: 2)
         #expect(try vm.waitForRunningJob(day2))
         guard case .array(let jobs) = try vm.monitor.execute("query-jobs"),
@@ -362,7 +371,7 @@ final class LiveVM {
         day2.wait(timeout: 600)
         #expect(day2.status == 1 && day2.stderrLines.count == 1, "\(day2.summary): \(day2.err)")
         #expect(day2.err.contains("no target was written and every bitmap keeps its bits"), "\(day2.err)")
-        #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json")) == manifest)
+        #expect(try manifestBytes(dir) == manifest)
         #expect(try (0..<3).map { try jobBitmaps(vm, "disk\($0)") } == before)
         for i in 0..<3 { #expect(try FileManager.default.contentsOfDirectory(atPath: "\(dir)/R/disk\(i)").count == 1) }
         #expect(try vm.qimgLeftovers() == [])
@@ -375,12 +384,10 @@ final class LiveVM {
         let dir = try Paths.newScratch("live-repo-nospc")
         let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 2), readRate: 2 << 20)
         defer { vm.stop() }
-        let first = try repoBackup(vm, 1, day: 1)
-        first.wait(timeout: 600)
-        #expect(first.status == 0, "\(first.summary): \(first.err)")
+        try finishedRun(repoBackup(vm, 1, day: 1))
         try vm.write(0x99, 40 << 20, 2 << 20)
         let before = try jobBitmaps(vm, "disk0")
-        let manifest = try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json"))
+        let manifest = try manifestBytes(dir)
         try FileManager.default.createDirectory(atPath: dir + "/R/disk1", withIntermediateDirectories: true)
         let mount = try Runner.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", dir + "/R/disk1"])
         #expect(mount.status == 0, "a tmpfs is needed for this test (root): \(mount.err)")
@@ -390,10 +397,63 @@ final class LiveVM {
         run.wait(timeout: 600)
         #expect(run.status == 17 && run.stderrLines.count == 1, "\(run.summary): \(run.err)")
         #expect(run.err.contains("No space left on device") && run.err.contains("no target was written and every bitmap keeps its bits"), "\(run.err)")
-        #expect(try Data(contentsOf: URL(fileURLWithPath: dir + "/R/qimg-repository.json")) == manifest)
+        #expect(try manifestBytes(dir) == manifest)
         #expect(try jobBitmaps(vm, "disk0") == before && jobBitmaps(vm, "disk1").isEmpty)
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/disk0").count == 1)
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/disk1") == [])
         #expect(try vm.qimgLeftovers() == [])
+    }
+
+    /// Bitmap granularities against target cluster sizes: a full into a bitmap made with
+    /// that granularity, guest writes at unaligned offsets, an incremental; each point
+    /// checks clean and restores the disk.
+    @Test(arguments: [(4096, 2 << 20), (1 << 20, 4096), (65536, 65536), (512 << 10, 16384)])
+    func granularityAgainstClusterSize(granularity: Int, cluster: Int) throws {
+        let dir = try Paths.newScratch("live-gran")
+        try makeDisk(dir)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 64 << 20)
+        defer { vm.stop() }
+        try vm.monitor.execute("block-dirty-bitmap-add", [("node", .string("disk0")), ("name", .string("g")), ("persistent", .bool(true)),
+                                                          ("granularity", .uint(UInt64(granularity)))])
+        let o = ["-o", "cluster_size=\(cluster)"]
+        try finishedRun(qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--bitmap", "g"] + o + ["full.qcow2"], dir))
+        try vm.write(0x21, 3 * 4096 + 512, 5000)
+        try vm.write(0x22, (17 << 20) + 12345, 70000)
+        try finishedRun(qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--sync=incremental", "--bitmap", "g", "-b", "full.qcow2", "-F", "qcow2"] + o + ["inc.qcow2"], dir))
+        for f in ["full.qcow2", "inc.qcow2"] { try expectCheckClean(f, dir, "\(f) g=\(granularity) c=\(cluster)") }
+        #expect(try compare(["-f", "qcow2", "-F", "qcow2", "start.qcow2", "full.qcow2"], dir).status == 0)
+        let same = try compare(["-f", "raw", "-F", "qcow2", vm.nbd, "inc.qcow2"], dir)
+        #expect(same.status == 0, "g=\(granularity) c=\(cluster): \(same.out) \(same.err)")
+        #expect(try vm.bitmap("g")?.count == 0)
+    }
+
+    /// One chain, offline and live in turn (the VM shut down one night, running the next):
+    /// each point restores what the disk held at its run.
+    @Test func offlineAndLiveRunsShareOneChain() throws {
+        let dir = try Paths.newScratch("live-interleave")
+        try makeDisk(dir)
+        func offline(_ day: Int) throws {
+            let r = try Qimg.run(["backup", "--repo", "R", "--bitmap", "daily", "--name", "vm", "--time", "2026-12-0\(day)T02:00:00Z", "disk.qcow2"], cwd: dir)
+            #expect(r.status == 0, "offline day \(day): \(r.summary): \(r.err)")
+            #expect(try Runner.qemuImg(["convert", "-O", "qcow2", "disk.qcow2", "day\(day).qcow2"], cwd: dir).status == 0)
+        }
+        try offline(1)
+        #expect(try Runner.qemuIO(["-f", "qcow2", "disk.qcow2", "-c", "write -P 0x31 8M 64k"], cwd: dir).status == 0)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 64 << 20)
+        try vm.write(0x32, 9 << 20, 64 << 10)
+        try finishedRun(qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--name", "vm", "--repo", "R", "--bitmap", "daily",
+                              "--time", "2026-12-02T02:00:00Z"], dir))
+        #expect(try Runner.qemuImg(["convert", "-f", "raw", "-O", "qcow2", vm.nbd, "day2.qcow2"], cwd: dir).status == 0)
+        try vm.write(0x33, 10 << 20, 64 << 10)
+        try vm.quit()
+        try offline(3)
+        let p = try #require(try points(dir)["vm"])
+        #expect(p.map(\.0) == ["full", "incremental", "incremental"], "\(p)")
+        for (day, point) in p.enumerated() {
+            try expectCheckClean("R/" + point.1, dir, "day \(day + 1)")
+            let same = try compare(["-f", "qcow2", "-F", "qcow2", "day\(day + 1).qcow2", "R/" + point.1], dir)
+            #expect(same.status == 0, "day \(day + 1) restores: \(same.out) \(same.err)")
+        }
+        if p.count == 3 { #expect(try dataExtents("R/" + p[2].1, dir) == [[10 << 20, 64 << 10]]) }
     }
 }
