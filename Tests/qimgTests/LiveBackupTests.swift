@@ -30,17 +30,19 @@ final class LiveVM {
             "--chardev", "socket,path=\(dir)/mon.sock,server=on,wait=off,id=m1", "--monitor", "chardev=m1",
             "--nbd-server", "addr.type=unix,addr.path=\(dir)/nbd.sock",
         ], cwd: dir)
-        var connected: QMPConnection?
-        // The sockets exist once QSD is listening: poll until the monitor answers.
-        while connected == nil {
-            if !daemon.isRunning { throw TestFailure("qemu-storage-daemon exited: \(daemon.err)") }
-            connected = try? QMPConnection(socket: dir + "/mon.sock")
-            if connected == nil { usleep(5_000) }
-        }
-        monitor = connected!
+        monitor = try Self.connect(dir + "/mon.sock", of: daemon)
         for i in images.indices {
             try monitor.execute("block-export-add", [("type", .string("nbd")), ("id", .string("exp\(i)")), ("node-name", .string("disk\(i)")),
                                                      ("name", .string("disk\(i)")), ("writable", .bool(true))])
+        }
+    }
+
+    /// The socket exists once QEMU listens: polls until the monitor answers (or QEMU exits).
+    static func connect(_ socket: String, of process: Spawned) throws -> QMPConnection {
+        while true {
+            if !process.isRunning { throw TestFailure("\(process.command) exited: \(process.err)") }
+            if let m = try? QMPConnection(socket: socket) { return m }
+            usleep(5_000)
         }
     }
 
@@ -455,5 +457,36 @@ final class LiveVM {
             #expect(same.status == 0, "day \(day + 1) restores: \(same.out) \(same.err)")
         }
         if p.count == 3 { #expect(try dataExtents("R/" + p[2].1, dir) == [[10 << 20, 64 << 10]]) }
+    }
+
+    /// A real qemu-system-x86_64 (-machine none, no guest): the disk is a `-drive` whose
+    /// device id names it; guest writes are HMP `qemu-io` through QMP. After a clean quit
+    /// the image equals full + incremental, which holds exactly those writes.
+    @Test func qemuSystemDriveByDeviceID() throws {
+        guard let qemu = Env.which("qemu-system-x86_64") else {
+            if Env.isCI { throw TestFailure("qemu-system-x86_64 is missing (Debian: qemu-system-x86)") }
+            print("LiveBackupTests.qemuSystemDriveByDeviceID: qemu-system-x86_64 not installed"); return
+        }
+        let dir = try Paths.newScratch("live-system")
+        try makeDisk(dir)
+        let vm = try Spawned(qemu, ["-machine", "none", "-nodefaults", "-display", "none",
+                                    "-qmp", "unix:\(dir)/qmp.sock,server=on,wait=off", "-qmp", "unix:\(dir)/mon.sock,server=on,wait=off",
+                                    "-drive", "if=none,id=legacy0,file=\(dir)/disk.qcow2,format=qcow2"], cwd: dir)
+        defer { vm.send(SIGKILL); vm.wait(timeout: 600) }
+        let m = try LiveVM.connect(dir + "/mon.sock", of: vm)
+        func guestWrite(_ command: String) throws {
+            let r = try m.execute("human-monitor-command", [("command-line", .string("qemu-io legacy0 \"\(command)\""))])
+            #expect(r == .string(""), "qemu-io \(command): \(r)")
+        }
+        try finishedRun(qimg(["--qmp", dir + "/qmp.sock", "--node", "legacy0", "--bitmap", "b", "full.qcow2"], dir))
+        try guestWrite("write -P 0x5a 1M 64k")
+        try guestWrite("write -P 0x5b 33M 128k")
+        try finishedRun(qimg(["--qmp", dir + "/qmp.sock", "--node", "legacy0", "--sync=incremental", "--bitmap", "b", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"], dir))
+        _ = try m.tryExecute("quit")
+        vm.wait(timeout: 600)
+        for f in ["full.qcow2", "inc.qcow2"] { try expectCheckClean(f, dir, f) }
+        #expect(try compare(["-f", "qcow2", "-F", "qcow2", "start.qcow2", "full.qcow2"], dir).status == 0)
+        #expect(try compare(["-f", "qcow2", "-F", "qcow2", "disk.qcow2", "inc.qcow2"], dir).status == 0)
+        #expect(try dataExtents("inc.qcow2", dir) == [[1 << 20, 64 << 10], [33 << 20, 128 << 10]])
     }
 }
