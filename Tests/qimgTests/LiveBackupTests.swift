@@ -489,4 +489,25 @@ final class LiveVM {
         #expect(try compare(["-f", "qcow2", "-F", "qcow2", "disk.qcow2", "inc.qcow2"], dir).status == 0)
         #expect(try dataExtents("inc.qcow2", dir) == [[1 << 20, 64 << 10], [33 << 20, 128 << 10]])
     }
+
+    /// Usage errors of the live options: one line, exit 1, nothing created, no QEMU needed.
+    @Test func liveUsageErrors() throws {
+        let dir = try Paths.newScratch("live-usage")
+        let cases: [([String], String)] = [
+            (["--qmp", "q.sock", "t.qcow2"], "qimg: q.sock: --qmp needs --node NODE"),
+            (["--qmp", "q.sock", "--node", "a", "--node", "b", "t.qcow2"], "qimg: q.sock: several --node need --repo DIR"),
+            (["--node", "a", "img.qcow2", "t.qcow2"], "qimg: img.qcow2: --node applies only with --qmp"),
+            (["--qmp", "q.sock", "--node", "a", "--sync=bitmap", "--bitmap", "b", "--bitmap-mode", "always", "--no-backing", "t.qcow2"],
+             "qimg: q.sock: bitmap mode 'always' is not available for a running disk"),
+            (["--qmp", "q.sock", "--node", "a", "--sync=top", "--no-backing", "t.qcow2"], "qimg: q.sock: sync=top is not available for a running disk"),
+            (["--qmp", "q.sock", "--node", "a", "--sync=incremental", "--bitmap", "b", "t.qcow2"], "qimg: q.sock: sync=incremental needs -b PREV"),
+            (["--qmp", "q.sock", "--node", "a", "--repo", "R", "t.qcow2"], "qimg: q.sock: --repo needs --bitmap=NAME"),
+            (["--qmp", "q.sock", "--node", "a", "--node", "b", "--name", "x", "--repo", "R", "--bitmap", "d"], "qimg: q.sock: 1 chain names for 2 nodes"),
+        ]
+        for (args, start) in cases {
+            let r = try Qimg.run(["backup"] + args, cwd: dir)
+            #expect(r.status == 1 && r.stderrLines.count == 1 && r.err.hasPrefix(start), "\(args): \(r.summary): \(r.err)")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == [], "\(args)")
+        }
+    }
 }

@@ -72,7 +72,9 @@ public enum LiveCleanup {
                 case "aborting", "null":
                     waiting = true
                 default:
-                    _ = try qmp.tryExecute("job-cancel", [("id", .string(id))])
+                    if case .failure(let refusal) = try qmp.tryExecute("job-cancel", [("id", .string(id))]) {
+                        throw qmp.fail(.protocolError, "job '\(id)' left by an earlier run cannot be cancelled: \(refusal.description)")
+                    }
                     waiting = true
                 }
             }

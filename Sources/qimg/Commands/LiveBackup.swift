@@ -17,7 +17,8 @@ struct LiveBackup {
         guard c.target == nil, !c.source.isEmpty else { throw CommandFailure(message: "\(socket): --qmp takes exactly one TARGET (the disk is --node)") }
         let target = c.source
         for (flag, given) in [("-f", c.sourceFormat != nil), ("-c", c.compress), ("--speed", c.speed != nil), ("--name", !c.chains.isEmpty),
-                              ("--time", c.time != nil), ("--full-every", c.fullEvery != nil), ("--log", c.log != nil)] where given {
+                              ("--time", c.time != nil), ("--full-every", c.fullEvery != nil), ("--log", c.log != nil),
+                              ("--output", c.output != .human)] where given {
             throw CommandFailure(message: "\(socket): \(flag) cannot be used with --qmp")
         }
         var o = PushOptions()
@@ -59,7 +60,8 @@ struct LiveBackup {
         guard let bitmap = c.bitmap, !bitmap.isEmpty else { throw CommandFailure(message: "\(socket): --repo needs --bitmap=NAME (the job's bitmap)") }
         guard c.source.isEmpty, c.target == nil else { throw CommandFailure(message: "\(socket): with --qmp and --repo no file is given (the repository names its files)") }
         for (flag, given) in [("--sync", c.sync != nil), ("-b", c.backing != nil), ("-F", c.backingFormat != nil), ("--bitmap-mode", c.bitmapMode != nil),
-                              ("--force", c.force), ("--no-backing", c.noBacking), ("-o", !c.options.isEmpty), ("-c", c.compress), ("-f", c.sourceFormat != nil)] where given {
+                              ("--force", c.force), ("--no-backing", c.noBacking), ("-o", !c.options.isEmpty), ("-c", c.compress), ("-f", c.sourceFormat != nil),
+                              ("--output", c.output != .human), ("--speed", c.speed != nil)] where given {
             throw CommandFailure(message: "\(socket): \(flag) cannot be used with --qmp and --repo")
         }
         var o = RepositoryBackupOptions(bitmap: bitmap)
