@@ -510,4 +510,30 @@ final class LiveVM {
             #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == [], "\(args)")
         }
     }
+
+    /// The VM shuts down in the middle of a live run: QEMU stores the hold bitmap with the
+    /// image, so the next (offline) run must not trust the job bitmap alone: it takes a full
+    /// backup, which restores, and the hold bitmap is gone after it.
+    @Test func aVMShutDownMidRunMakesTheNextOfflineRunFull() throws {
+        let dir = try Paths.newScratch("live-shutdown")
+        try makeDisk(dir)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 2 << 20)
+        try finishedRun(qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--name", "vm", "--repo", "R", "--bitmap", "daily", "--time", "2026-12-01T02:00:00Z"], dir))
+        try vm.write(0x41, 30 << 20, 4 << 20)
+        let run = try qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--name", "vm", "--repo", "R", "--bitmap", "daily", "--time", "2026-12-02T02:00:00Z"], dir)
+        #expect(try vm.waitForRunningJob(run))
+        try vm.quit()
+        run.wait(timeout: 600)
+        #expect(run.status == 10, "\(run.summary): \(run.err)")
+        let info = try Runner.qemuImg(["info", "disk.qcow2"], cwd: dir)
+        #expect(info.out.contains("qimg-hold:daily@"), "QEMU stored the hold bitmap: \(info.out)")
+        let r = try Qimg.run(["backup", "--repo", "R", "--bitmap", "daily", "--name", "vm", "--time", "2026-12-03T02:00:00Z", "disk.qcow2"], cwd: dir)
+        #expect(r.status == 0, "\(r.summary): \(r.err)")
+        let p = try #require(try points(dir)["vm"])
+        #expect(p.map(\.0) == ["full", "full"], "\(p)")
+        if let last = p.last {
+            #expect(try compare(["-f", "qcow2", "-F", "qcow2", "disk.qcow2", "R/" + last.1], dir).status == 0)
+        }
+        #expect(!(try Runner.qemuImg(["info", "disk.qcow2"], cwd: dir).out.contains("qimg-hold:")))
+    }
 }

@@ -63,7 +63,9 @@ public enum RepositoryBackup {
         var cleaned = try resolvePending(repo, chainName) { name in source.bitmaps.contains { $0.name == name } }
         cleaned += repo.removeUnlisted(chain: chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []
-        let jobBitmaps = source.bitmaps.filter { $0.name.hasPrefix(prefix) }
+        // A live run's hold bitmap stored by a QEMU that quit mid-run holds bits the job
+        // bitmap lost: it makes this run a full one (and goes with the other job bitmaps).
+        let jobBitmaps = source.bitmaps.filter { $0.name.hasPrefix(prefix) || $0.name.hasPrefix(LiveNames.hold(prefix)) }
         let reason = fullReason(repo, chainName, bitmaps: jobBitmaps, prefix: prefix, source: source, options: o)
         let parent = reason == nil ? chain.last : nil
 
