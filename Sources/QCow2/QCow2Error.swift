@@ -48,6 +48,32 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     /// request or failed one; `detail` is the client library's account of it.
     case remote(path: String, detail: String)
 
+    /// A live backup through a running QEMU's monitor (QMP socket `path`) failed: `problem`
+    /// says how (callers tell the cases apart by it), `detail` QEMU's reason or ours.
+    case live(path: String, problem: LiveProblem, detail: String)
+
+    /// What went wrong in a live backup.
+    public enum LiveProblem: Sendable, Equatable {
+        /// The socket cannot be reached, or the session ended (QEMU gone, socket closed).
+        case connection
+        /// QEMU sent something that is not QMP, or refused a command it should accept.
+        case protocolError
+        /// No node, device or qdev of that name.
+        case nodeNotFound
+        /// The node has no bitmap of that name.
+        case bitmapNotFound
+        /// The bitmap does not record writes (disabled).
+        case bitmapDisabled
+        /// The bitmap is used by another job or an export.
+        case bitmapBusy
+        /// The bitmap was left in use by a QEMU that stopped without storing it.
+        case bitmapInconsistent
+        /// A backup job ended with an error (e.g. the target's disk is full).
+        case jobFailed
+        /// The backup was cancelled (a signal): nothing was kept.
+        case cancelled
+    }
+
     /// What a comparison was doing when it failed (qemu-img tells them apart by exit status).
     public enum CompareStep: Sendable { case blockStatus, read }
 
@@ -58,7 +84,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
              .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
              .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
              .shrinkWouldLoseData(let p), .foreignFormat(let p, _, _), .snapshotNotFound(let p, _),
-             .repositoryLocked(let p), .repositoryDamaged(let p, _, _), .remote(let p, _):
+             .repositoryLocked(let p), .repositoryDamaged(let p, _, _), .remote(let p, _), .live(let p, _, _):
             return p
         case .compareFailed(_, _, _, _, let cause):
             return cause.path
@@ -71,7 +97,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .io(_, let op, let e): return op == "open" ? errnoDescription(e) : "\(op) failed: \(errnoDescription(e))"
         case .malformed(_, let field, let detail): return field.isEmpty ? detail : "invalid \(field): \(detail)"
         case .unsupported(_, let d), .backing(_, let d), .invalidArgument(_, let d), .mismatch(_, let d),
-             .needsRepair(_, let d), .remote(_, let d):
+             .needsRepair(_, let d), .remote(_, let d), .live(_, _, let d):
             return d
         case .incomplete(_, let cause, let kept):
             return cause + "; " + kept
@@ -122,6 +148,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .repositoryLocked: return .repositoryLocked(path: p)
         case .repositoryDamaged(_, let f, let d): return .repositoryDamaged(path: p, field: f, detail: d)
         case .remote(_, let d): return .remote(path: p, detail: d)
+        case .live(_, let k, let d): return .live(path: p, problem: k, detail: d)
         }
     }
 

@@ -121,7 +121,7 @@ import Glibc
     }
 
     /// A running VM holds the image: the refusal says so, with the program and its pid, and
-    /// points to QEMU's own backup.
+    /// points to the live modes (--qmp, --nbd).
     @Test(.requiresQEMU) func refusalNamesARunningVM() throws {
         guard let qemu = Env.which("qemu-system-x86_64") else {
             if Env.isCI { throw TestFailure("qemu-system-x86_64 is missing (Debian: qemu-system-x86)") }
@@ -139,7 +139,7 @@ import Glibc
         #expect(!vm.exited, "the VM exited: \(vm.summary): \(vm.err)")
         let r = try Qimg.run(["backup", "--sync=incremental", "--bitmap=b", "--no-backing", "src.qcow2", "t.qcow2"], cwd: dir)
         expectCleanFailure("backup of a running VM", r)
-        #expect(r.err == "qimg: src.qcow2: image is in use by a running VM (qemu-system-x86_64, pid \(vm.pid)); back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)\n",
+        #expect(r.err == "qimg: src.qcow2: image is in use by a running VM (qemu-system-x86_64, pid \(vm.pid)); back up a running VM through its QEMU with --qmp SOCKET --node NODE (or read its NBD export with --nbd URI)\n",
                 "stderr: \(r.err)")
         #expect(!B.exists(dir, "t.qcow2") && !B.hasTemporary(dir, of: "t.qcow2"))
     }

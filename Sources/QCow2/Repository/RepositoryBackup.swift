@@ -60,10 +60,12 @@ public enum RepositoryBackup {
         }
         let prefix = "\(o.bitmap)@\(repo.manifest.repositoryID)."
         try RepositoryPrune.finishMerges(repo)
-        var cleaned = try resolvePending(repo, chainName, source: source)
+        var cleaned = try resolvePending(repo, chainName) { name in source.bitmaps.contains { $0.name == name } }
         cleaned += repo.removeUnlisted(chain: chainName) + repo.removeDeadTemporaries(chain: chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []
-        let jobBitmaps = source.bitmaps.filter { $0.name.hasPrefix(prefix) }
+        // A live run's hold bitmap stored by a QEMU that quit mid-run holds bits the job
+        // bitmap lost: it makes this run a full one (and goes with the other job bitmaps).
+        let jobBitmaps = source.bitmaps.filter { $0.name.hasPrefix(prefix) || $0.name.hasPrefix(LiveNames.hold(prefix)) }
         let reason = fullReason(repo, chainName, bitmaps: jobBitmaps, prefix: prefix, source: source, options: o)
         let parent = reason == nil ? chain.last : nil
 
@@ -123,9 +125,10 @@ public enum RepositoryBackup {
     /// A newest point left pending by a killed run: complete if the image switched to its
     /// bitmap, else removed (manifest first, then its file). The image may have been used
     /// since, with the old bitmap recording: switching now could lose those changes.
-    static func resolvePending(_ repo: Repository, _ name: String, source: SourceHold) throws -> [String] {
+    /// `hasBitmap`: whether the image (or the running VM's node) has a bitmap of that name.
+    static func resolvePending(_ repo: Repository, _ name: String, hasBitmap: (String) -> Bool) throws -> [String] {
         guard let last = repo.manifest.chain(name)?.points.last, last.state == .pending else { return [] }
-        if source.bitmaps.contains(where: { $0.name == last.bitmap }) {
+        if hasBitmap(last.bitmap) {
             try update(repo, name) { $0[$0.count - 1].state = .complete }
             return []
         }
@@ -138,6 +141,18 @@ public enum RepositoryBackup {
     /// nil when an incremental on the newest point is safe, else why not.
     static func fullReason(_ repo: Repository, _ name: String, bitmaps: [BitmapDirectoryEntry], prefix: String,
                            source: SourceHold, options o: RepositoryBackupOptions) -> FullReason? {
+        if let reason = chainReason(repo, name, options: o) { return reason }
+        guard let newest = repo.manifest.chain(name)?.points.last else { return .noChain }
+        guard bitmaps.count == 1, bitmaps[0].name == prefix + newest.id else { return .bitmapMissing }
+        if bitmaps[0].inUse { return .bitmapInUse }
+        if !bitmaps[0].isAuto { return .bitmapDisabled }
+        if source.image.virtualSize != newest.virtualSize { return .sizeChanged }
+        return nil
+    }
+
+    /// nil when the chain allows an incremental on its newest point (the policy, the
+    /// files), whatever the image's bitmaps; else why not.
+    static func chainReason(_ repo: Repository, _ name: String, options o: RepositoryBackupOptions) -> FullReason? {
         let chain = repo.manifest.chain(name)?.points ?? []
         guard let newest = chain.last else { return .noChain }
         if let policy = o.fullEvery, let full = chain.lastIndex(where: { $0.kind == .full }) {
@@ -153,10 +168,6 @@ public enum RepositoryBackup {
         }
         guard let id = try? PointDigest.identity(repo.file(newest.file)),
               id.fileSize == newest.fileSize, id.metadataSHA256 == newest.metadataSHA256 else { return .newestPointMissing }
-        guard bitmaps.count == 1, bitmaps[0].name == prefix + newest.id else { return .bitmapMissing }
-        if bitmaps[0].inUse { return .bitmapInUse }
-        if !bitmaps[0].isAuto { return .bitmapDisabled }
-        if source.image.virtualSize != newest.virtualSize { return .sizeChanged }
         return nil
     }
 }

@@ -28,7 +28,10 @@ struct Backup: ParsableCommand {
             incremental copies what its qemu:dirty-bitmap:NAME context marks, and the export's bitmap is \
             left to its owner; see Docs/live-backup.md.
 
-            \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes)
+            Running VM (qimg backup --qmp SOCKET --node NODE [--sync=full|incremental|bitmap] [--bitmap NAME] \
+            [-b PREV -F qcow2] TARGET): QEMU copies the node into TARGET (push mode); see Docs/live-backup.md.
+
+            \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes) \(LiveExit.codes)
             """)
 
     @Option(name: .customLong("sync"), help: ArgumentHelp("full, top, incremental (dirty-bitmap) or bitmap.", valueName: "mode")) var sync: String?
@@ -45,23 +48,30 @@ struct Backup: ParsableCommand {
     @Flag(name: .customLong("force"), help: "Replace an existing TARGET.") var force = false
     @Flag(name: .customLong("no-backing"), help: "Allow an incremental or bitmap backup without -b: a delta that reads as zeros wherever nothing changed.") var noBacking = false
     @Option(name: .customLong("repo"), help: ArgumentHelp("Back up into this repository (full or incremental chosen by qimg).", valueName: "dir")) var repo: String?
-    @Option(name: .customLong("name"), help: ArgumentHelp("Repository mode: the chain's name (default: the image's file name).", valueName: "chain")) var chain: String?
+    @Option(name: .customLong("name"), help: ArgumentHelp("Repository mode: the chain's name (default: the image's file name; with --qmp, once per --node, default the node's name).", valueName: "chain")) var chains: [String] = []
+    /// The one chain name of an offline repository run.
+    var chain: String? { chains.last }
     @Option(name: .customLong("time"), help: ArgumentHelp("Repository mode: record the point with this time (ISO-8601; UTC unless an offset is given).", valueName: "time")) var time: String?
     @Option(name: .customLong("full-every"), help: ArgumentHelp("Repository mode: a full backup every N points (N) or N days (Nd).", valueName: "N|Nd")) var fullEvery: String?
     @Option(name: .customLong("output"), help: ArgumentHelp("Repository mode: human or json (the point made, on stdout).", valueName: "fmt")) var output: OutputFormat = .human
     @Option(name: .customLong("log"), help: ArgumentHelp("Repository mode: append the summary line to this file instead of stderr.", valueName: "file")) var log: String?
     @OptionGroup var lockWait: LockWaitOption
-    @Argument(help: "The image to back up.") var source: String
+    @OptionGroup var live: LiveOptions
+    @Argument(help: "The image to back up (with --qmp: TARGET).") var source: String = ""
     @Argument(help: "The backup image to write (not in repository mode).") var target: String?
 
     static let advice = ErrorText.Advice(
-        inUseByOthers: "back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)",
+        inUseByOthers: "back up a running VM through its QEMU with --qmp SOCKET --node NODE (or read its NBD export with --nbd URI)",
         bitmapInconsistent: "remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
 
     @OptionGroup var pull: NBDOptions
 
     func run() throws {
         if let uri = pull.nbd { return try NBDBackup(command: self, uri: uri).run() }
+        if let qmp = live.qmp { return try LiveBackup(command: self, socket: qmp).run() }
+        if !live.nodes.isEmpty { throw CommandFailure(message: "\(source): --node applies only with --qmp") }
+        guard !source.isEmpty else { throw CommandFailure(message: "an IMAGE to back up is required") }
+        if chains.count > 1 { throw CommandFailure(message: "\(source): --name is given once (several only with --qmp, one per --node)") }
         if let repo { return try RepoBackup(command: self, repo: repo).run() }
         guard let sync, let target else {
             throw CommandFailure(message: "\(source): " + (sync == nil ? "--sync is required (or --repo DIR)" : "a TARGET is required (or --repo DIR)"))
@@ -104,12 +114,7 @@ struct Backup: ParsableCommand {
         o.allowNoBacking = noBacking
         o.backingFile = backing
         o.backingFormat = try backingFormat.map { try ImageFormat(name: $0, path: backing ?? "") }
-        let list = try OptionList(options)
-        for (k, _) in list.values where !["cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type"].contains(k) {
-            throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
-        }
-        if let late = try list.applyQCow2Options(to: &o.create) { throw CommandFailure(message: "\(target): \(late)") }
-        do { try o.create.validate(path: target) } catch { throw CommandFailure(message: error.description) }
+        o.create = try targetCreateOptions(target)
         o.compressed = compress
         o.speed = speed?.value ?? 0
         o.force = force
@@ -142,5 +147,19 @@ struct Backup: ParsableCommand {
             let rate = r.seconds > 0 ? UInt64(Double(r.bytesToCopy) / r.seconds) : 0
             Output.out("Backup complete: \(target): \(r.bytesToCopy) bytes in \(r.clusters) clusters copied (\(Human.size(r.bytesWritten)) of data) in \(Human.format("%.2f", r.seconds)) s (\(Human.size(rate))/s)\n")
         }
+    }
+}
+
+extension Backup {
+    /// TARGET's create options from -o.
+    func targetCreateOptions(_ target: String) throws -> CreateOptions {
+        var c = CreateOptions()
+        let list = try OptionList(options)
+        for (k, _) in list.values where !["cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type"].contains(k) {
+            throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
+        }
+        if let late = try list.applyQCow2Options(to: &c) { throw CommandFailure(message: "\(target): \(late)") }
+        do { try c.validate(path: target) } catch { throw CommandFailure(message: error.description) }
+        return c
     }
 }

@@ -1,0 +1,170 @@
+/// The QEMU side of a push backup: targets attached, one transaction starting every job
+/// with its bitmap actions, the jobs followed to their end (one failing or a stop request
+/// cancels all), jobs dismissed and targets detached; on failure every bitmap is given
+/// back its bits before the error is thrown.
+struct PushJobs {
+    let qmp: QMPConnection
+    let runs: [PushRun]
+    let options: PushOptions
+    private var attached: [PushRun] = []
+
+    init(qmp: QMPConnection, runs: [PushRun], options: PushOptions) {
+        self.qmp = qmp
+        self.runs = runs
+        self.options = options
+    }
+
+    /// Runs every job; returns the bytes each copied. On return the targets are detached.
+    mutating func run() throws -> [UInt64] {
+        do {
+            try attach()
+            if options.shouldStop() { throw qmp.fail(.cancelled, "cancelled before the backup started") }
+            try qmp.execute("transaction", [("actions", .array(runs.flatMap(actions)))])
+        } catch {
+            detach()
+            throw error
+        }
+        // From here on the bitmaps' bits are held: every failure gives them back (if the
+        // session is gone, `follow` throws and the next run ends the jobs and merges back).
+        let outcome = try follow()
+        for r in runs { _ = try qmp.tryExecute("job-dismiss", [("id", .string(r.job))]) }
+        detach()
+        let failed = runs.compactMap { r -> (PushRun, String)? in
+            if case .failed(let why)? = outcome[r.job] { return (r, why) }
+            return nil
+        }
+        let cancelled = runs.contains { if case .cancelled? = outcome[$0.job] { return true }; return false }
+        if !failed.isEmpty || cancelled || attached.count > 0 {
+            try restoreBitmaps()
+            let kept = runs.count == 1 ? "\(runs[0].disk.target) was not written and the bitmap keeps its bits" : "no target was written and every bitmap keeps its bits"
+            if let (r, why) = failed.first {
+                throw qmp.fail(.jobFailed, "backup of node '\(r.node.name)' failed: \(why); \(kept)")
+            }
+            if cancelled { throw qmp.fail(.cancelled, "backup cancelled; \(kept)") }
+            throw qmp.fail(.protocolError, "a target could not be detached; \(kept)")
+        }
+        return runs.map { if case .completed(let n)? = outcome[$0.job] { return n }; return 0 }
+    }
+
+    /// Drops the held bits, once every target is durable and in place (and renames a
+    /// repository's bitmap to its new point's name), in one transaction per disk.
+    func releaseHolds() throws(QCow2Error) {
+        for r in runs {
+            let node = JSON.string(r.node.name)
+            func remove(_ name: String) -> JSON { LiveActions.action("block-dirty-bitmap-remove", [("node", node), ("name", .string(name))]) }
+            var actions: [JSON] = []
+            if case .hold(let name) = r.plan {
+                if let new = r.disk.renameBitmap {
+                    var add: [(String, JSON)] = [("node", node), ("name", .string(new)), ("persistent", .bool(true))]
+                    if let g = r.node.bitmap(name)?.granularity { add.append(("granularity", .uint(g))) }
+                    actions.append(LiveActions.action("block-dirty-bitmap-add", add))
+                    actions.append(LiveActions.action("block-dirty-bitmap-merge", [("node", node), ("target", .string(new)), ("bitmaps", .array([.string(name)]))]))
+                    actions.append(remove(name))
+                }
+                actions.append(remove(LiveNames.hold(name)))
+            }
+            actions += r.disk.dropBitmaps.map(remove)
+            if !actions.isEmpty { try qmp.execute("transaction", [("actions", .array(actions))]) }
+        }
+    }
+
+    // MARK: - Steps
+
+    private mutating func attach() throws(QCow2Error) {
+        for r in runs {
+            let file = Sys.realpath(r.staged.temporaryPath) ?? r.staged.temporaryPath
+            try qmp.execute("blockdev-add", [
+                ("driver", .string("qcow2")), ("node-name", .string(r.targetNode)),
+                ("file", .object([("driver", .string("file")), ("filename", .string(file))])),
+                // The previous backup stays closed (and unlocked): QEMU writes the top layer only.
+                ("backing", .null)])
+            attached.append(r)
+        }
+    }
+
+    /// Detaches the attached targets (QEMU writes its cached metadata and syncs them);
+    /// a target that cannot be detached stays in `attached`.
+    private mutating func detach() {
+        attached = attached.filter { r in
+            guard let result = try? qmp.tryExecute("blockdev-del", [("node-name", .string(r.targetNode))]) else { return true }
+            if case .success = result { return false }
+            return true
+        }
+    }
+
+    /// The transaction actions of one disk: its bitmap actions, then its job.
+    private func actions(_ r: PushRun) -> [JSON] {
+        let node = JSON.string(r.node.name)
+        var list: [JSON] = []
+        var copied: String?   // the bitmap the job copies (sync=bitmap, bitmap-mode=never)
+        switch r.plan {
+        case .none: break
+        case .create(let name):
+            list.append(LiveActions.action("block-dirty-bitmap-add", [("node", node), ("name", .string(name)), ("persistent", .bool(true))]))
+        case .hold(let name):
+            let hold = JSON.string(LiveNames.hold(name))
+            list.append(LiveActions.action("block-dirty-bitmap-add", [("node", node), ("name", hold), ("persistent", .bool(true)), ("disabled", .bool(true))]))
+            list.append(LiveActions.action("block-dirty-bitmap-merge", [("node", node), ("target", hold), ("bitmaps", .array([.string(name)]))]))
+            list.append(LiveActions.action("block-dirty-bitmap-clear", [("node", node), ("name", .string(name))]))
+            if r.disk.sync != .full { copied = LiveNames.hold(name) }
+        case .readOnly(let name):
+            copied = name
+        }
+        var job: [(String, JSON)] = [("job-id", .string(r.job)), ("device", node), ("target", .string(r.targetNode)),
+                                     ("sync", .string(copied == nil ? "full" : "bitmap")), ("auto-dismiss", .bool(false))]
+        if let copied { job += [("bitmap", .string(copied)), ("bitmap-mode", .string("never"))] }
+        list.append(LiveActions.action("blockdev-backup", job))
+        return list
+    }
+
+    enum JobEnd { case completed(UInt64), failed(String), cancelled }
+
+    /// Follows the jobs' events until every job has ended; a failure or a stop request
+    /// cancels the jobs still running.
+    private func follow() throws(QCow2Error) -> [String: JobEnd] {
+        let ids = Set(runs.map(\.job))
+        var ends: [String: JobEnd] = [:]
+        var cancelling = false
+        while ends.count < ids.count {
+            let stop = options.shouldStop
+            guard let e = try qmp.nextEvent(stopping: { !cancelling && stop() }) else {
+                cancelling = true
+                cancel(ids.subtracting(ends.keys))
+                continue
+            }
+            guard let job = e.job, ids.contains(job), ends[job] == nil else { continue }
+            switch e.name {
+            case "BLOCK_JOB_COMPLETED":
+                if case .string(let why)? = e.data["error"] { ends[job] = .failed(why) } else { ends[job] = .completed(e.data["offset"]?.uint64 ?? 0) }
+            case "BLOCK_JOB_CANCELLED":
+                ends[job] = .cancelled
+            default:
+                continue
+            }
+            if case .completed = ends[job] { continue }
+            if !cancelling {
+                cancelling = true
+                cancel(ids.subtracting(ends.keys))
+            }
+        }
+        return ends
+    }
+
+    private func cancel(_ jobs: Set<String>) {
+        for j in jobs.sorted() { _ = try? qmp.tryExecute("job-cancel", [("id", .string(j))]) }
+    }
+
+    /// Gives every bitmap back what it had: holds merged back, bitmaps this run added removed.
+    private func restoreBitmaps() throws(QCow2Error) {
+        for r in runs {
+            switch r.plan {
+            case .hold(let name):
+                try LiveCleanup.releaseHold(qmp, node: r.node.name, hold: LiveNames.hold(name), mergingInto: name)
+            case .create(let name):
+                _ = try qmp.tryExecute("block-dirty-bitmap-remove", [("node", .string(r.node.name)), ("name", .string(name))])
+            case .none, .readOnly:
+                break
+            }
+        }
+    }
+}

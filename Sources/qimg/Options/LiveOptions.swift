@@ -1,0 +1,33 @@
+import ArgumentParser
+import QCow2
+
+/// `qimg backup`'s options for a running VM through its QEMU monitor (push mode).
+struct LiveOptions: ParsableArguments {
+    @Option(name: .customLong("qmp"), help: ArgumentHelp("Back up a running VM: the QMP socket of its QEMU (push mode; QEMU writes TARGET).", valueName: "socket")) var qmp: String?
+    @Option(name: .customLong("node"), help: ArgumentHelp("With --qmp: the block node (or device/qdev id) to back up; once per disk.", valueName: "node")) var nodes: [String] = []
+}
+
+/// The exit codes of `qimg backup --qmp`.
+enum LiveExit {
+    static let codes = """
+        With --qmp: 0 success, 1 failure (a usage error included), 5 I/O error on a target, \
+        10 the QMP socket cannot be reached or the session ended, 11 QEMU refused a command, \
+        12 no such node, 13 no such bitmap, 14 the bitmap is disabled, 15 the bitmap is in use, \
+        16 the bitmap is inconsistent, 17 a backup job failed (e.g. the target's disk is full), \
+        130/143 cancelled by SIGINT/SIGTERM.
+        """
+
+    static func code(_ p: QCow2Error.LiveProblem) -> Int32 {
+        switch p {
+        case .connection: return 10
+        case .protocolError: return 11
+        case .nodeNotFound: return 12
+        case .bitmapNotFound: return 13
+        case .bitmapDisabled: return 14
+        case .bitmapBusy: return 15
+        case .bitmapInconsistent: return 16
+        case .jobFailed: return 17
+        case .cancelled: return 1
+        }
+    }
+}
