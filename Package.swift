@@ -20,7 +20,10 @@ let package = Package(
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
-        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CLinux"], swiftSettings: [faultInjection]),
+        // libnbd's header only (no pkgConfig: nothing is linked; the library is loaded
+        // with dlopen when an NBD source is used).
+        .systemLibrary(name: "CNBD", path: "Sources/CNBD", providers: [.apt(["libnbd-dev"])]),
+        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CLinux", "CNBD"], swiftSettings: [faultInjection]),
         .executableTarget(name: "qimg", dependencies: [
             "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

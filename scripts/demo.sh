@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # qimg demo: build a small qcow2 chain with qimg, let QEMU's tools confirm
-# what qimg wrote, and inspect and repair it with qimg. Everything is
-# written to ./demo/.
+# what qimg wrote, and inspect and repair it with qimg; then a week of the
+# nightly cron job through a backup repository (a crash, a prune, verify,
+# restores compared with QEMU). Everything is written to ./demo/.
 #
 #   scripts/demo.sh            uses .build/debug/qimg (run `make build` first)
 #   QIMG=/path/to/qimg scripts/demo.sh
+#   DEMO_DIR=/tmp/d scripts/demo.sh   writes there instead of ./demo/
+#
+# Exits non-zero when a command fails or a comparison finds a difference.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -15,11 +19,12 @@ if [ ! -x "$QIMG" ]; then
     echo "demo: qimg not found at $QIMG (run 'make build' first)" >&2
     exit 1
 fi
-for tool in qemu-img qemu-io; do
+for tool in qemu-img qemu-io flock; do
     command -v "$tool" >/dev/null || { echo "demo: $tool not found (run 'make deps')" >&2; exit 1; }
 done
 
-DEMO=$ROOT/demo
+DEMO=${DEMO_DIR:-$ROOT/demo}
+case $DEMO in /*) ;; *) DEMO=$ROOT/$DEMO ;; esac
 rm -rf "$DEMO"
 mkdir -p "$DEMO"
 cd "$DEMO"
@@ -114,25 +119,107 @@ rc=0; "$QIMG" check leaky.qcow2 || rc=$?; echo "(exit $rc: 3 means leaks only)"
 [ "$rc" -eq 3 ] || failed+=("check of the leaky image: expected exit 3, got $rc")
 qimg check -r leaks leaky.qcow2
 
-header "The nightly backup job: a full backup with a bitmap, then incremental backups"
-mkdir -p backups
-qimg backup --sync=full --bitmap=nightly base.qcow2 backups/0-full.qcow2
-prev=backups/0-full.qcow2
+# ---------------------------------------------------------------------------
+# The nightly cron job through a backup repository (Docs/backup.md): a simulated
+# week. Each day the guest writes (qemu-io, as a VM would), the day's disk is
+# saved aside with qemu-img convert (the oracle), and the cron line runs with
+# --time set to that night. Day 4's run is killed mid-backup (SIGKILL); the
+# next run recovers. Then a prune, verify, restores and qemu-img compare.
+REPO=$DEMO/repo
+LOG=$DEMO/backup.log
+mkdir -p days
+# Compare two images with QEMU's qemu-img compare; a difference fails the demo.
+same() {
+    show qemu-img compare "$1" "$2"
+    if qemu-img compare -q "$1" "$2"; then
+        echo "  identical: $3"
+    else
+        echo "  DIFFERENT: $3"
+        failed+=("qemu-img compare $1 $2 ($3)")
+    fi
+}
+# The cron line for night DAY (02:30 UTC, 2026-12-0DAY): one summary line goes to the log.
+nightly() {
+    qimg backup --repo "$REPO" --bitmap=nightly --full-every 7d --time "2026-12-0$1T02:30:00Z" --log "$LOG" vm.qcow2
+    echo "  log: $(tail -n 1 "$LOG")"
+}
+# The guest's writes of day DAY.
+guest_writes() {
+    setup qemu-io -f qcow2 -c "write -P 0x$1$1 $(( $1 * 5 ))M 3M" -c "write -z $(( $1 * 7 ))M 256k" -c "discard $(( 40 + $1 ))M 512k" vm.qcow2
+}
+
+header "The backup repository: the disk vm.qcow2 (qemu-img create; 2 MiB of data written by qemu-io)"
+setup qemu-img create -f qcow2 vm.qcow2 64M
+setup qemu-io -f qcow2 -c 'write -P 0x11 0 2M' vm.qcow2
+echo "The crontab line (cron's PATH is /usr/bin:/bin: qimg by its full path):"
+echo "  30 2 * * * /usr/local/bin/qimg backup --repo /backup/repo --bitmap=nightly --full-every 7d --log /var/log/qimg-backup.log /var/lib/libvirt/images/vm.qcow2"
+echo "Here: --repo $REPO, --log $LOG, and --time for each simulated night."
+
 for day in 1 2 3; do
-    header "Day $day: the VM writes, then the incremental backup copies only what changed"
-    qimg io -c "write -P 0x1$day $((day * 3))M 200k" -c "write -z $((day * 5))M 64k" -c "discard $((20 + day))M 1M" base.qcow2
-    qimg bitmap --dump base.qcow2 nightly
-    qimg backup --sync=incremental --bitmap=nightly -b "$(basename "$prev")" -F qcow2 base.qcow2 "backups/$day-inc.qcow2"
-    show qemu-img map --output=json "backups/$day-inc.qcow2" "| grep depth 0  (what this backup holds)"
-    qemu-img map --output=json "backups/$day-inc.qcow2" | grep '"depth": 0' || true
-    prev=backups/$day-inc.qcow2
+    header "Day $day: the guest writes, the disk is saved aside (days/day$day.qcow2), the nightly run"
+    guest_writes "$day"
+    setup qemu-img convert -O qcow2 vm.qcow2 "days/day$day.qcow2"
+    nightly "$day"
 done
 
-header "Restore the newest backup (the whole chain) into one image, and verify it"
-qimg convert -O qcow2 backups/3-inc.qcow2 restored.qcow2
-qimg compare base.qcow2 restored.qcow2
-qimg check restored.qcow2
-qimg info --backing-chain backups/3-inc.qcow2
+header "Day 4: the guest writes; the nightly run is killed (SIGKILL) in the middle of its copy"
+guest_writes 4
+setup qemu-img convert -O qcow2 vm.qcow2 days/day4.qcow2
+# QIMG_FAULTS (debug builds: Sources/QCow2/IO/FaultInjection.swift): the process kills
+# itself with SIGKILL at its 6th write, i.e. inside the copy of the point.
+show QIMG_FAULTS=write:6:kill qimg backup --repo "$REPO" --bitmap=nightly --full-every 7d --time 2026-12-04T02:30:00Z --log "$LOG" vm.qcow2
+rc=0
+QIMG_FAULTS=write:6:kill "$QIMG" backup --repo "$REPO" --bitmap=nightly --full-every 7d --time 2026-12-04T02:30:00Z --log "$LOG" vm.qcow2 || rc=$?
+if [ "$rc" -eq 137 ]; then
+    echo "(killed: exit $rc) What the killed run left in the chain's directory:"
+    ls -1 "$REPO/vm.qcow2" | sed 's/^/  /'
+else
+    echo "(exit $rc: this qimg has no fault injection, a release build: the run was not killed)"
+fi
+qimg repo list "$REPO"
+
+header "Day 4, later: the next run removes what the killed run left and takes the backup"
+nightly 4
+
+for day in 5 6 7; do
+    header "Day $day: the guest writes, the disk is saved aside, the nightly run"
+    guest_writes "$day"
+    setup qemu-img convert -O qcow2 vm.qcow2 "days/day$day.qcow2"
+    nightly "$day"
+done
+
+header "A busy repository: a second run while another holds the lock (flock) exits 3"
+show flock "$REPO/.lock" qimg backup --repo "$REPO" --bitmap=nightly --lock-wait 0 vm.qcow2
+rc=0
+flock "$REPO/.lock" "$QIMG" backup --repo "$REPO" --bitmap=nightly --lock-wait 0 vm.qcow2 || rc=$?
+echo "(exit $rc: 3 means the repository is locked by another run)"
+[ "$rc" -eq 3 ] || failed+=("backup of a locked repository: expected exit 3, got $rc")
+
+header "The week's restore points, and the log of the week"
+qimg repo list "$REPO"
+show cat "$LOG"
+cat "$LOG"
+
+header "Every point restores the disk as it was that day (qimg repo restore, qemu-img compare)"
+for day in 1 2 3 4 5 6 7; do
+    qimg repo restore "$REPO" --at "2026-12-0${day}T23:59:59Z" "restored-day$day.qcow2"
+    same "days/day$day.qcow2" "restored-day$day.qcow2" "the newest point of day $day is that day's disk"
+    rm -f "restored-day$day.qcow2"
+done
+
+header "Prune: keep the 3 newest points; the older ones are merged into them"
+qimg repo prune "$REPO" --keep 3
+qimg repo list "$REPO"
+
+header "Verify: every file present and clean, every recorded SHA-256 matching"
+qimg repo verify "$REPO"
+
+header "Restore after the prune: day 5 (by time) and the newest point, each compared with QEMU"
+qimg repo restore "$REPO" --at 2026-12-05T12:00:00Z day5-restored.qcow2
+same days/day5.qcow2 day5-restored.qcow2 "the point of day 5, after the prune"
+qimg repo restore "$REPO" -O raw newest.raw
+same vm.qcow2 newest.raw "the newest point is the disk as it is now"
+qimg check day5-restored.qcow2
 
 header "qimg io: a wrong pattern fails with exit 1"
 show qimg io -c 'read -P 0x42 0 4096' overlay.qcow2

@@ -44,6 +44,9 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
     case repositoryLocked(path: String)
     /// A backup repository's manifest or files are not what they must be.
     case repositoryDamaged(path: String, field: String, detail: String)
+    /// A remote source (an NBD export, named by its URI) cannot be reached, refused a
+    /// request or failed one; `detail` is the client library's account of it.
+    case remote(path: String, detail: String)
 
     /// What a comparison was doing when it failed (qemu-img tells them apart by exit status).
     public enum CompareStep: Sendable { case blockStatus, read }
@@ -55,7 +58,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
              .inUse(let p, _, _), .incomplete(let p, _, _), .bitmapInconsistent(let p, _),
              .bitmapOperation(let p, _, _, _, _), .targetExists(let p), .needsRepair(let p, _),
              .shrinkWouldLoseData(let p), .foreignFormat(let p, _, _), .snapshotNotFound(let p, _),
-             .repositoryLocked(let p), .repositoryDamaged(let p, _, _):
+             .repositoryLocked(let p), .repositoryDamaged(let p, _, _), .remote(let p, _):
             return p
         case .compareFailed(_, _, _, _, let cause):
             return cause.path
@@ -68,7 +71,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .io(_, let op, let e): return op == "open" ? errnoDescription(e) : "\(op) failed: \(errnoDescription(e))"
         case .malformed(_, let field, let detail): return field.isEmpty ? detail : "invalid \(field): \(detail)"
         case .unsupported(_, let d), .backing(_, let d), .invalidArgument(_, let d), .mismatch(_, let d),
-             .needsRepair(_, let d):
+             .needsRepair(_, let d), .remote(_, let d):
             return d
         case .incomplete(_, let cause, let kept):
             return cause + "; " + kept
@@ -118,6 +121,7 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case .snapshotNotFound(_, let s): return .snapshotNotFound(path: p, snapshot: s)
         case .repositoryLocked: return .repositoryLocked(path: p)
         case .repositoryDamaged(_, let f, let d): return .repositoryDamaged(path: p, field: f, detail: d)
+        case .remote(_, let d): return .remote(path: p, detail: d)
         }
     }
 

@@ -130,4 +130,45 @@ import TestSupport
         let data = entries.filter { $0["data"] as? Bool == true }.map { [($0["start"] as? NSNumber)?.uint64Value ?? 0, ($0["length"] as? NSNumber)?.uint64Value ?? 0] }
         #expect(data == Self.pairs(Self.dataRanges(unit: 65536)), "qemu-img map: \(map.out)")
     }
+
+    /// A source that notes how far each read runs ahead of what the copy has written.
+    final class LeadRecorder: BlockSource {
+        let inner: MemoryBlockSource
+        var written: UInt64 = 0
+        var maxLead: UInt64 = 0
+        var path: String { inner.path }
+        var virtualSize: UInt64 { inner.virtualSize }
+        init(_ inner: MemoryBlockSource) { self.inner = inner }
+        func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+            maxLead = max(maxLead, offset - min(offset, written))
+            try inner.read(into: buffer, at: offset)
+        }
+        func extent(at offset: UInt64, maxLength: UInt64) throws -> SourceExtent { try inner.extent(at: offset, maxLength: maxLength) }
+    }
+
+    /// Compressed copies (issue 16, item 4) read the next chunks while earlier ones are
+    /// being compressed: reads run at least two chunks ahead of the writes; and what is
+    /// written is still the source, in order.
+    @Test func compressedCopyReadsAheadOfItsWrites() throws {
+        let chunk = UInt64(try CompressionPipeline(type: .zlib, clusterSize: 65536, detectZeros: true, path: "t").chunkBytes)
+        let memory = MemoryBlockSource(size: 6 * chunk)
+        let bytes = (0..<Int(6 * chunk)).map { UInt8(truncatingIfNeeded: $0 % 251 + $0 / 65536 + 1) }
+        try memory.write(bytes, at: 0)
+        let source = LeadRecorder(memory)
+        let dir = try Paths.newScratch("memcopy-lead")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var c = CreateOptions()
+        c.size = source.virtualSize
+        try ImageCreator.create(dir + "/t.qcow2", options: c)
+        var settings = CopySettings()
+        settings.compressed = true
+        do {  // the target is closed, and its locks released, at the end of the scope
+            var copy = try TargetCopy(source: source, work: dir + "/t.qcow2", format: .qcow2, targetBacking: nil, settings: settings)
+            try copy.run(Plan(data: [(0, source.virtualSize)], zero: []), maskZeros: false) { done, _ in source.written = done }
+            try copy.finish()
+        }
+        #expect(source.written == source.virtualSize)
+        #expect(source.maxLead >= 2 * chunk, "reads ran at most \(source.maxLead) bytes ahead of the writes")
+        try Self.expectSameBytes(try ImageOpener().open(dir + "/t.qcow2", format: .qcow2), bytes, "compressed copy")
+    }
 }

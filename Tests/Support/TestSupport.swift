@@ -66,6 +66,7 @@ public enum Env {
     public static let python3 = which("python3")
     public static let qemuAvailable = qemuImg != nil && qemuIO != nil
     public static let qemuStorageDaemon = which("qemu-storage-daemon")
+    public static let qemuNBD = which("qemu-nbd")
 
     public static let missingQEMUMessage =
         "qemu-img/qemu-io not found on PATH (install qemu-utils, e.g. `make deps`)"

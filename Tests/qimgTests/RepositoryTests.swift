@@ -18,8 +18,8 @@ import Glibc
     /// `qimg backup --repo R --bitmap=daily [extra] vm.qcow2 --output=json`, which must
     /// succeed: the point it printed.
     @discardableResult
-    static func backup(_ dir: String, day: Int, repo: String = "R", image: String = "vm.qcow2", _ extra: [String] = []) throws -> [String: Any] {
-        let time = String(format: "2026-01-%02dT02:00:00Z", day)
+    static func backup(_ dir: String, day: Int, repo: String = "R", image: String = "vm.qcow2", _ extra: [String] = [], at: String? = nil) throws -> [String: Any] {
+        let time = at ?? String(format: "2026-01-%02dT02:00:00Z", day)
         let r = try B.qimg(["backup", "--repo", repo, "--bitmap=daily", "--time", time, "--output=json"] + extra + [image], dir)
         let obj = try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any] ?? [:]
         #expect(r.stderrLines.count == 1, "one summary line: \(r.err)")
@@ -307,10 +307,14 @@ import Glibc
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
         try Self.backup(dir, day: 1)
+        // One point: singular nouns.
+        let v = try B.qimg(["repo", "verify", "R"], dir)
+        #expect(v.out.hasPrefix("R: 1 point verified, "), "\(v.out)")
+        #expect(try B.qimg(["repo", "list", "R"], dir).out.contains("\nvm.qcow2: 1 point\n"))
         let before = try B.bytes(dir, "R/qimg-repository.json")
         let fd = open(dir + "/R/.lock", O_RDWR)
         #expect(flock(fd, LOCK_EX) == 0)
-        let r = try Qimg.run(["backup", "--repo", "R", "--bitmap=daily", "vm.qcow2"], cwd: dir)
+        let r = try Qimg.run(["backup", "--repo", "R", "--bitmap=daily", "--lock-wait", "0", "vm.qcow2"], cwd: dir)
         close(fd)
         #expect(r.status == 3 && r.err.contains("locked"), "\(r.summary): \(r.err)")
         #expect(try B.bytes(dir, "R/qimg-repository.json") == before)
@@ -322,9 +326,69 @@ import Glibc
         }
     }
 
-    /// A lost manifest is rebuilt from the point files: the same ids, files, kinds and
-    /// parents; every point restores; the next run is a full (the bitmaps belonged to the
-    /// lost repository id) and incrementals follow.
+    /// The job's bitmaps in `image`, as qemu-img info lists them (`daily@...`).
+    static func jobBitmaps(_ dir: String, image: String = "vm.qcow2") throws -> [String] {
+        try BitmapScaleTests.listedBitmaps(image, dir).map(\.name).filter { $0.hasPrefix("daily@") }
+    }
+
+    /// Whether process `pid` has a descriptor open on a path ending in `suffix`.
+    static func hasOpen(_ pid: pid_t, _ suffix: String) -> Bool {
+        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
+        return fds.contains { ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\($0)")) ?? "").hasSuffix(suffix) }
+    }
+
+    /// A second run of the job while the first one (stopped with SIGSTOP in the middle of
+    /// its copy, its temporary file on disk) holds the repository lock: with --lock-wait 0
+    /// it exits 3 at once (a reader too), the first run's temporary file untouched; with a
+    /// wait it blocks on the lock, and completes on top of the first run's point once the
+    /// first run (continued) has finished.
+    @Test(.requiresQEMU) func secondRunWaitsForTheLock() throws {
+        let dir = try Self.scratch("lockwait")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "8M"], dir)
+        try Self.backup(dir, day: 1)
+        try B.tool(["qemu-io", "-c", "write -P 2 1M 1M", "vm.qcow2"], dir)
+        // One byte per pwrite: the copy is slow enough to be stopped in the middle.
+        let first = try Spawned("/usr/bin/env", ["QIMG_FAULTS=short-writes:1", Qimg.path, "backup", "--repo", "R", "--bitmap=daily",
+                                                 "--time", "2026-01-02T02:00:00Z", "vm.qcow2"], cwd: dir)
+        func temporaries() -> [String] {
+            ((try? FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2")) ?? []).filter { $0.hasSuffix(".qimg-tmp") }
+        }
+        while temporaries().isEmpty && first.isRunning { usleep(2000) }
+        first.send(SIGSTOP)
+        defer { first.send(SIGCONT) }
+        let held = temporaries()
+        #expect(first.isRunning && held.count == 1, "the first run is stopped mid-copy: \(first.summary): \(first.err)")
+        let manifest = try B.bytes(dir, "R/qimg-repository.json")
+        for args in [["backup", "--repo", "R", "--bitmap=daily", "--time", "2026-01-03T02:00:00Z", "vm.qcow2"], ["repo", "list", "R"]] {
+            let r = try Qimg.run(args + ["--lock-wait", "0"], cwd: dir)
+            #expect(r.status == 3 && r.stderrLines.count == 1 && r.err.contains("locked"), "\(args): \(r.summary): \(r.err)")
+        }
+        #expect(temporaries() == held, "the first run's temporary file stays")
+        #expect(try B.bytes(dir, "R/qimg-repository.json") == manifest)
+
+        let second = try Spawned(Qimg.path, ["backup", "--repo", "R", "--bitmap=daily", "--time", "2026-01-03T02:00:00Z",
+                                             "--output=json", "--lock-wait", "3600", "vm.qcow2"], cwd: dir)
+        while !Self.hasOpen(second.pid, "/R/.lock") && second.isRunning { usleep(2000) }
+        #expect(second.isRunning, "the second run waits: \(second.summary): \(second.err)")
+        let waiting = try B.bytes(dir, "R/qimg-repository.json")
+        #expect(temporaries() == held && waiting == manifest, "nothing changed while it waits")
+        first.send(SIGCONT)
+        #expect(first.wait(timeout: Runner.backstopSeconds) && first.status == 0, "\(first.summary): \(first.err)")
+        #expect(second.wait(timeout: Runner.backstopSeconds) && second.status == 0, "\(second.summary): \(second.err)")
+        let pts = try Self.points(dir)
+        #expect(pts.map { $0["id"] as? String ?? "?" } == ["000001", "000002", "000003"], "\(pts)")
+        #expect(pts.last?["parent"] as? String == "000002" && pts.last?["kind"] as? String == "incremental", "\(pts)")
+        #expect(try Self.jobBitmaps(dir) == [pts.last?["bitmap"] as? String ?? "?"])
+        try Self.expectRestores(dir, point: "000002", as: "vm.qcow2", "the first run's point")
+        try Self.expectRepositoryClean(dir, "after both runs")
+    }
+
+    /// A lost manifest is rebuilt from the point files under the id the repository keeps in
+    /// `qimg-repository.id`: the same ids, files, kinds and parents; every point restores;
+    /// the next run continues the chain on the image's bitmap, and the image never holds
+    /// more than one bitmap of the job (qemu-img info). A lost newest point with it: a full,
+    /// and still one bitmap. A repository without the id file gets it back from its manifest.
     @Test(.requiresQEMU) func lostManifestIsRebuilt() throws {
         let dir = try Self.scratch("rebuild")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -343,11 +407,33 @@ import Glibc
             #expect((a["parent"] as? String) == (b["parent"] as? String))
         }
         for (i, p) in after.enumerated() { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(i + 1).qcow2", "rebuilt") }
-        let full = try Self.backup(dir, day: 4)
-        #expect(full["full-reason"] as? String == "bitmap missing" && full["id"] as? String == "000004", "\(full)")
-        try B.tool(["qemu-io", "-c", "write -P 5 0 4k", "vm.qcow2"], dir)
-        #expect(try Self.backup(dir, day: 5)["kind"] as? String == "incremental")
-        try Self.expectRepositoryClean(dir, "after the rebuild")
+        try B.tool(["qemu-io", "-c", "write -P 4 3M 64k", "vm.qcow2"], dir)
+        let next = try Self.backup(dir, day: 4)
+        #expect(next["kind"] as? String == "incremental" && next["parent"] as? String == "000003" && next["id"] as? String == "000004", "\(next)")
+        #expect(try Self.jobBitmaps(dir) == [next["bitmap"] as? String ?? "?"], "one bitmap of the job after the rebuild")
+        try Self.expectRestores(dir, point: "000004", as: "vm.qcow2", "continued chain")
+
+        // The manifest and the newest point's file lost: a full, and the old bitmap removed.
+        unlink(dir + "/R/qimg-repository.json")
+        unlink(dir + "/R/" + (next["file"] as? String ?? "?"))
+        let full = try Self.backup(dir, day: 5)
+        #expect(full["kind"] as? String == "full" && full["full-reason"] as? String == "bitmap missing", "\(full)")
+        #expect(try Self.jobBitmaps(dir) == [full["bitmap"] as? String ?? "?"], "one bitmap of the job after a full")
+
+        // A repository made before the id file: the next backup writes it from the manifest.
+        let id = try String(contentsOfFile: dir + "/R/qimg-repository.id", encoding: .utf8)
+        #expect(id.hasSuffix("\n") && (full["bitmap"] as? String ?? "").hasPrefix("daily@" + id.dropLast() + "."), "\(id)")
+        unlink(dir + "/R/qimg-repository.id")
+        try B.tool(["qemu-io", "-c", "write -P 6 0 4k", "vm.qcow2"], dir)
+        try Self.backup(dir, day: 6)
+        #expect(try String(contentsOfFile: dir + "/R/qimg-repository.id", encoding: .utf8) == id)
+        unlink(dir + "/R/qimg-repository.json")
+        try B.tool(["qemu-io", "-c", "write -P 7 4k 4k", "vm.qcow2"], dir)
+        let last = try Self.backup(dir, day: 7)
+        #expect(last["kind"] as? String == "incremental", "\(last)")
+        #expect(try Self.jobBitmaps(dir) == [last["bitmap"] as? String ?? "?"])
+        try Self.expectRepositoryClean(dir, "after the rebuilds")
+        try expectCheckClean("vm.qcow2", dir, "the image")
     }
 
     /// An image a VM holds (qemu-storage-daemon with the image open read-write): exit 4,
@@ -402,114 +488,6 @@ import Glibc
                         "round \(round) \(args): \(r.summary): \(r.err)")
             }
         }
-    }
-
-    /// Six days, then `prune --keep 3`: the kept points keep their ids and restore what they
-    /// restored before; the oldest kept becomes a full; verify passes; the next run is still
-    /// an incremental on the newest point. Then --keep 1 on a chain whose newest is a full.
-    @Test(.requiresQEMU) func pruneKeepsWhatItKeeps() throws {
-        let dir = try Self.scratch("prune")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try Self.sixDays(dir)
-        let before = try Self.points(dir)
-        let r = try B.qimg(["repo", "prune", "R", "--keep", "3"], dir)
-        #expect(r.err.contains("from \(before[3]["id"] as? String ?? "?") on"), "\(r.err)")
-        let after = try Self.points(dir)
-        #expect(after.map { $0["id"] as? String } == before.suffix(3).map { $0["id"] as? String })
-        #expect(after.first?["kind"] as? String == "full" && after.first?["parent"] is NSNull)
-        for (i, p) in after.enumerated() { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(i + 4).qcow2", "after prune") }
-        try Self.expectRepositoryClean(dir, "after prune")
-        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == 3)
-        try B.tool(["qemu-io", "-c", "write -P 7 3M 4k", "vm.qcow2"], dir)
-        #expect(try Self.backup(dir, day: 7)["kind"] as? String == "incremental")
-        try B.qimg(["repo", "prune", "R", "--keep", "1"], dir)
-        let last = try Self.points(dir)
-        #expect(last.count == 1 && last.first?["kind"] as? String == "full")
-        try Self.expectRestores(dir, point: last.first?["id"] as? String ?? "?", as: "vm.qcow2", "keep 1")
-        try Self.expectRepositoryClean(dir, "after keep 1")
-        try B.tool(["qemu-io", "-c", "write -P 8 2M 4k", "vm.qcow2"], dir)
-        let next = try Self.backup(dir, day: 8)
-        #expect(next["kind"] as? String == "incremental", "\(next)")
-        try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "after keep 1")
-    }
-
-    /// Ten daily points (2026-01-01, a Thursday, to 01-10), then --keep-daily 2
-    /// --keep-weekly 2: days 4 (newest of the week Dec 29 - Jan 4), 9 and 10 stay; day 4
-    /// becomes a full, day 9 an incremental on day 4 holding what differs from it, day 10
-    /// is untouched; each restores its day's disk. Then --keep-monthly 1: day 10 alone.
-    @Test(.requiresQEMU) func prunePoliciesKeepMiddlePoints() throws {
-        let dir = try Self.scratch("policy")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
-        var ids: [Int: String] = [:]
-        for day in 1...10 {
-            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 200)k 100k", "-c", "write -P \(day + 20) \(day % 3 * 1024)k 64k", "vm.qcow2"], dir)
-            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
-            ids[day] = try Self.backup(dir, day: day)["id"] as? String
-        }
-        try B.qimg(["repo", "prune", "R", "--keep-daily", "2", "--keep-weekly", "2"], dir)
-        let pts = try Self.points(dir)
-        #expect(pts.map { $0["id"] as? String } == [ids[4], ids[9], ids[10]])
-        #expect(pts.map { $0["kind"] as? String } == ["full", "incremental", "incremental"])
-        #expect(pts.map { $0["parent"] as? String } == [nil, ids[4], ids[9]])
-        for (p, day) in zip(pts, [4, 9, 10]) { try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "day\(day).qcow2", "policy prune") }
-        try Self.expectRepositoryClean(dir, "after the policy prune")
-        try B.qimg(["repo", "prune", "R", "--keep-monthly", "1"], dir)
-        let one = try Self.points(dir)
-        #expect(one.count == 1 && one.first?["id"] as? String == ids[10] && one.first?["kind"] as? String == "full")
-        try Self.expectRestores(dir, point: ids[10] ?? "?", as: "day10.qcow2", "monthly")
-        try Self.expectRepositoryClean(dir, "after the monthly prune")
-        try B.tool(["qemu-io", "-c", "write -P 99 0 4k", "vm.qcow2"], dir)
-        #expect(try Self.backup(dir, day: 11)["kind"] as? String == "incremental")
-    }
-
-    /// A full and five incrementals, day N's disk saved as dayN.qcow2. 24 scattered writes
-    /// a day: merging points is many writes long (about 90 kill points for a prune).
-    static func sixDays(_ dir: String) throws {
-        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", "vm.qcow2", "8M"], dir)
-        for day in 1...6 {
-            let writes = (0..<24).flatMap { ["-c", "write -P \(day) \($0 * 320 + day * 48 + 8)k 4k"] }
-            try B.tool(["qemu-io"] + writes + ["-c", "write -z \((day + 2) * 200)k 8k", "vm.qcow2"], dir)
-            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(day).qcow2"], dir)
-            try Self.backup(dir, day: day)
-        }
-    }
-
-    /// SIGKILL at every write and sync of `prune --keep 3`: every listed point restores
-    /// what its day's disk held, right after the kill; the next prune finishes and verify
-    /// passes; the next backup is an incremental that restores right.
-    @Test(.requiresQEMU) func killPruneAtEveryWriteAndSync() throws {
-        let dir = try Self.scratch("prune-kill")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        try Self.sixDays(dir)
-        let days = Dictionary(uniqueKeysWithValues: try Self.points(dir).enumerated().map { ($0.element["id"] as? String ?? "?", $0.offset + 1) })
-        try Self.shell("cp -a R R.template && cp -a vm.qcow2 vm.template", dir)
-        var kills = 0
-        for kind in ["write", "sync"] {
-            for n in 1..<400 {
-                try? FileManager.default.removeItem(atPath: dir + "/R")
-                try Self.shell("cp -a R.template R && cp -a vm.template vm.qcow2", dir)
-                let spec = "\(kind):\(n):kill\(kind == "write" && n % 2 == 1 ? ":partial" : "")"
-                let r = try Runner.run("/usr/bin/env", ["QIMG_FAULTS=\(spec)", Qimg.path, "repo", "prune", "R", "--keep", "3"], cwd: dir)
-                if r.exitedNormally && r.status == 0 { break }
-                #expect(r.signaled && r.status == SIGKILL, "\(spec): \(r.summary): \(r.err)")
-                kills += 1
-                for p in try Self.points(dir) {
-                    let id = p["id"] as? String ?? "?"
-                    try Self.expectRestores(dir, point: id, as: "day\(days[id] ?? 0).qcow2", "\(spec): right after the kill")
-                }
-                try B.qimg(["repo", "prune", "R", "--keep", "3"], dir)
-                let pts = try Self.points(dir)
-                #expect(pts.count == 3, "\(spec)")
-                try Self.expectRepositoryClean(dir, "\(spec): after the next prune")
-                #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == 3, "\(spec): files left")
-                try B.tool(["qemu-io", "-c", "write -P 9 1M 4k", "vm.qcow2"], dir)
-                let next = try Self.backup(dir, day: 9)
-                #expect(next["kind"] as? String == "incremental", "\(spec): \(next)")
-                try Self.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "\(spec): next backup")
-            }
-        }
-        #expect(kills >= 80, "kill points: \(kills)")
     }
 
     /// SIGKILL at every write and every sync of an incremental repository run (odd writes

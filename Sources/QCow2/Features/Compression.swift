@@ -1,6 +1,5 @@
 import CZlib
 import CZstd
-import Dispatch
 
 /// Decompression of one compressed cluster (spec "Compressed Clusters Descriptor").
 public enum CompressionType: UInt8, Sendable {
@@ -12,65 +11,14 @@ public enum CompressionType: UInt8, Sendable {
 
 enum Codec {
     /// Compresses one cluster; a final partial cluster is zero-padded to a whole one first.
+    /// Nil: it does not compress (or the codec could not start).
     static func compressCluster(_ type: CompressionType, _ data: UnsafeRawBufferPointer, clusterSize cs: Int) -> [UInt8]? {
-        if data.count == cs { return compress(type, input: data) }
+        guard let compressor = ClusterCompressor(type, clusterSize: cs) else { return nil }
         var cluster = [UInt8](repeating: 0, count: cs)
         cluster.withUnsafeMutableBytes { $0.copyMemory(from: data) }
-        return cluster.withUnsafeBytes { compress(type, input: $0) }
-    }
-
-    /// Compresses the consecutive clusters of `data` on every core (nil: does not compress).
-    static func compressClusters(_ type: CompressionType, data: UnsafeRawBufferPointer, clusterSize cs: Int) -> [[UInt8]?] {
-        let count = (data.count + cs - 1) / cs
-        var out = [[UInt8]?](repeating: nil, count: count)
-        if count == 1 {
-            out[0] = compressCluster(type, data, clusterSize: cs)
-            return out
-        }
-        out.withUnsafeMutableBufferPointer { results in
-            // Each iteration writes its own slot only.
-            let shared = UncheckedSendable((results, data))
-            DispatchQueue.concurrentPerform(iterations: count) { i in
-                let (results, data) = shared.value
-                let part = UnsafeRawBufferPointer(rebasing: data[(i * cs)..<min(data.count, (i + 1) * cs)])
-                results[i] = compressCluster(type, part, clusterSize: cs)
-            }
-        }
-        return out
-    }
-
-    /// Compresses one cluster the way QEMU does: raw deflate with a 4 KiB window
-    /// (windowBits -12, memLevel 9, default level), or one zstd frame with the content
-    /// size and no checksum. Returns nil when the result would not be smaller than the input.
-    static func compress(_ type: CompressionType, input: UnsafeRawBufferPointer) -> [UInt8]? {
-        guard let inBase = input.baseAddress, input.count > 0 else { return nil }
-        switch type {
-        case .zlib:
-            // zlib keeps the stream's address (deflateInit2_ to deflateEnd): a stable one.
-            let strm = ZStream()
-            guard deflateInit2_(strm.pointer, Z_DEFAULT_COMPRESSION, Z_DEFLATED, -12, 9, Z_DEFAULT_STRATEGY,
-                                ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return nil }
-            defer { deflateEnd(strm.pointer) }
-            var out = [UInt8](repeating: 0, count: input.count - 1)
-            let produced: Int? = out.withUnsafeMutableBytes { o in
-                strm.pointer.pointee.next_in = UnsafeMutablePointer(mutating: inBase.assumingMemoryBound(to: Bytef.self))
-                strm.pointer.pointee.avail_in = uInt(input.count)
-                strm.pointer.pointee.next_out = o.baseAddress!.assumingMemoryBound(to: Bytef.self)
-                strm.pointer.pointee.avail_out = uInt(o.count)
-                let r = deflate(strm.pointer, Z_FINISH)
-                return r == Z_STREAM_END ? o.count - Int(strm.pointer.pointee.avail_out) : nil
-            }
-            guard let n = produced else { return nil }
-            return Array(out[0..<n])
-        case .zstd:
-            let bound = ZSTD_compressBound(input.count)
-            var out = [UInt8](repeating: 0, count: bound)
-            let n = out.withUnsafeMutableBytes { o in
-                ZSTD_compress(o.baseAddress, o.count, inBase, input.count, 3)
-            }
-            guard ZSTD_isError(n) == 0, n < input.count else { return nil }
-            return Array(out[0..<n])
-        }
+        var out = [UInt8](repeating: 0, count: compressor.outputCapacity)
+        let n = cluster.withUnsafeBytes { input in out.withUnsafeMutableBytes { compressor.compress(input, into: $0) } }
+        return n.map { Array(out[0..<$0]) }
     }
 
     /// Decodes `input` into exactly `output.count` bytes. Returns false when the
@@ -125,10 +73,4 @@ private final class ZStream {
         pointer.deinitialize(count: 1)
         pointer.deallocate()
     }
-}
-
-/// Hands values to worker threads that touch disjoint parts of them.
-struct UncheckedSendable<T>: @unchecked Sendable {
-    let value: T
-    init(_ value: T) { self.value = value }
 }

@@ -28,6 +28,13 @@ public final class StagedFile {
     /// the copy is never readable by more users than the source.
     @TaskLocal public static var creationMode: mode_t = 0o644
 
+    /// `e`, named after the final path when it is about the temporary file (errors are
+    /// reported under the name the user gave).
+    public func naming(_ e: Error) -> Error {
+        if let q = e as? QCow2Error, q.path == temporaryPath { return q.withPath(finalPath) }
+        return e
+    }
+
     /// Creates an empty temporary file for `finalPath`, after removing dead runs'
     /// temporary files from its directory.
     public init(final finalPath: String) throws {

@@ -7,25 +7,19 @@ extension QCow2Image {
     /// whole cluster, or the rest of the disk for a final partial cluster. Data that
     /// does not compress is stored as a normal cluster, as QEMU does.
     public func writeCompressed(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        try guardingMetadata { try writeCompressedUnguarded(data, at: offset, stream: nil) }
+        try checkCompressedCluster(data, at: offset)
+        let stream = Codec.compressCluster(compressionType, data, clusterSize: geometry.clusterSize)
+        try guardingMetadata {
+            guard let stream else { return try writeCompressedUnguarded(data, at: offset, stream: nil) }
+            try stream.withUnsafeBytes { try writeCompressedUnguarded(data, at: offset, stream: $0) }
+        }
     }
 
-    /// Writes consecutive clusters compressed from `data` (at a cluster-aligned `offset`;
-    /// whole clusters, or ending at the end of the disk). The clusters are compressed on
-    /// every core, then written in order, one by one, as `writeCompressed` does.
-    public func writeCompressedClusters(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        let cs = geometry.clusterSize
-        guard geometry.isAligned(offset), !data.isEmpty else {
-            throw QCow2Error.invalidArgument(path: path, detail: "compressed writes must start on a cluster boundary (offset \(offset))")
-        }
-        let count = (data.count + cs - 1) / cs
-        let streams = Codec.compressClusters(compressionType, data: data, clusterSize: cs)
-        try guardingMetadata {
-            for i in 0..<count {
-                let part = UnsafeRawBufferPointer(rebasing: data[(i * cs)..<min(data.count, (i + 1) * cs)])
-                try writeCompressedUnguarded(part, at: offset + UInt64(i * cs), stream: .some(streams[i]))
-            }
-        }
+    /// Writes the cluster at guest `offset` as `writeCompressed` does, with its stream
+    /// compressed by the caller already (`ClusterCompressor`); nil: it does not compress,
+    /// and `data` is written as a normal cluster.
+    func writeCompressed(_ data: UnsafeRawBufferPointer, stream: UnsafeRawBufferPointer?, at offset: UInt64) throws {
+        try guardingMetadata { try writeCompressedUnguarded(data, at: offset, stream: stream) }
     }
 
     /// Rounds the file length up to a whole sector, as qemu-img convert -c leaves it: a
@@ -36,19 +30,24 @@ extension QCow2Image {
         if n % 512 != 0 { try file.truncate(to: (n | 511) + 1) }
     }
 
-    /// `stream`: the compressed cluster when the caller made it already (nil inside: it
-    /// does not compress); nil: compress here.
-    private func writeCompressedUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64, stream given: [UInt8]??) throws {
+    /// A compressed write covers exactly one cluster (the last one: up to the end of the disk).
+    private func checkCompressedCluster(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         let g = geometry
-        let cs = g.clusterSize
-        guard g.isAligned(offset), data.count == min(cs, Int(virtualSize - min(offset, virtualSize))), data.count > 0 else {
+        guard g.isAligned(offset), data.count == min(g.clusterSize, Int(virtualSize - min(offset, virtualSize))), data.count > 0 else {
             throw QCow2Error.invalidArgument(path: path, detail: "compressed writes must cover exactly one cluster (offset \(offset), \(data.count) bytes)")
         }
         try checkRange(offset, data.count)
+    }
+
+    /// `stream`: the compressed cluster (nil: it does not compress).
+    private func writeCompressedUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64, stream given: UnsafeRawBufferPointer?) throws {
+        let g = geometry
+        let cs = g.clusterSize
+        try checkCompressedCluster(data, at: offset)
         let alloc = try requireAllocator()
         try prepareForWrite()
         trackWrite(offset, UInt64(data.count))
-        guard let stream = given ?? Codec.compressCluster(compressionType, data, clusterSize: cs) else {
+        guard let stream = given else {
             try writeUnguarded(data, at: offset)
             return
         }

@@ -24,6 +24,15 @@ public struct BackupOptions {
     public var progress: ((UInt64, UInt64) -> Void)?
     public var shouldStop: () -> Bool = { false }
     public init() {}
+
+    /// How a backup's copy runs (convert's copy, with these options).
+    var copySettings: CopySettings {
+        var settings = CopySettings()
+        settings.compressed = compressed
+        settings.speed = speed
+        settings.shouldStop = shouldStop
+        return settings
+    }
 }
 
 public struct BackupResult: Sendable {
@@ -51,19 +60,12 @@ public enum BackupOperation {
         // The target, under a temporary name of this run's.
         let staged = try StagedFile(final: target)
         defer { staged.discard() }
-        func named(_ e: Error) -> Error {
-            // Errors about the temporary file name the target the user gave.
-            if let q = e as? QCow2Error, q.path == staged.temporaryPath { return q.withPath(target) }
-            return e
-        }
+        let named = staged.naming
         // The copy is convert's; a backup only adds its ranges and its bitmap handling.
-        var settings = CopySettings()
-        settings.compressed = o.compressed
-        settings.speed = o.speed
-        settings.shouldStop = o.shouldStop
+        let settings = o.copySettings
         var copy: TargetCopy
         do {
-            try createTarget(staged.temporaryPath, inputs: inputs, options: o)
+            try createTarget(staged.temporaryPath, size: source.virtualSize, backing: inputs.backing, options: o)
             copy = try TargetCopy(source: source, work: staged.temporaryPath, format: .qcow2,
                                   targetBacking: inputs.backing, settings: settings)
         } catch { throw named(error) }
@@ -150,12 +152,12 @@ public enum BackupOperation {
     }
 
     /// Creates the target at `path`: a qcow2 overlay of the backing file, if any.
-    static func createTarget(_ path: String, inputs: Inputs, options o: BackupOptions) throws {
+    static func createTarget(_ path: String, size: UInt64, backing: (any DiskImage)?, options o: BackupOptions) throws {
         var c = o.create
         c.format = .qcow2
-        c.size = inputs.source.virtualSize
+        c.size = size
         c.backingFile = o.backingFile
-        let probedBacking = try inputs.backing.map { try ImageOpener.probe($0.file, path: $0.path) }
+        let probedBacking = try backing.map { try ImageOpener.probe($0.file, path: $0.path) }
         c.backingFormat = (o.backingFormat ?? probedBacking)?.rawValue
         try ImageCreator.create(path, options: c)
     }
@@ -198,9 +200,9 @@ public enum BackupOperation {
 
     /// Refuses a target that is the source, the target's backing file or any file of
     /// their backing chains (by device and inode, whatever the spelling).
-    static func refuseTargetInChains(_ target: String, source: any DiskImage, backing: (any DiskImage)?) throws {
+    static func refuseTargetInChains(_ target: String, source: (any DiskImage)?, backing: (any DiskImage)?) throws {
         guard let id = try? BlockFile(path: target).identity() else { return }
-        if let (l, depth) = try source.layer(withIdentity: id) {
+        if let (l, depth) = try source?.layer(withIdentity: id) {
             let role = depth == 0 ? "the image being backed up" : "in the backing chain of the image being backed up"
             throw QCow2Error.invalidArgument(path: target, detail: "the target is \(role) ('\(l.path)'); it cannot be replaced by its backup")
         }

@@ -26,9 +26,9 @@ public struct CopyEngine {
     /// Start writeback of the target as the copy goes (it is fsynced at the end).
     public var earlyWriteback = true
     /// Guest ranges written so far (for bitmap-mode=always), at cluster granularity.
-    public private(set) var copied: DirtyBitmap?
-    public private(set) var bytesCopied: UInt64 = 0
-    public private(set) var bytesDone: UInt64 = 0
+    public internal(set) var copied: DirtyBitmap?
+    public internal(set) var bytesCopied: UInt64 = 0
+    public internal(set) var bytesDone: UInt64 = 0
 
     public init(source: any BlockSource, target: any DiskImage) {
         self.source = source
@@ -43,16 +43,20 @@ public struct CopyEngine {
     private var started: UInt64 = 0
     /// The chunk buffer, reused from one copy to the next.
     private var buffer: [UInt8] = []
-    /// Bytes read and written per step: 2 MiB, or 8 MiB when compressing (the clusters
-    /// of a chunk are compressed in parallel, and a bigger batch keeps every core busy).
-    private var chunk: UInt64 { max(unit, (compressed ? 8 : 2) << 20) / unit * unit }
-    private var writebackMark: UInt64 = 0
+    /// Bytes read and written per step (compressed copies: `CompressionPipeline`'s chunks).
+    private var chunk: UInt64 { max(unit, 2 << 20) / unit * unit }
+    var writebackMark: UInt64 = 0
+    /// The compressed copy's buffers and workers, kept from one copy to the next.
+    var pipeline: CompressionPipeline?
     /// Data written between two early-writeback requests (see BlockFile.startWriteback).
     static let writebackInterval: UInt64 = 16 << 20
 
     /// Copies [offset, offset+length) (whole units); with `maskZeros`, zero data is
     /// written as zero clusters so that it hides what the target's backing file holds.
     public mutating func copy(_ offset: UInt64, _ length: UInt64, maskZeros: Bool) throws {
+        if compressed, let q = target as? QCow2Image, q.geometry.isAligned(offset) {
+            return try copyCompressed(into: q, offset, length, maskZeros: maskZeros)
+        }
         let size = source.virtualSize
         let chunk = self.chunk
         var pos = offset
@@ -102,7 +106,7 @@ public struct CopyEngine {
         }
     }
 
-    private func backingHasData(_ guest: UInt64, _ len: Int, _ buf: inout [UInt8]) throws -> Bool {
+    func backingHasData(_ guest: UInt64, _ len: Int, _ buf: inout [UInt8]) throws -> Bool {
         guard let b = targetBacking, guest < b.virtualSize else { return false }
         let n = Int(min(UInt64(len), b.virtualSize - guest))
         if buf.count < n { buf = [UInt8](repeating: 0, count: n) }
@@ -125,7 +129,7 @@ public struct CopyEngine {
         return true
     }
 
-    private func writeZeros(_ guest: UInt64, _ len: UInt64) throws {
+    func writeZeros(_ guest: UInt64, _ len: UInt64) throws {
         if let q = target as? QCow2Image {
             try q.writeZeroes(at: guest, length: len)
         } else if let r = target as? RawImage {
@@ -135,19 +139,13 @@ public struct CopyEngine {
 
     private func writeData(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws {
         if let q = target as? QCow2Image {
-            if compressed && q.geometry.isAligned(guest)
-                && (data.count % q.geometry.clusterSize == 0 || guest + UInt64(data.count) == q.virtualSize) {
-                // Whole clusters (or up to the end of the disk), compressed on every core.
-                try q.writeCompressedClusters(data, at: guest)
-            } else {
-                try q.write(data, at: guest)
-            }
+            try q.write(data, at: guest)
         } else if let r = target as? RawImage {
             try r.write(data, at: guest)
         }
     }
 
-    private mutating func throttle() throws {
+    mutating func throttle() throws {
         guard speed > 0 else { return }
         let now = monotonicNanoseconds()
         if started == 0 { started = now }

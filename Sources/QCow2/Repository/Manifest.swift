@@ -49,9 +49,9 @@ public struct RepositoryManifest: Equatable, Sendable {
         /// SHA-256 of the point's qcow2 metadata (header cluster, L1 and L2 tables).
         public var metadataSHA256: String
         public var runs: [DataRun]
-        /// Set by a prune between recording a merged point and renaming its new file (this
-        /// path, relative) over `file`; the next prune or backup finishes the rename.
-        public var replacement: String? = nil
+        /// Set by a prune between recording a merge into this point and finishing it; the
+        /// next prune or backup finishes it.
+        public var merge: PruneMerge? = nil
     }
 
     public func chain(_ name: String) -> ImageChain? { images.first { $0.name == name } }
@@ -88,7 +88,7 @@ extension RepositoryManifest {
         let v = try j.field("version").number()
         guard v == version else { throw FormatError("version", "unsupported manifest version \(v)") }
         var m = RepositoryManifest(repositoryID: try j.field("repository-id").string())
-        guard !m.repositoryID.isEmpty, m.repositoryID.utf8.allSatisfy({ ($0 >= 0x30 && $0 <= 0x39) || ($0 >= 0x61 && $0 <= 0x66) }) else {
+        guard RepositoryID.isValid(m.repositoryID) else {
             throw FormatError("repository-id", "not a hex id")
         }
         m.nextPoint = try j.field("next-point").number()
@@ -110,7 +110,7 @@ extension RepositoryManifest.Point {
             ("bitmap", .string(bitmap)), ("state", .string(state.rawValue)),
             ("file-size", .uint(fileSize)), ("metadata-sha256", .string(metadataSHA256)),
             ("runs", .array(runs.map { .array([.uint($0.offset), .uint($0.length), .string($0.sha256)]) })),
-        ] + (replacement.map { [("replacement", JSON.string($0))] } ?? []))
+        ] + (merge.map { [("merge", $0.json())] } ?? []))
     }
 
     init(json j: JSON) throws {
@@ -133,9 +133,9 @@ extension RepositoryManifest.Point {
             guard a.count == 3 else { throw FormatError("runs", "a run is [offset, length, sha256]") }
             return RepositoryManifest.DataRun(offset: try a[0].number(), length: try a[1].number(), sha256: try a[2].string())
         }
-        if j["replacement"] != nil { replacement = try j.field("replacement").string() }
+        if let m = j["merge"] { merge = try PruneMerge(json: m) }
         // The files are names inside the repository, never a way out of it.
-        for f in [file] + (replacement.map { [$0] } ?? []) {
+        for f in [file] + (merge?.files ?? []) {
             let parts = f.split(separator: "/", omittingEmptySubsequences: false)
             guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else {
                 throw FormatError("file", "'\(f)' is not CHAIN/FILE inside the repository")

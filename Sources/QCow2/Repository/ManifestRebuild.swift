@@ -3,12 +3,12 @@ import Glibc
 #endif
 
 /// A lost manifest rebuilt from the point files themselves: each chain directory's
-/// `<time>-<id>.qcow2` files, linked by their backing file names, digests read anew. The
-/// repository id cannot be recovered: a new one is made, so the image's old bitmaps no
-/// longer belong to the job and the next backup is a full ("bitmap missing").
+/// `<time>-<id>.qcow2` files, linked by their backing file names, digests read anew, under
+/// `repositoryID` (the id file's: the image's bitmap of the newest point still belongs to
+/// the job, so the next backup continues the chain, or takes a full and removes it).
 extension RepositoryManifest {
-    static func rebuild(from repo: String) throws -> RepositoryManifest {
-        var m = RepositoryManifest(repositoryID: Repository.randomID())
+    static func rebuild(from repo: String, repositoryID: String) throws -> RepositoryManifest {
+        var m = RepositoryManifest(repositoryID: repositoryID)
         for dirName in Repository.entries(repo).sorted() where !dirName.hasPrefix(".") {
             var st = stat()
             guard Sys.lstat(repo + "/" + dirName, &st) == 0, (st.st_mode & S_IFMT) == S_IFDIR else { continue }

@@ -2,10 +2,15 @@
 import Glibc
 #endif
 
-/// A backup repository directory: `qimg-repository.json` (the manifest), `.lock` (held
-/// for a run: exclusive by a backup, shared by readers) and one directory per chain.
+/// A backup repository directory: `qimg-repository.json` (the manifest),
+/// `qimg-repository.id` (the repository id again: a rebuilt manifest keeps it), `.lock`
+/// (held for a run: exclusive by a backup, shared by readers) and one directory per chain.
 public final class Repository {
     public enum LockKind: Sendable { case shared, exclusive }
+
+    /// How long `init` waits for another run's lock, in seconds, when its caller gives no
+    /// wait (the CLI sets it for a whole command: prune, verify, restore and list too).
+    @TaskLocal public static var lockWait: Double = 0
 
     public let path: String
     public var manifest: RepositoryManifest
@@ -21,8 +26,8 @@ public final class Repository {
 
     /// Opens (with `create`, creates: mode 0700) the repository at `path`, refuses a
     /// directory other users can write, and takes its lock, waiting at most `lockWait`
-    /// seconds for another run to release it.
-    public init(_ path: String, create: Bool, lock: LockKind, lockWait: Double = 0) throws {
+    /// seconds (default: `Repository.lockWait`) for another run to release it.
+    public init(_ path: String, create: Bool, lock: LockKind, lockWait: Double? = nil) throws {
         self.path = path.count > 1 && path.hasSuffix("/") ? String(path.dropLast()) : path
         var st = stat()
         if Sys.stat(self.path, &st) != 0 {
@@ -38,20 +43,29 @@ public final class Repository {
             throw QCow2Error.invalidArgument(path: path, detail: "the repository directory is writable by other users (mode 0\(mode)): they could replace backups; make it 0700")
         }
         manifest = RepositoryManifest(repositoryID: "")
-        try takeLock(lock, wait: lockWait)
+        try takeLock(lock, wait: lockWait ?? Self.lockWait)
         var mst = stat()
+        let storedID = RepositoryID.read(file(RepositoryID.fileName))
         if Sys.stat(manifestPath, &mst) == 0 {
             manifest = try Self.readManifest(manifestPath)
+            // A repository made before the id file, or an id file lost: written again.
+            if lock == .exclusive && storedID != manifest.repositoryID { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
         } else if create && Self.isEmptyDirectory(self.path) {
-            manifest = RepositoryManifest(repositoryID: Self.randomID())
+            // The id file first: a run killed before the manifest leaves an empty repository.
+            manifest = RepositoryManifest(repositoryID: storedID ?? Self.randomID())
+            if storedID == nil { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
             try save(mode: 0o600)
         } else {
-            // Lost: rebuilt from the point files (and written by a backup run).
-            manifest = try RepositoryManifest.rebuild(from: self.path)
+            // Lost: rebuilt from the point files (and written by a backup run), under the
+            // id file's id, so that the image's bitmaps still belong to the job.
+            manifest = try RepositoryManifest.rebuild(from: self.path, repositoryID: storedID ?? Self.randomID())
             guard !manifest.images.isEmpty else {
                 throw QCow2Error.repositoryDamaged(path: manifestPath, field: "", detail: "no manifest and no point file: not a qimg backup repository")
             }
-            if lock == .exclusive { try save(mode: 0o600) }
+            if lock == .exclusive {
+                if storedID == nil { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
+                try save(mode: 0o600)
+            }
         }
     }
 
@@ -84,9 +98,13 @@ public final class Repository {
 
     /// Writes the manifest atomically: a temporary file, fsync, rename, directory fsync.
     public func save(mode: mode_t = 0o600) throws {
-        let text = manifest.json().rendered() + "\n"
+        try Self.writeAtomically(manifest.json().rendered() + "\n", to: manifestPath, mode: mode)
+    }
+
+    /// A small file written atomically: a temporary file, fsync, rename, directory fsync.
+    static func writeAtomically(_ text: String, to path: String, mode: mode_t) throws {
         try StagedFile.$creationMode.withValue(mode) {
-            let staged = try StagedFile(final: manifestPath)
+            let staged = try StagedFile(final: path)
             defer { staged.discard() }
             let f = try BlockFile(path: staged.temporaryPath, writable: true)
             try f.write(Array(text.utf8), at: 0)
@@ -95,16 +113,16 @@ public final class Repository {
         }
     }
 
-    /// Removes the point files (and unfinished prune replacements) of chain `name` that
-    /// the manifest does not list: files of killed backups (made durable, never recorded,
+    /// Removes the point files of chain `name` that the manifest does not list (nor an
+    /// unfinished prune merge): files of killed backups (made durable, never recorded,
     /// the bitmap never switched to them) and of expired points whose removal a killed
-    /// prune cut short. Call with the exclusive lock, after `finishReplacements`.
+    /// prune cut short. Call with the exclusive lock, after `finishMerges`.
     /// Returns the relative names removed.
     @discardableResult
     public func removeUnlisted(chain name: String) -> [String] {
-        let known = Set(manifest.chain(name)?.points.flatMap { [$0.file] + ($0.replacement.map { [$0] } ?? []) } ?? [])
+        let known = Set(manifest.chain(name)?.points.flatMap { [$0.file] + ($0.merge?.files ?? []) } ?? [])
         var removed: [String] = []
-        for entry in Self.entries(file(name)) where entry.hasSuffix(".qcow2") || entry.hasSuffix(".qcow2" + RepositoryPrune.replacementSuffix) {
+        for entry in Self.entries(file(name)) where entry.hasSuffix(".qcow2") || entry.hasSuffix(".qcow2" + RepositoryPrune.oldReplacementSuffix) {
             let rel = "\(name)/\(entry)"
             if !known.contains(rel) && Sys.unlink(file(rel)) == 0 { removed.append(rel) }
         }
@@ -112,8 +130,18 @@ public final class Repository {
         return removed
     }
 
+    /// Removes the temporary files dead runs left in chain `name`'s directory (a live
+    /// run's stay: `StagedFile` tells them apart). Returns the relative names removed.
+    public func removeDeadTemporaries(chain name: String) -> [String] {
+        let temporaries = { Set(Self.entries(self.file(name)).filter { $0.hasSuffix(StagedFile.temporarySuffix) }) }
+        let before = temporaries()
+        guard !before.isEmpty else { return [] }
+        StagedFile.removeDeadLeftovers(besides: file(name) + "/")
+        return before.subtracting(temporaries()).sorted().map { "\(name)/\($0)" }
+    }
+
     static func isEmptyDirectory(_ p: String) -> Bool {
-        entries(p).allSatisfy { $0 == ".lock" || $0.hasSuffix(StagedFile.temporarySuffix) }
+        entries(p).allSatisfy { $0 == ".lock" || $0 == RepositoryID.fileName || $0.hasSuffix(StagedFile.temporarySuffix) }
     }
 
     /// The names in directory `p` (without . and ..).

@@ -11,8 +11,8 @@ public struct RepositoryBackupOptions {
     /// The point's recorded time (default: now).
     public var time: Int64?
     public var fullEvery: FullEvery?
-    /// How long to wait for another run's lock, in seconds.
-    public var lockWait: Double = 0
+    /// How long to wait for another run's lock, in seconds (nil: `Repository.lockWait`).
+    public var lockWait: Double?
     public var progress: ((UInt64, UInt64) -> Void)?
     public var shouldStop: () -> Bool = { false }
     public init(bitmap: String) { self.bitmap = bitmap }
@@ -59,15 +59,17 @@ public enum RepositoryBackup {
             repo.manifest.images.append(RepositoryManifest.ImageChain(name: chainName))
         }
         let prefix = "\(o.bitmap)@\(repo.manifest.repositoryID)."
-        try RepositoryPrune.finishReplacements(repo)
+        try RepositoryPrune.finishMerges(repo)
         var cleaned = try resolvePending(repo, chainName, source: source)
-        cleaned += repo.removeUnlisted(chain: chainName)
+        cleaned += repo.removeUnlisted(chain: chainName) + repo.removeDeadTemporaries(chain: chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []
         let jobBitmaps = source.bitmaps.filter { $0.name.hasPrefix(prefix) }
         let reason = fullReason(repo, chainName, bitmaps: jobBitmaps, prefix: prefix, source: source, options: o)
         let parent = reason == nil ? chain.last : nil
 
-        let number = repo.manifest.nextPoint
+        // Past every point the image has a bitmap of (a rebuilt manifest may not know them).
+        let number = jobBitmaps.compactMap { UInt64($0.name.dropFirst(prefix.count)) }
+            .reduce(repo.manifest.nextPoint) { max($0, $1 == .max ? $1 : $1 + 1) }
         let id = pointID(number)
         let time = o.time ?? RepositoryTime.now()
         let relative = "\(chainName)/\(RepositoryTime.compact(time))-\(id).qcow2"
@@ -106,7 +108,7 @@ public enum RepositoryBackup {
 
     static func validateChainName(_ name: String, image: String) throws {
         guard !name.isEmpty, name != ".", name != "..", !name.contains("/"), !name.hasPrefix("."),
-              name != RepositoryManifest.fileName else {
+              name != RepositoryManifest.fileName, name != RepositoryID.fileName else {
             throw QCow2Error.invalidArgument(path: image, detail: "'\(name)' cannot name a chain (a directory of the repository)")
         }
     }

@@ -3,105 +3,116 @@ import Glibc
 #endif
 
 /// `qimg repo prune`: the points a `RetentionPolicy` keeps stay; each expired point is
-/// merged into the next kept point, which is rewritten to restore exactly what it restored
-/// before, under the same id and file name: onto its nearest kept ancestor (holding what
-/// differs from it), or as a full (parent none) when it has none. Crash-safe order:
+/// merged into the next kept point, which keeps its id and file name and restores exactly
+/// what it restored before (`PruneMerge`). A kept point whose parent expires is merged:
 ///
-/// 1. each rewritten point is written beside it as `<file>.prune` (temporary name, fsync,
-///    rename, directory fsync) and its digests read back;
-/// 2. the manifest records them (new kind, parent, digests, `replacement`) without the
-///    expired points; until step 3 their old files still restore the same bytes through
-///    the expired files, which are still there;
-/// 3. `<file>.prune` is renamed over the file; the manifest drops `replacement`;
-/// 4. the expired points' files are removed.
+/// - with a kept ancestor: up, its file rebased in place onto the nearest one;
+/// - without: into a full, whichever way copies less (`PruneCost`): down (its data and
+///   the expired incrementals' committed into the expired full, which is renamed over
+///   it) or up (what it lacks copied into it from the expired points, backing removed).
 ///
-/// A run killed anywhere is finished by the next prune or backup (`finishReplacements`,
-/// then the removal of files the manifest does not list).
+/// Crash-safe order: (1) the manifest drops the expired points and records each merge on
+/// its kept point; no file has changed, and nothing a listed point reads changes later;
+/// (2) each merge runs (idempotent: a commit into an unlisted full, which no listed point
+/// reads where it changes; a rebase in place; a rename), then the manifest records the
+/// point's new kind, parent and digests; (3) the files no point lists are removed. A run
+/// killed anywhere is finished by the next prune or backup (`finishMerges`, then the
+/// removal of unlisted files).
 public enum RepositoryPrune {
     public struct Result: Sendable {
         public var chain: String
         /// The points merged away (their data lives on in the kept points after them).
         public var removed: [String] = []
-        /// The oldest rewritten point.
-        public var into: String?
-        public var bytesCopied: UInt64 = 0
+        public var merges: [Merge] = []
+        /// The oldest merged point.
+        public var into: String? { merges.first?.point }
+        public var bytesCopied: UInt64 { merges.reduce(0) { $0 + $1.bytesCopied } }
     }
 
-    public static let replacementSuffix = ".prune"
+    /// One kept point's merge, and what it copies (from the cluster maps).
+    public struct Merge: Sendable {
+        public var point: String
+        public var direction: PruneMerge.Direction
+        public var parent: String?
+        public var bytesCopied: UInt64
+        /// What the other direction would have copied (nil: only one was possible).
+        public var otherWay: UInt64?
+    }
+
+    /// The temporary files of earlier versions' prunes, removed as leftovers.
+    public static let oldReplacementSuffix = ".prune"
 
     public static func run(repository repoPath: String, chain: String?, policy: RetentionPolicy) throws -> Result {
         guard !policy.isEmpty else { throw QCow2Error.invalidArgument(path: repoPath, detail: "a retention policy must keep at least one point") }
         let repo = try Repository(repoPath, create: false, lock: .exclusive)
-        try finishReplacements(repo)
+        try finishMerges(repo)
         let c = try repo.manifest.selectChain(chain, path: repoPath)
         repo.removeUnlisted(chain: c.name)
         var result = Result(chain: c.name)
         let keep = policy.kept(c.points)
-        let expired = c.points.filter { !keep.contains($0.id) }
+        let expired = Set(c.points.map(\.id)).subtracting(keep)
         guard !expired.isEmpty else { return result }
-        result.removed = expired.map(\.id)
-        // Every kept point whose parent expires is rewritten: onto its nearest kept
-        // ancestor (only what differs from it), or as a full when it has none.
-        var rewritten: [RepositoryManifest.Point] = []
+        result.removed = c.points.map(\.id).filter { expired.contains($0) }
+        var planned: [String: PruneMerge] = [:]
         for p in c.points where keep.contains(p.id) {
             guard let parent = p.parent, !keep.contains(parent) else { continue }
-            let base = repo.manifest.ancestry(of: parent, in: c.name).last { keep.contains($0.id) }
-            var q = try rewrite(p, onto: base, repo: repo, copied: &result.bytesCopied)
-            q.replacement = p.file + replacementSuffix
-            rewritten.append(q)
-            result.into = result.into ?? p.id
+            let (merge, report) = try plan(p, below: repo.manifest.ancestry(of: parent, in: c.name), keep: keep, repo: repo)
+            planned[p.id] = merge
+            result.merges.append(report)
         }
-        let expiredIDs = Set(result.removed)
         try RepositoryBackup.update(repo, c.name) { points in
-            points.removeAll { expiredIDs.contains($0.id) }
-            for q in rewritten { if let i = points.firstIndex(where: { $0.id == q.id }) { points[i] = q } }
+            points.removeAll { expired.contains($0.id) }
+            for i in points.indices { if let m = planned[points[i].id] { points[i].merge = m } }
         }
-        try finishReplacements(repo)
+        try finishMerges(repo)
         repo.removeUnlisted(chain: c.name)
         return result
     }
 
-    /// Writes `<p.file>.prune`: what `p` restores, as an overlay of `base`'s file holding
-    /// what differs from it, or standalone; returns `p` as it will be recorded.
-    static func rewrite(_ p: RepositoryManifest.Point, onto base: RepositoryManifest.Point?, repo: Repository,
-                        copied: inout UInt64) throws -> RepositoryManifest.Point {
-        let path = repo.file(p.file)
-        var st = stat()
-        guard Sys.stat(path, &st) == 0 else { throw QCow2Error.repositoryDamaged(path: path, field: "", detail: "the file of restore point \(p.id) is missing") }
-        let source = try ImageOpener().open(path, format: .qcow2)
-        let target = path + replacementSuffix
-        var o = ConvertOptions()
-        o.create.format = .qcow2
-        if let base {
-            o.backingFile = String(base.file.split(separator: "/").last ?? "")
-            o.backingFormat = .qcow2
+    /// How kept point `p` absorbs the expired points of `below` (its parent's ancestry,
+    /// oldest first) above its nearest kept ancestor.
+    static func plan(_ p: RepositoryManifest.Point, below: [RepositoryManifest.Point], keep: Set<String>,
+                     repo: Repository) throws -> (PruneMerge, Merge) {
+        let baseIndex = below.lastIndex { keep.contains($0.id) }
+        let base = baseIndex.map { below[$0] }
+        let absorbed = Array(below[(baseIndex.map { $0 + 1 } ?? 0)...])
+        let layers = try ([p] + absorbed.reversed()).map { try PointDigest.openAlone(repo.file($0.file)) }
+        let up = try PruneCost.dataBytes(layers, from: 1)
+        let files = absorbed.map(\.file)
+        // Down needs the expired full at the bottom of the point's chain.
+        guard base == nil, let full = absorbed.first, full.parent == nil, full.kind == .full else {
+            return (PruneMerge(direction: .up, parent: base?.id, files: files),
+                    Merge(point: p.id, direction: .up, parent: base?.id, bytesCopied: up))
         }
-        try StagedFile.$creationMode.withValue(st.st_mode & 0o666) {
-            try ConvertOperation.run(source: source, target: target, options: o)
-        }
-        let d = try PointDigest.compute(target)
-        copied += d.runs.reduce(0) { $0 + $1.length }
-        var q = p
-        q.kind = base == nil ? .full : .incremental
-        q.parent = base?.id
-        q.fileSize = d.fileSize
-        q.metadataSHA256 = d.metadataSHA256
-        q.runs = d.runs
-        return q
+        let down = try PruneCost.dataBytes(Array(layers.dropLast()), from: 0)
+        let direction: PruneMerge.Direction = down < up ? .down : .up
+        return (PruneMerge(direction: direction, parent: nil, files: files),
+                Merge(point: p.id, direction: direction, parent: nil, bytesCopied: min(down, up), otherWay: max(down, up)))
     }
 
-    /// Renames every recorded replacement over its point's file (when not done yet) and
-    /// clears the records.
-    static func finishReplacements(_ repo: Repository) throws {
-        for (ci, c) in repo.manifest.images.enumerated() {
-            for (pi, p) in c.points.enumerated() {
-                guard let r = p.replacement else { continue }
-                var st = stat()
-                if Sys.lstat(repo.file(r), &st) == 0 {
-                    guard Sys.rename(repo.file(r), repo.file(p.file)) == 0 else { throw QCow2Error.io(path: repo.file(r), operation: "rename", errno: errno) }
-                    try StagedFile.syncDirectory(of: repo.file(p.file))
+    /// Finishes every merge the manifest records, oldest point first: the file changed as
+    /// recorded (again, when a killed run did it already), then its new kind, parent and
+    /// digests recorded.
+    static func finishMerges(_ repo: Repository) throws {
+        for ci in repo.manifest.images.indices {
+            for pi in repo.manifest.images[ci].points.indices {
+                let p = repo.manifest.images[ci].points[pi]
+                guard let m = p.merge else { continue }
+                let parentFile = try m.parent.map { id in
+                    guard let q = repo.manifest.images[ci].points.first(where: { $0.id == id }) else {
+                        throw m.damaged(repo.file(p.file), p, "is to be merged onto point \(id), which the manifest does not list")
+                    }
+                    return q.file
                 }
-                repo.manifest.images[ci].points[pi].replacement = nil
+                let d = try m.perform(on: p, parentFile: parentFile, repo: repo)
+                var q = p
+                q.kind = m.parent == nil ? .full : .incremental
+                q.parent = m.parent
+                q.fileSize = d.fileSize
+                q.metadataSHA256 = d.metadataSHA256
+                q.runs = d.runs
+                q.merge = nil
+                repo.manifest.images[ci].points[pi] = q
                 try repo.save()
             }
         }

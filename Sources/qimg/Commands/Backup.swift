@@ -16,9 +16,17 @@ struct Backup: ParsableCommand {
             --force or not.
 
             Repository mode (qimg backup --repo DIR --bitmap=NAME [--name CHAIN] [--time ISO-8601] \
-            [--full-every N|Nd] IMAGE): no TARGET and no --sync; qimg takes a full backup or an \
+            [--full-every N|Nd] [--lock-wait SECONDS] IMAGE): no TARGET and no --sync; qimg takes a full backup or an \
             incremental on the chain's newest point by itself, records the point in DIR's manifest \
-            and prints a one-line summary on stderr (or appends it to --log FILE); see Docs/backup.md.
+            and prints a one-line summary on stderr (or appends it to --log FILE); see Docs/backup.md. \
+            A run that finds the repository locked by another run waits for it up to --lock-wait \
+            seconds (default \(Int(LockWaitOption.defaultSeconds)); 0: no wait), then exits 3; it never \
+            touches the other run's files.
+
+            Pull mode (qimg backup --nbd URI [--sync=full|incremental] [--bitmap NAME] [-b PREV -F qcow2] \
+            TARGET): the source is an NBD export (qemu-nbd -B, QEMU's or libvirt's pull-mode export); \
+            incremental copies what its qemu:dirty-bitmap:NAME context marks, and the export's bitmap is \
+            left to its owner; see Docs/live-backup.md.
 
             \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes)
             """)
@@ -42,6 +50,7 @@ struct Backup: ParsableCommand {
     @Option(name: .customLong("full-every"), help: ArgumentHelp("Repository mode: a full backup every N points (N) or N days (Nd).", valueName: "N|Nd")) var fullEvery: String?
     @Option(name: .customLong("output"), help: ArgumentHelp("Repository mode: human or json (the point made, on stdout).", valueName: "fmt")) var output: OutputFormat = .human
     @Option(name: .customLong("log"), help: ArgumentHelp("Repository mode: append the summary line to this file instead of stderr.", valueName: "file")) var log: String?
+    @OptionGroup var lockWait: LockWaitOption
     @Argument(help: "The image to back up.") var source: String
     @Argument(help: "The backup image to write (not in repository mode).") var target: String?
 
@@ -49,14 +58,36 @@ struct Backup: ParsableCommand {
         inUseByOthers: "back up a running VM with QEMU itself (blockdev-backup sync=incremental, or an NBD export with the bitmap)",
         bitmapInconsistent: "remove it with 'qimg bitmap --remove' and take a full backup with a new bitmap")
 
+    @OptionGroup var pull: NBDOptions
+
     func run() throws {
+        if let uri = pull.nbd { return try NBDBackup(command: self, uri: uri).run() }
         if let repo { return try RepoBackup(command: self, repo: repo).run() }
         guard let sync, let target else {
             throw CommandFailure(message: "\(source): " + (sync == nil ? "--sync is required (or --repo DIR)" : "a TARGET is required (or --repo DIR)"))
         }
-        for (flag, given) in [("--name", chain != nil), ("--time", time != nil), ("--full-every", fullEvery != nil), ("--log", log != nil), ("--output", output != .human)] where given {
+        for (flag, given) in [("--name", chain != nil), ("--time", time != nil), ("--full-every", fullEvery != nil), ("--log", log != nil), ("--output", output != .human), ("--lock-wait", lockWait.seconds != nil)] where given {
             throw CommandFailure(message: "\(source): \(flag) applies only with --repo")
         }
+        var o = try backupOptions(sync: sync, source: source, target: target)
+        if let m = bitmapMode {
+            guard let mode = BackupOptions.BitmapMode(rawValue: m) else {
+                throw CommandFailure(message: "\(source): invalid bitmap mode '\(m)' (on-success, always, never)")
+            }
+            o.bitmapMode = mode
+        }
+        o.sourceFormat = try sourceFormat.map { try ImageFormat(name: $0, path: source) }
+        try perform(o, source: source, target: target) { o in
+            // The backup is never readable by more users than the image.
+            try StagedFile.$creationMode.withValue(FileModes.permissions(of: source)) {
+                try BackupOperation.run(source: source, target: target, options: o)
+            }
+        }
+    }
+
+    /// The options a backup into TARGET shares with the pull mode: sync, bitmap, -b/-F or
+    /// --no-backing, TARGET's create options, compression, speed, --force.
+    func backupOptions(sync: String, source: String, target: String) throws -> BackupOptions {
         var o = BackupOptions()
         let syncName = sync == "dirty-bitmap" ? "incremental" : sync
         guard let s = BackupOptions.Sync(rawValue: syncName) else {
@@ -64,12 +95,6 @@ struct Backup: ParsableCommand {
         }
         o.sync = s
         o.bitmap = bitmap
-        if let m = bitmapMode {
-            guard let mode = BackupOptions.BitmapMode(rawValue: m) else {
-                throw CommandFailure(message: "\(source): invalid bitmap mode '\(m)' (on-success, always, never)")
-            }
-            o.bitmapMode = mode
-        }
         if s == .incremental || s == .bitmap, backing == nil, !noBacking {
             throw CommandFailure(message: "\(source): sync=\(sync) needs -b PREV (the previous backup, whose contents the new one builds on); --no-backing makes a delta that reads as zeros wherever nothing changed")
         }
@@ -79,7 +104,6 @@ struct Backup: ParsableCommand {
         o.allowNoBacking = noBacking
         o.backingFile = backing
         o.backingFormat = try backingFormat.map { try ImageFormat(name: $0, path: backing ?? "") }
-        o.sourceFormat = try sourceFormat.map { try ImageFormat(name: $0, path: source) }
         let list = try OptionList(options)
         for (k, _) in list.values where !["cluster_size", "compat", "refcount_bits", "lazy_refcounts", "extended_l2", "compression_type"].contains(k) {
             throw CommandFailure(message: "\(target): Invalid parameter '\(k)'")
@@ -89,6 +113,13 @@ struct Backup: ParsableCommand {
         o.compressed = compress
         o.speed = speed?.value ?? 0
         o.force = force
+        return o
+    }
+
+    /// Runs `body` with progress, interruption and error lines set up, then prints the
+    /// summary line (errors and interruptions name `source`).
+    func perform(_ options: BackupOptions, source: String, target: String, _ body: (BackupOptions) throws -> BackupResult) throws {
+        var o = options
         let bar = ProgressReporter(enabled: showProgress && !quiet)
         o.progress = { bar.update($0, $1) }
         o.shouldStop = { Interruption.requested }
@@ -96,10 +127,7 @@ struct Backup: ParsableCommand {
 
         let r: BackupResult
         do {
-            // The backup is never readable by more users than the image.
-            r = try StagedFile.$creationMode.withValue(FileModes.permissions(of: source)) {
-                try BackupOperation.run(source: source, target: target, options: o)
-            }
+            r = try body(o)
         } catch {
             bar.finish(succeeded: false)
             if Interruption.requested {

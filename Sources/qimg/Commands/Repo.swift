@@ -15,11 +15,12 @@ struct RepoList: ParsableCommand {
         commandName: "list", abstract: "List the restore points, oldest first, per image.", discussion: RepoExit.help)
 
     @Option(name: .customLong("output"), help: ArgumentHelp("human or json.", valueName: "fmt")) var output: OutputFormat = .human
+    @OptionGroup var lockWait: LockWaitOption
     @Argument(help: "The repository directory.") var repo: String
 
     func run() throws {
         let r: Repository
-        do { r = try Repository(repo, create: false, lock: .shared) } catch { throw RepoExit.failure(error) }
+        do { r = try lockWait.apply { try Repository(repo, create: false, lock: .shared) } } catch { throw RepoExit.failure(error) }
         let m = r.manifest
         if output == .json {
             let images: [JSON] = m.images.map { c in .object([("image", .string(c.name)), ("points", .array(c.points.map { $0.listJSON() }))]) }
@@ -28,7 +29,7 @@ struct RepoList: ParsableCommand {
         }
         var out = "Repository \(repo) (id \(m.repositoryID))\n"
         for c in m.images {
-            out += "\n\(c.name): \(c.points.count) point\(c.points.count == 1 ? "" : "s")\n"
+            out += "\n\(c.name): \(Human.count(c.points.count, "point"))\n"
             out += "ID      TIME                  KIND         PARENT  VIRTUAL SIZE  COPIED      STATE     FILE\n"
             for p in c.points {
                 out += [pad(p.id, 7), pad(RepositoryTime.iso(p.time), 21), pad(p.kind.rawValue, 12), pad(p.parent ?? "-", 7),
@@ -49,18 +50,19 @@ struct RepoVerify: ParsableCommand {
 
     @Option(name: .customLong("image"), help: ArgumentHelp("Only this image's chain.", valueName: "name")) var image: String?
     @Option(name: .customLong("point"), help: ArgumentHelp("Only this point and the points it is made of.", valueName: "id")) var point: String?
+    @OptionGroup var lockWait: LockWaitOption
     @Argument(help: "The repository directory.") var repo: String
 
     func run() throws {
         let r: RepositoryVerify.Report
-        do { r = try RepositoryVerify.run(repository: repo, chain: image, point: point) } catch { throw RepoExit.failure(error) }
+        do { r = try lockWait.apply { try RepositoryVerify.run(repository: repo, chain: image, point: point) } } catch { throw RepoExit.failure(error) }
         for p in r.problems {
             Output.error("qimg: \(repo)/\(p.file): point \(p.point)\(p.offset.map { " at guest offset \($0)" } ?? ""): \(p.detail)")
         }
         if !r.problems.isEmpty {
-            throw CommandFailure(message: "\(repo): verify failed: \(r.problems.count) problem\(r.problems.count == 1 ? "" : "s") in \(r.pointsChecked) points", exitCode: RepoExit.damaged)
+            throw CommandFailure(message: "\(repo): verify failed: \(Human.count(r.problems.count, "problem")) in \(Human.count(r.pointsChecked, "point"))", exitCode: RepoExit.damaged)
         }
-        Output.out("\(repo): \(r.pointsChecked) points verified, \(Human.size(r.bytesRead)) of data read; no problem found\n")
+        Output.out("\(repo): \(Human.count(r.pointsChecked, "point")) verified, \(Human.size(r.bytesRead)) of data read; no problem found\n")
     }
 }
 
@@ -75,6 +77,7 @@ struct RepoRestore: ParsableCommand {
     @Option(name: .customLong("at"), help: ArgumentHelp("The newest point recorded at or before this time (ISO-8601).", valueName: "time")) var at: String?
     @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 (default) or raw.", valueName: "fmt")) var format: String = "qcow2"
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
+    @OptionGroup var lockWait: LockWaitOption
     @Argument(help: "The repository directory.") var repo: String
     @Argument(help: "The image to write (must not exist).") var out: String
 
@@ -94,7 +97,7 @@ struct RepoRestore: ParsableCommand {
         let bar = ProgressReporter(enabled: showProgress)
         let p: RepositoryManifest.Point
         do {
-            p = try RepositoryRestore.run(repository: repo, target: out, options: o) { bar.update($0, $1) }
+            p = try lockWait.apply { try RepositoryRestore.run(repository: repo, target: out, options: o) { bar.update($0, $1) } }
         } catch {
             bar.finish(succeeded: false)
             if Interruption.requested { throw Interruption.failure(out, "\(out) was not written") }
@@ -109,24 +112,42 @@ struct RepoPrune: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "prune",
         abstract: "Keep the points a policy names (--keep N newest, --keep-daily/weekly/monthly N); the others are merged into the kept points after them.",
-        discussion: "Every kept point restores what it restored before, under the same id. A run killed at any moment is finished by the next prune or backup. " + RepoExit.help)
+        discussion: "Every kept point restores what it restored before, under the same id. A kept point whose parent expires is merged down (its data committed into the expired full, which becomes its file) or up (what it lacks copied into its own file), whichever copies less. A run killed at any moment is finished by the next prune or backup. " + RepoExit.help)
 
     @Option(name: .customLong("image"), help: ArgumentHelp("The image's chain (needed when the repository holds several).", valueName: "name")) var image: String?
     @Option(name: .customLong("keep"), help: ArgumentHelp("Keep the newest N points.", valueName: "N")) var keep: Int = 0
     @Option(name: .customLong("keep-daily"), help: ArgumentHelp("Keep the newest point of each of the newest N days (UTC) that have points.", valueName: "N")) var keepDaily: Int = 0
     @Option(name: .customLong("keep-weekly"), help: ArgumentHelp("Likewise for weeks (Monday to Sunday).", valueName: "N")) var keepWeekly: Int = 0
     @Option(name: .customLong("keep-monthly"), help: ArgumentHelp("Likewise for months.", valueName: "N")) var keepMonthly: Int = 0
+    @Option(name: .customLong("output"), help: ArgumentHelp("human or json (the merges on stdout).", valueName: "fmt")) var output: OutputFormat = .human
+    @OptionGroup var lockWait: LockWaitOption
     @Argument(help: "The repository directory.") var repo: String
 
     func run() throws {
         let r: RepositoryPrune.Result
         let policy = RetentionPolicy(last: keep, daily: keepDaily, weekly: keepWeekly, monthly: keepMonthly)
         if policy.isEmpty { throw CommandFailure(message: "\(repo): prune needs --keep, --keep-daily, --keep-weekly or --keep-monthly") }
-        do { r = try RepositoryPrune.run(repository: repo, chain: image, policy: policy) } catch { throw RepoExit.failure(error) }
+        do { r = try lockWait.apply { try RepositoryPrune.run(repository: repo, chain: image, policy: policy) } } catch { throw RepoExit.failure(error) }
+        if output == .json { Output.out(r.json().rendered() + "\n") }
         if r.removed.isEmpty {
             Output.error("qimg: prune \(repo): \(r.chain): nothing to prune")
         } else {
-            Output.error("qimg: prune \(repo): \(r.chain): points \(r.removed.joined(separator: ", ")) merged into the kept points after them" + (r.into.map { " (from \($0) on)" } ?? "") + ", \(Human.size(r.bytesCopied)) copied")
+            Output.error("qimg: prune \(repo): \(r.chain): \(Human.plural(r.removed.count, "point")) \(r.removed.joined(separator: ", ")) merged into the kept \(r.removed.count == 1 ? "point after it" : "points after them")" + (r.into.map { " (from \($0) on)" } ?? "") + r.merges.map { m in
+                ", \(m.point) \(m.direction == .down ? "committed down into the full" : "merged up")"
+            }.joined() + ", \(Human.size(r.bytesCopied)) copied")
         }
+    }
+}
+
+extension RepositoryPrune.Result {
+    /// `{"image": NAME, "removed": [ID], "merges": [{"point", "direction", "parent",
+    /// "bytes-copied", "bytes-other-way"}], "bytes-copied": N}`.
+    func json() -> JSON {
+        let merges: [JSON] = merges.map { m in
+            .object([("point", .string(m.point)), ("direction", .string(m.direction.rawValue)), ("parent", m.parent.map { .string($0) } ?? .null),
+                     ("bytes-copied", .uint(m.bytesCopied)), ("bytes-other-way", m.otherWay.map { .uint($0) } ?? .null)])
+        }
+        return .object([("image", .string(chain)), ("removed", .array(removed.map { .string($0) })), ("merges", .array(merges)),
+                        ("bytes-copied", .uint(bytesCopied))])
     }
 }

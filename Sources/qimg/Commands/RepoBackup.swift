@@ -31,7 +31,7 @@ struct RepoBackup {
         let log = RunLog(file: c.log)
         let r: RepositoryBackupResult
         do {
-            r = try RepositoryBackup.run(repository: repo, image: image, options: o)
+            r = try c.lockWait.apply { try RepositoryBackup.run(repository: repo, image: image, options: o) }
         } catch {
             bar.finish(succeeded: false)
             let failure = Interruption.requested ? Interruption.failure(image, "no point was added and the bitmap is unchanged") : RepoExit.failure(error, advice: Backup.advice)

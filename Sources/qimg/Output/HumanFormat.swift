@@ -13,6 +13,12 @@ enum Human {
         return String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
     }
 
+    /// "1 point", "2 points": a count and its noun (English plural: + "s").
+    static func count<N: BinaryInteger>(_ n: N, _ noun: String) -> String { "\(n) \(plural(n, noun))" }
+
+    /// The noun for `n` things ("point" or "points").
+    static func plural<N: BinaryInteger>(_ n: N, _ noun: String) -> String { n == 1 ? noun : noun + "s" }
+
     /// qemu's size_to_str: 3 significant digits and a binary suffix ("416 KiB", "1.5 GiB", "0 B").
     static func size(_ value: UInt64) -> String {
         let suffixes = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"]

@@ -16,8 +16,9 @@ enum RepoExit {
     static let codes = """
         0 success (a full backup taken instead of an incremental included: the \
         summary says why), 1 failure (a usage error included), 2 repository damaged (verify \
-        found a problem, a manifest or point file is not as recorded), 3 the repository is \
-        locked by another run, 4 the image is in use (a VM or another program holds it), 5 I/O \
+        found a problem, a manifest or point file is not as recorded), 3 the repository stayed \
+        locked by another run for --lock-wait seconds (default \(Int(LockWaitOption.defaultSeconds)); the other run's files are \
+        never touched), 4 the image is in use (a VM or another program holds it), 5 I/O \
         error or no space, 130/143 interrupted by SIGINT/SIGTERM.
         """
 

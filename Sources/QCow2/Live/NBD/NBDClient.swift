@@ -1,0 +1,115 @@
+import CNBD
+
+/// One connection to an NBD export through libnbd: its size, reads (NBD_CMD_READ) and
+/// block status (NBD_CMD_BLOCK_STATUS) for the meta contexts asked for at connection.
+/// Every failure is a `QCow2Error.remote` naming the URI. Everything the server sends
+/// is checked: a size or an extent list that makes no sense is an error, never a trap.
+public final class NBDClient {
+    public let uri: String
+    public let size: UInt64
+    private let api: LibNBD
+    private let handle: LibNBD.Handle
+    /// The largest read the server accepts (QEMU: 32 MiB).
+    let maxRead: Int
+
+    /// The NBD flag bits of one extent, and its length.
+    public struct Extent: Equatable, Sendable {
+        public var length: UInt64
+        public var flags: UInt32
+    }
+
+    /// Connects to `uri` (as libnbd's nbd_connect_uri takes it), asking for `contexts`.
+    public init(uri: String, contexts: [String]) throws {
+        let api = try LibNBD.shared.get()
+        guard let h = api.create() else { throw QCow2Error.remote(path: uri, detail: "cannot create an NBD handle") }
+        func fail() -> QCow2Error {
+            let e = QCow2Error.remote(path: uri, detail: api.lastError)
+            api.close(h)
+            return e
+        }
+        for c in contexts where api.addMetaContext(h, c) == -1 { throw fail() }
+        guard api.connectURI(h, uri) != -1 else { throw fail() }
+        let s = api.getSize(h)
+        guard s >= 0 else { throw fail() }
+        self.uri = uri
+        self.api = api
+        handle = h
+        size = UInt64(s)
+        let m = api.getBlockSize(h, Int32(LIBNBD_SIZE_MAXIMUM))
+        // 0: the server gave no maximum; the protocol's safe default is 32 MiB.
+        maxRead = m > 0 ? Int(min(m, 32 << 20)) : 32 << 20
+    }
+
+    deinit {
+        _ = api.shutdown(handle, 0)
+        api.close(handle)
+    }
+
+    /// Whether the server agreed to `context` at connection.
+    public func offers(_ context: String) -> Bool { api.canMetaContext(handle, context) == 1 }
+
+    /// Fills `buffer` with the export's bytes at `offset`, in requests the server accepts.
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            let n = min(maxRead, buffer.count - done)
+            let at = offset + UInt64(done)
+            guard api.pread(handle, base + done, n, at, 0) != -1 else {
+                throw QCow2Error.remote(path: uri, detail: "read of \(n) bytes at offset \(at) failed: " + api.lastError)
+            }
+            done += n
+        }
+    }
+
+    /// The extents the server reports for each negotiated context from `offset` (one
+    /// request of at most `length` bytes, clipped to 4 GiB - 1 by the protocol). Each
+    /// context's list starts at `offset`, is non-empty, ends at or before `offset+length`
+    /// and has no empty extent; a reply that breaks this is an error.
+    public func blockStatus(at offset: UInt64, length: UInt64) throws -> [String: [Extent]] {
+        guard offset < size else { return [:] }
+        let count = min(length, size - offset, UInt64(UInt32.max))
+        let collector = ExtentCollector(limit: count)
+        var cb = nbd_extent_callback()
+        cb.callback = { user, context, _, entries, n, _ in
+            guard let user, let context else { return 0 }
+            let c = Unmanaged<ExtentCollector>.fromOpaque(user).takeUnretainedValue()
+            c.add(String(cString: context), entries, n)
+            return 0
+        }
+        cb.user_data = Unmanaged.passUnretained(collector).toOpaque()
+        // Synchronous: every callback has run (and none is left to free) when it returns.
+        let rc = withExtendedLifetime(collector) { api.blockStatus(handle, count, offset, cb, 0) }
+        guard rc != -1 else {
+            throw QCow2Error.remote(path: uri, detail: "block status at offset \(offset) failed: " + api.lastError)
+        }
+        if let bad = collector.invalid {
+            throw QCow2Error.remote(path: uri, detail: "the server's block status at offset \(offset) is invalid: \(bad)")
+        }
+        return collector.extents
+    }
+}
+
+/// Gathers the (length, flags) pairs of block-status callbacks, per context, checking
+/// them: non-empty extents, clipped to the request.
+private final class ExtentCollector {
+    let limit: UInt64
+    var extents: [String: [NBDClient.Extent]] = [:]
+    var invalid: String?
+
+    init(limit: UInt64) { self.limit = limit }
+
+    func add(_ context: String, _ entries: UnsafeMutablePointer<UInt32>?, _ n: Int) {
+        guard let entries, n >= 2 else { invalid = invalid ?? "no extent for \(context)"; return }
+        var list = extents[context] ?? []
+        var covered = list.reduce(0) { $0 + $1.length }
+        for i in stride(from: 0, to: n - 1, by: 2) where covered < limit {
+            let length = UInt64(entries[i])
+            guard length > 0 else { invalid = invalid ?? "an empty extent for \(context)"; return }
+            let clipped = min(length, limit - covered)
+            list.append(NBDClient.Extent(length: clipped, flags: entries[i + 1]))
+            covered += clipped
+        }
+        extents[context] = list
+    }
+}

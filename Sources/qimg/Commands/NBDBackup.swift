@@ -1,0 +1,33 @@
+import ArgumentParser
+import QCow2
+
+/// `qimg backup --nbd URI [--sync=full|incremental] [--bitmap NAME] [-b PREV -F qcow2]
+/// TARGET`: a backup pulled from an NBD export (the library's `PullBackup`). The one
+/// positional argument is TARGET; errors about the export name the URI.
+struct NBDBackup {
+    let command: Backup
+    let uri: String
+
+    func run() throws {
+        let c = command
+        guard c.target == nil else {
+            throw CommandFailure(message: "\(uri): with --nbd the only argument is TARGET (the export is the source)")
+        }
+        let target = c.source
+        for (flag, given) in [("--repo", c.repo != nil), ("--name", c.chain != nil), ("--time", c.time != nil),
+                              ("--full-every", c.fullEvery != nil), ("--log", c.log != nil), ("--output", c.output != .human),
+                              ("--bitmap-mode", c.bitmapMode != nil), ("-f", c.sourceFormat != nil)] where given {
+            throw CommandFailure(message: "\(uri): \(flag) cannot be used with --nbd")
+        }
+        let o = try c.backupOptions(sync: c.sync ?? "full", source: uri, target: target)
+        guard o.sync == .full || o.sync == .incremental else {
+            throw CommandFailure(message: "\(uri): an NBD export is backed up with --sync=full or --sync=incremental")
+        }
+        try c.perform(o, source: uri, target: target) { o in
+            // The export's bytes are a VM's disk: the backup is readable by its owner only.
+            try StagedFile.$creationMode.withValue(0o600) {
+                try PullBackup.run(uri: uri, target: target, options: o)
+            }
+        }
+    }
+}
