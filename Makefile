@@ -69,8 +69,10 @@ demo: deps build
 	QIMG="$(QIMG)" bash scripts/demo.sh
 
 # The release build (static Swift runtime: the binary needs no Swift installation) that
-# bench, fuzz and install use.
-RELEASE_BUILD := $(SWIFT) build -c release --static-swift-stdlib --scratch-path .build-release
+# bench, fuzz and install use. --disable-local-rpath: no $ORIGIN run path, so the installed
+# binary does not look for its system libraries in its own directory first (24 failed
+# openat/stat calls at every start, and a library dropped beside it would be loaded).
+RELEASE_BUILD := $(SWIFT) build -c release --static-swift-stdlib --disable-local-rpath --scratch-path .build-release
 RELEASE_QIMG  := .build-release/release/qimg
 
 # Benchmarks against qemu-img/QEMU (not part of `make test`): Docs/performance.md.
@@ -124,8 +126,9 @@ SOURCES := Package.swift $(shell find Sources -name '*.swift' -o -name '*.module
 # The date on the man pages: the last commit's (reproducible), else today's.
 MAN_DATE := $(shell git log -1 --format=%cs 2>/dev/null || date +%F)
 
-# (touch: a build that finds nothing to do leaves the binary's date alone)
-$(RELEASE_QIMG): $(SOURCES)
+# (touch: a build that finds nothing to do leaves the binary's date alone; the Makefile is a
+# prerequisite because RELEASE_BUILD's flags live here)
+$(RELEASE_QIMG): $(SOURCES) Makefile
 	$(RELEASE_BUILD)
 	touch $@
 
