@@ -14,6 +14,8 @@ public struct LiveNode: Sendable {
     public var name: String
     public var virtualSize: UInt64
     public var bitmaps: [LiveBitmap]
+    /// The file QEMU opened for it, as it reports it (`file`).
+    public var file: String?
 
     public func bitmap(_ name: String) -> LiveBitmap? { bitmaps.first { $0.name == name } }
 }
@@ -69,6 +71,6 @@ public enum LiveNodes {
                                           count: b["count"]?.uint64 ?? 0, granularity: b["granularity"]?.uint64))
             }
         }
-        return LiveNode(name: name, virtualSize: size, bitmaps: bitmaps)
+        return LiveNode(name: name, virtualSize: size, bitmaps: bitmaps, file: j["file"].flatMap(string))
     }
 }

@@ -94,23 +94,15 @@ struct PushJobs {
 
     /// The transaction actions of one disk: its bitmap actions, then its job.
     private func actions(_ r: PushRun) -> [JSON] {
-        let node = JSON.string(r.node.name)
-        var list: [JSON] = []
-        var copied: String?   // the bitmap the job copies (sync=bitmap, bitmap-mode=never)
+        var list = LiveActions.bitmapActions(r.plan, node: r.node.name)
+        // The bitmap the job copies: the hold (incremental, bitmap) or NAME (bitmap-mode=never).
+        var copied: String?
         switch r.plan {
-        case .none: break
-        case .create(let name):
-            list.append(LiveActions.action("block-dirty-bitmap-add", [("node", node), ("name", .string(name)), ("persistent", .bool(true))]))
-        case .hold(let name):
-            let hold = JSON.string(LiveNames.hold(name))
-            list.append(LiveActions.action("block-dirty-bitmap-add", [("node", node), ("name", hold), ("persistent", .bool(true)), ("disabled", .bool(true))]))
-            list.append(LiveActions.action("block-dirty-bitmap-merge", [("node", node), ("target", hold), ("bitmaps", .array([.string(name)]))]))
-            list.append(LiveActions.action("block-dirty-bitmap-clear", [("node", node), ("name", .string(name))]))
-            if r.disk.sync != .full { copied = LiveNames.hold(name) }
-        case .readOnly(let name):
-            copied = name
+        case .hold(let name) where r.disk.sync != .full: copied = LiveNames.hold(name)
+        case .readOnly(let name): copied = name
+        default: break
         }
-        var job: [(String, JSON)] = [("job-id", .string(r.job)), ("device", node), ("target", .string(r.targetNode)),
+        var job: [(String, JSON)] = [("job-id", .string(r.job)), ("device", .string(r.node.name)), ("target", .string(r.targetNode)),
                                      ("sync", .string(copied == nil ? "full" : "bitmap")), ("auto-dismiss", .bool(false))]
         if let copied { job += [("bitmap", .string(copied)), ("bitmap-mode", .string("never"))] }
         list.append(LiveActions.action("blockdev-backup", job))
@@ -156,15 +148,6 @@ struct PushJobs {
 
     /// Gives every bitmap back what it had: holds merged back, bitmaps this run added removed.
     private func restoreBitmaps() throws(QCow2Error) {
-        for r in runs {
-            switch r.plan {
-            case .hold(let name):
-                try LiveCleanup.releaseHold(qmp, node: r.node.name, hold: LiveNames.hold(name), mergingInto: name)
-            case .create(let name):
-                _ = try qmp.tryExecute("block-dirty-bitmap-remove", [("node", .string(r.node.name)), ("name", .string(name))])
-            case .none, .readOnly:
-                break
-            }
-        }
+        for r in runs { try LiveActions.restore(r.plan, node: r.node.name, qmp) }
     }
 }

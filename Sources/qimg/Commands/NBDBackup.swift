@@ -23,10 +23,25 @@ struct NBDBackup {
         guard o.sync == .full || o.sync == .incremental else {
             throw CommandFailure(message: "\(uri): an NBD export is backed up with --sync=full or --sync=incremental")
         }
+        if let socket = c.live.qmp { return try runWithQMP(socket, options: o, target: target) }
+        if !c.live.nodes.isEmpty { throw CommandFailure(message: "\(uri): --node applies only with --qmp") }
         try c.perform(o, source: uri, target: target) { o in
             // The export's bytes are a VM's disk: the backup is readable by its owner only.
             try StagedFile.$creationMode.withValue(0o600) {
                 try PullBackup.run(uri: uri, target: target, options: o)
+            }
+        }
+    }
+
+    /// `--qmp SOCKET --node NODE --nbd URI`: qimg sets the export up in QEMU (a point-in-time
+    /// view served at URI's address), pulls from it and tears it down (`FleecePull`).
+    func runWithQMP(_ socket: String, options o: BackupOptions, target: String) throws {
+        let c = command
+        guard c.live.nodes.count == 1 else { throw CommandFailure(message: "\(socket): --qmp with --nbd needs exactly one --node NODE (the disk to back up)") }
+        if o.sync == .incremental, o.bitmap == nil { throw CommandFailure(message: "\(socket): --sync=incremental needs --bitmap NAME") }
+        try c.perform(o, source: uri, target: target) { o in
+            try StagedFile.$creationMode.withValue(0o600) {
+                try FleecePull.run(socket: socket, node: c.live.nodes[0], server: uri, target: target, options: o)
             }
         }
     }

@@ -1,0 +1,124 @@
+import Foundation
+import QCow2
+import Testing
+import TestSupport
+
+/// `qimg backup --qmp SOCKET --node NODE --nbd URI TARGET`: a pull backup whose
+/// point-in-time view qimg sets up in a running qemu-storage-daemon (`LiveVM`: guest
+/// writes through its writable NBD export `disk0`, reads throttled so that they land while
+/// the copy runs), reads over NBD and tears down. Checked with QEMU's tools: `qemu-img
+/// compare` against a copy taken before the backup started, `qemu-img map`, `check`.
+@Suite(.serialized, .requiresStorageDaemon) struct FleecePullTests {
+    let live = LiveBackupTests()
+
+    func pull(_ vm: LiveVM, _ args: [String]) -> [String] {
+        ["--qmp", vm.qmpSocket, "--node", "disk0", "--nbd", "nbd+unix:///?socket=\(vm.dir)/nbd.sock"] + args
+    }
+
+    /// qimg's exports present in QEMU.
+    func qimgExports(_ vm: LiveVM) throws -> [String] {
+        guard case .array(let list) = try vm.monitor.execute("query-block-exports") else { return [] }
+        return list.compactMap { if case .string(let id)? = $0["id"], id.hasPrefix("qimg-") { return id }; return nil }
+    }
+
+    /// Waits until qimg's view is exported (true) or `run` exits first (false).
+    func waitForView(_ vm: LiveVM, _ run: Spawned) throws -> Bool {
+        while run.isRunning {
+            if !(try qimgExports(vm).isEmpty) { return true }
+            usleep(2_000)
+        }
+        return false
+    }
+
+    func leftovers(_ vm: LiveVM) throws -> [String] {
+        try vm.qimgLeftovers() + qimgExports(vm) + FileManager.default.contentsOfDirectory(atPath: vm.dir).filter { $0.contains("qimg") }
+    }
+
+    @Test func writesDuringThePullAreNotInItAndTheNextIncrementalCarriesThem() throws {
+        let dir = try Paths.newScratch("fleece")
+        try live.makeDisk(dir)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 3 << 20)
+        defer { vm.stop() }
+        let full = try live.qimg(pull(vm, ["--bitmap", "bm0", "full.qcow2"]), dir)
+        #expect(try waitForView(vm, full), "the backup ended before the guest wrote: \(full.err)")
+        try vm.write(0x22, 1 << 20, 64 << 10)       // inside the data being copied
+        try vm.write(0x33, 10 << 20, 128 << 10)     // where the disk had nothing
+        #expect(full.isRunning, "the writes must land while the copy runs")
+        full.wait(timeout: 600)
+        #expect(full.status == 0 && !full.signaled, "\(full.summary): \(full.err)")
+        try expectCheckClean("full.qcow2", dir, "full")
+        let atStart = try live.compare(["-f", "qcow2", "-F", "qcow2", "start.qcow2", "full.qcow2"], dir)
+        #expect(atStart.status == 0, "the full backup is the disk as it was at the start: \(atStart.out)")
+        #expect(try vm.bitmap("bm0")?.count == 192 << 10, "bm0 holds exactly the writes made during the backup")
+        #expect(try leftovers(vm) == [])
+
+        let inc = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc1.qcow2"]), dir)
+        #expect(try waitForView(vm, inc), "\(inc.err)")
+        try vm.write(0x44, 20 << 20, 64 << 10)      // during the incremental: for the next one
+        inc.wait(timeout: 600)
+        #expect(inc.status == 0 && !inc.signaled, "\(inc.summary): \(inc.err)")
+        try expectCheckClean("inc1.qcow2", dir, "inc1")
+        #expect(try live.dataExtents("inc1.qcow2", dir) == [[1 << 20, 64 << 10], [10 << 20, 128 << 10]])
+        #expect(try vm.bitmap("bm0")?.count == 64 << 10)
+
+        let inc2 = try Qimg.run(["backup"] + pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "inc1.qcow2", "-F", "qcow2", "inc2.qcow2"]), cwd: dir, timeout: 600)
+        #expect(inc2.status == 0, "\(inc2.summary): \(inc2.err)")
+        #expect(try live.dataExtents("inc2.qcow2", dir) == [[20 << 20, 64 << 10]])
+        let same = try live.compare(["-f", "raw", "-F", "qcow2", vm.nbd, "inc2.qcow2"], dir)
+        #expect(same.status == 0, "restore point inc2 equals the disk: \(same.out) \(same.err)")
+        #expect(try leftovers(vm) == [])
+    }
+
+    @Test func killedPullsLoseNoBitAndTheNextRunCleansUp() throws {
+        let dir = try Paths.newScratch("fleece-kill")
+        try live.makeDisk(dir)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 8 << 20)
+        defer { vm.stop() }
+        let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
+        #expect(full.status == 0, "\(full.summary): \(full.err)")
+        try vm.write(0x44, 20 << 20, 1 << 20)
+        var rng = SeededRNG(state: 0xf1ee_ce15)
+        var pending: [[Int]] = [[20 << 20, 1 << 20]]
+        var killedMidCopy = 0
+        var base = "full.qcow2"
+        for i in 0..<12 {
+            let at = (24 << 20) + i * (256 << 10)
+            try vm.write(0x60 + i % 16, at, 64 << 10)
+            pending.append([at, 64 << 10])
+            let run = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", base, "-F", "qcow2", "inc.qcow2"]), dir)
+            if i % 2 == 0 {
+                if try waitForView(vm, run) { killedMidCopy += 1 }
+            } else {
+                usleep(UInt32.random(in: 0...300_000, using: &rng))
+            }
+            run.send(SIGKILL)
+            run.wait(timeout: 600)
+            #expect(try vm.monitor.execute("query-jobs") != .null, "QEMU answers after kill \(i)")
+            if FileManager.default.fileExists(atPath: dir + "/inc.qcow2") {
+                // The run got as far as the rename: a complete point, the next one builds on it.
+                try expectCheckClean("inc.qcow2", dir, "kill \(i)")
+                base = "p\(i).qcow2"
+                try FileManager.default.moveItem(atPath: dir + "/inc.qcow2", toPath: dir + "/" + base)
+                pending = []
+            }
+            // A push run that reads the bitmap without clearing it cleans up first.
+            let check = try Qimg.run(["backup", "--qmp", vm.qmpSocket, "--node", "disk0", "--sync=bitmap", "--bitmap", "bm0",
+                                      "--bitmap-mode", "never", "--no-backing", "check.qcow2"], cwd: dir, timeout: 600)
+            #expect(check.status == 0, "after kill \(i): \(check.summary): \(check.err)")
+            let found = try live.dataExtents("check.qcow2", dir)
+            for p in pending {
+                #expect(found.contains { $0[0] <= p[0] && p[0] + p[1] <= $0[0] + $0[1] }, "after kill \(i): the bitmap lost \(p)")
+            }
+            try FileManager.default.removeItem(atPath: dir + "/check.qcow2")
+            #expect(try leftovers(vm) == [], "after kill \(i)")
+        }
+        #expect(killedMidCopy >= 6, "kills that landed while the view was exported: \(killedMidCopy)")
+        // After the kills a pull completes and carries every pending write.
+        let inc = try Qimg.run(["backup"] + pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", base, "-F", "qcow2", "inc.qcow2"]), cwd: dir, timeout: 600)
+        #expect(inc.status == 0, "\(inc.summary): \(inc.err)")
+        try expectCheckClean("inc.qcow2", dir, "final")
+        let same = try live.compare(["-f", "raw", "-F", "qcow2", vm.nbd, "inc.qcow2"], dir)
+        #expect(same.status == 0, "the last point equals the disk: \(same.out) \(same.err)")
+        #expect(try leftovers(vm) == [])
+    }
+}
