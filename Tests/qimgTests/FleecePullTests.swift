@@ -121,4 +121,49 @@ import TestSupport
         #expect(same.status == 0, "the last point equals the disk: \(same.out) \(same.err)")
         #expect(try leftovers(vm) == [])
     }
+
+    /// With no NBD server running, qimg starts one where the URI says and stops it again.
+    @Test func qimgStartsTheServerItNeedsAndStopsIt() throws {
+        let dir = try Paths.newScratch("fleece-server")
+        try live.makeDisk(dir)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2")
+        defer { vm.stop() }
+        try vm.monitor.execute("nbd-server-stop")
+        let r = try Qimg.run(["backup", "--qmp", vm.qmpSocket, "--node", "disk0", "--nbd", "nbd+unix:///?socket=\(dir)/own.sock", "full.qcow2"], cwd: dir, timeout: 600)
+        #expect(r.status == 0, "\(r.summary): \(r.err)")
+        #expect(try live.compare(["-f", "qcow2", "-F", "qcow2", "start.qcow2", "full.qcow2"], dir).status == 0)
+        try expectCheckClean("full.qcow2", dir, "full")
+        // QEMU runs one NBD server: starting another succeeds only if qimg stopped its own.
+        let again = try vm.monitor.tryExecute("nbd-server-start", [("addr", .object([("type", .string("unix")), ("data", .object([("path", .string(dir + "/again.sock"))]))]))])
+        if case .failure(let e) = again { Issue.record("qimg left its NBD server running: \(e.description)") }
+        #expect(try leftovers(vm) == [])
+    }
+
+    /// Refusals and a failed pull: one line, non-zero exit, no TARGET, nothing left in QEMU,
+    /// and bm0 with exactly the bits it had.
+    @Test func failuresLeaveTheBitmapAndQEMUAsTheyWere() throws {
+        let dir = try Paths.newScratch("fleece-fail")
+        try live.makeDisk(dir)
+        let vm = try LiveVM(dir: dir, image: "disk.qcow2")
+        defer { vm.stop() }
+        let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
+        #expect(full.status == 0, "\(full.summary): \(full.err)")
+        try vm.write(0x44, 20 << 20, 1 << 20)
+        let before = try live.sha(vm, "bm0")
+        let inc = ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"]
+        let cases: [(String, [String])] = [
+            ("no such node", ["--qmp", vm.qmpSocket, "--node", "nope", "--nbd", "nbd+unix:///?socket=\(dir)/nbd.sock"] + inc),
+            ("no such bitmap", pull(vm, ["--sync=incremental", "--bitmap", "bmX", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"])),
+            // QEMU serves NBD elsewhere: the view is set up, the pull cannot connect, all is undone.
+            ("wrong server address", ["--qmp", vm.qmpSocket, "--node", "disk0", "--nbd", "nbd+unix:///?socket=\(dir)/other.sock"] + inc),
+            ("not a server URI", ["--qmp", vm.qmpSocket, "--node", "disk0", "--nbd", "http://x/"] + inc),
+        ]
+        for (label, args) in cases {
+            let r = try Qimg.run(["backup"] + args, cwd: dir, timeout: 600)
+            expectCleanFailure(label, r)
+            #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"), "\(label): a target was left")
+            #expect(try live.sha(vm, "bm0") == before, "\(label): bm0 changed")
+            #expect(try leftovers(vm) == [], "\(label)")
+        }
+    }
 }

@@ -26,7 +26,9 @@ struct Backup: ParsableCommand {
             Pull mode (qimg backup --nbd URI [--sync=full|incremental] [--bitmap NAME] [-b PREV -F qcow2] \
             TARGET): the source is an NBD export (qemu-nbd -B, QEMU's or libvirt's pull-mode export); \
             incremental copies what its qemu:dirty-bitmap:NAME context marks, and the export's bitmap is \
-            left to its owner; see Docs/live-backup.md.
+            left to its owner; see Docs/live-backup.md. With --qmp SOCKET --node NODE as well, URI is \
+            where QEMU serves NBD (nbd+unix:///?socket=PATH): qimg exports a point-in-time view of NODE \
+            there itself, tears it down, and releases --bitmap NAME only once TARGET is durable.
 
             Running VM (qimg backup --qmp SOCKET --node NODE [--sync=full|incremental|bitmap] [--bitmap NAME] \
             [-b PREV -F qcow2] TARGET): QEMU copies the node into TARGET (push mode); see Docs/live-backup.md.
