@@ -30,14 +30,19 @@ import TestSupport
         return false
     }
 
+    /// A scratch directory with `makeDisk`'s disk, running in a qemu-storage-daemon.
+    func runningDisk(_ name: String, readRate: Int = 4 << 20) throws -> (String, LiveVM) {
+        let dir = try Paths.newScratch(name)
+        try live.makeDisk(dir)
+        return (dir, try LiveVM(dir: dir, image: "disk.qcow2", readRate: readRate))
+    }
+
     func leftovers(_ vm: LiveVM) throws -> [String] {
         try vm.qimgLeftovers() + qimgExports(vm) + FileManager.default.contentsOfDirectory(atPath: vm.dir).filter { $0.contains("qimg") }
     }
 
     @Test func writesDuringThePullAreNotInItAndTheNextIncrementalCarriesThem() throws {
-        let dir = try Paths.newScratch("fleece")
-        try live.makeDisk(dir)
-        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 3 << 20)
+        let (dir, vm) = try runningDisk("fleece", readRate: 3 << 20)
         defer { vm.stop() }
         let full = try live.qimg(pull(vm, ["--bitmap", "bm0", "full.qcow2"]), dir)
         #expect(try waitForView(vm, full), "the backup ended before the guest wrote: \(full.err)")
@@ -70,9 +75,7 @@ import TestSupport
     }
 
     @Test func killedPullsLoseNoBitAndTheNextRunCleansUp() throws {
-        let dir = try Paths.newScratch("fleece-kill")
-        try live.makeDisk(dir)
-        let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 8 << 20)
+        let (dir, vm) = try runningDisk("fleece-kill", readRate: 8 << 20)
         defer { vm.stop() }
         let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
         #expect(full.status == 0, "\(full.summary): \(full.err)")
@@ -124,9 +127,7 @@ import TestSupport
 
     /// With no NBD server running, qimg starts one where the URI says and stops it again.
     @Test func qimgStartsTheServerItNeedsAndStopsIt() throws {
-        let dir = try Paths.newScratch("fleece-server")
-        try live.makeDisk(dir)
-        let vm = try LiveVM(dir: dir, image: "disk.qcow2")
+        let (dir, vm) = try runningDisk("fleece-server")
         defer { vm.stop() }
         try vm.monitor.execute("nbd-server-stop")
         let r = try Qimg.run(["backup", "--qmp", vm.qmpSocket, "--node", "disk0", "--nbd", "nbd+unix:///?socket=\(dir)/own.sock", "full.qcow2"], cwd: dir, timeout: 600)
@@ -142,9 +143,7 @@ import TestSupport
     /// Refusals and a failed pull: one line, non-zero exit, no TARGET, nothing left in QEMU,
     /// and bm0 with exactly the bits it had.
     @Test func failuresLeaveTheBitmapAndQEMUAsTheyWere() throws {
-        let dir = try Paths.newScratch("fleece-fail")
-        try live.makeDisk(dir)
-        let vm = try LiveVM(dir: dir, image: "disk.qcow2")
+        let (dir, vm) = try runningDisk("fleece-fail")
         defer { vm.stop() }
         let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
         #expect(full.status == 0, "\(full.summary): \(full.err)")
