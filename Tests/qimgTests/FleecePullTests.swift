@@ -165,4 +165,24 @@ import TestSupport
             #expect(try leftovers(vm) == [], "\(label)")
         }
     }
+
+    /// SIGTERM mid-copy: the view is torn down and bm0 keeps its bits plus the writes since.
+    @Test func aSignalTearsTheViewDownAndTheBitmapKeepsItsBits() throws {
+        let (dir, vm) = try runningDisk("fleece-signal", readRate: 2 << 20)
+        defer { vm.stop() }
+        let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
+        #expect(full.status == 0, "\(full.summary): \(full.err)")
+        try vm.write(0x44, 20 << 20, 4 << 20)
+        let before = try #require(try vm.bitmap("bm0")).count
+        let run = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"]), dir)
+        #expect(try waitForView(vm, run), "the backup ended before the signal: \(run.err)")
+        try vm.write(0x55, 40 << 20, 128 << 10)
+        run.send(SIGTERM)
+        run.wait(timeout: 600)
+        #expect(run.status == 143 && !run.signaled, "\(run.summary): \(run.err)")
+        #expect(run.stderrLines.count == 1, "\(run.err)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"))
+        #expect(try vm.bitmap("bm0")?.count == before + (128 << 10))
+        #expect(try leftovers(vm) == [])
+    }
 }
