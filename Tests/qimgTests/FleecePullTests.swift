@@ -37,6 +37,13 @@ import TestSupport
         return (dir, try LiveVM(dir: dir, image: "disk.qcow2", readRate: readRate))
     }
 
+    /// A full pull into full.qcow2 adding bm0, then `dirty` bytes written at 20 MiB (0x44).
+    func fullThenDirty(_ vm: LiveVM, _ dir: String, dirty: Int) throws {
+        let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
+        #expect(full.status == 0, "\(full.summary): \(full.err)")
+        try vm.write(0x44, 20 << 20, dirty)
+    }
+
     func leftovers(_ vm: LiveVM) throws -> [String] {
         try vm.qimgLeftovers() + qimgExports(vm) + FileManager.default.contentsOfDirectory(atPath: vm.dir).filter { $0.contains("qimg") }
     }
@@ -77,9 +84,7 @@ import TestSupport
     @Test func killedPullsLoseNoBitAndTheNextRunCleansUp() throws {
         let (dir, vm) = try runningDisk("fleece-kill", readRate: 8 << 20)
         defer { vm.stop() }
-        let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
-        #expect(full.status == 0, "\(full.summary): \(full.err)")
-        try vm.write(0x44, 20 << 20, 1 << 20)
+        try fullThenDirty(vm, dir, dirty: 1 << 20)
         var rng = SeededRNG(state: 0xf1ee_ce15)
         var pending: [[Int]] = [[20 << 20, 1 << 20]]
         var killedMidCopy = 0
@@ -145,9 +150,7 @@ import TestSupport
     @Test func failuresLeaveTheBitmapAndQEMUAsTheyWere() throws {
         let (dir, vm) = try runningDisk("fleece-fail")
         defer { vm.stop() }
-        let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
-        #expect(full.status == 0, "\(full.summary): \(full.err)")
-        try vm.write(0x44, 20 << 20, 1 << 20)
+        try fullThenDirty(vm, dir, dirty: 1 << 20)
         let before = try live.sha(vm, "bm0")
         let inc = ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"]
         let cases: [(String, [String])] = [
@@ -170,9 +173,7 @@ import TestSupport
     @Test func aSignalTearsTheViewDownAndTheBitmapKeepsItsBits() throws {
         let (dir, vm) = try runningDisk("fleece-signal", readRate: 2 << 20)
         defer { vm.stop() }
-        let full = try Qimg.run(["backup"] + pull(vm, ["--bitmap", "bm0", "full.qcow2"]), cwd: dir, timeout: 600)
-        #expect(full.status == 0, "\(full.summary): \(full.err)")
-        try vm.write(0x44, 20 << 20, 4 << 20)
+        try fullThenDirty(vm, dir, dirty: 4 << 20)
         let before = try #require(try vm.bitmap("bm0")).count
         let run = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"]), dir)
         #expect(try waitForView(vm, run), "the backup ended before the signal: \(run.err)")
