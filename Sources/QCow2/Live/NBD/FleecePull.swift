@@ -30,11 +30,12 @@ public enum FleecePull {
         pull.bitmap = o.sync == .incremental ? view.holdBitmap : nil
         let result: BackupResult
         do {
-            result = try PullBackup.run(uri: view.uri, target: target, options: pull)
-            // A job that ended let guest writes through to the view: the copy is not the point.
-            guard try view.intact() else {
-                _ = Sys.unlink(target)
-                throw qmp.fail(.jobFailed, "the point-in-time view of node '\(node.name)' ended during the copy; \(target) was not kept and the bitmap keeps its bits")
+            // A job that ended let guest writes through to the view: the copy is not the point,
+            // and it is refused before it is renamed into place (nothing at TARGET changes).
+            result = try PullBackup.run(uri: view.uri, target: target, options: pull) {
+                guard try view.intact() else {
+                    throw qmp.fail(.jobFailed, "the point-in-time view of node '\(node.name)' ended during the copy; \(target) was not written and the bitmap keeps its bits")
+                }
             }
         } catch {
             try? view.stop()

@@ -11,7 +11,11 @@ import Glibc
 /// target is written as the offline backup writes it (`StagedFile`, `TargetCopy`); the
 /// export's bitmap is left to whoever set it up.
 public enum PullBackup {
-    public static func run(uri: String, target: String, options o: BackupOptions) throws -> BackupResult {
+    /// `beforeCommit` runs once the target is complete and durable under its temporary name,
+    /// before it is renamed into place: a throw there keeps nothing (the source of a live view
+    /// checks that its view still is the point in time).
+    public static func run(uri: String, target: String, options o: BackupOptions,
+                           beforeCommit: () throws -> Void = {}) throws -> BackupResult {
         let started = monotonicNanoseconds()
         try validate(uri: uri, options: o)
         let targetExists = try BackupOperation.validate(source: uri, target: target, options: o)
@@ -43,6 +47,7 @@ public enum PullBackup {
             try copy.run(plan, maskZeros: o.sync == .incremental, progress: o.progress)
             try copy.finish()
         } catch { throw staged.naming(error) }
+        try beforeCommit()
         try staged.commit(replacing: o.force, durable: true)
         let total = plan.data.reduce(0) { $0 + $1.1 } + plan.zero.reduce(0) { $0 + $1.1 }
         let seconds = Double(monotonicNanoseconds() - started) / 1e9
