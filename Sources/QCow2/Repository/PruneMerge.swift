@@ -11,7 +11,8 @@ import Glibc
 ///   the kept point; the kept point's file, still backed through it, reads the same), then
 ///   the full's file is renamed over the kept point's file: a full under the kept id.
 /// - `up`: the kept point's file is rebased in place onto `parent`'s file (nil: no backing
-///   file): only what the kept point lacks and the expired points hold is copied into it.
+///   file): only what the kept point lacks and the expired points hold is copied into it
+///   (`PruneUpMerge`).
 public struct PruneMerge: Equatable, Sendable {
     public enum Direction: String, Sendable { case down, up }
 
@@ -48,13 +49,7 @@ public struct PruneMerge: Equatable, Sendable {
                 try StagedFile.syncDirectory(of: path)
             }
         case .up:
-            var o = RebaseOptions()
-            o.format = .qcow2
-            if let parentFile {
-                o.backing = Self.bareName(parentFile)
-                o.backingFormat = .qcow2
-            }
-            try RebaseOperation.run(path, options: o)
+            try PruneUpMerge.run(path, expired: files.reversed().map(repo.file), parentName: parentFile.map(Self.bareName))
             try Self.repairLeaks(path)
         }
         let backing = try PointDigest.openAlone(path).backingFileName
