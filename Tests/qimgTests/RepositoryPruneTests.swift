@@ -145,6 +145,43 @@ import Glibc
         try R.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "\(way): next backup")
     }
 
+    /// A middle merge where down is cheaper: a full, a large incremental, a small one an hour
+    /// later; `--keep-daily 2` keeps the full and the newest. The newest is committed down
+    /// into the middle point's file (an incremental on the full), which is renamed over its
+    /// own: it copies the newest point's data, not the middle one's.
+    @Test(.requiresQEMU) func middleMergeCommitsDownWhenCheaper() throws {
+        let dir = try R.scratch("middle-down")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
+        let writes = ["write -P 1 0 4M", "write -P 2 1M 2M", "write -P 3 1536k 64k"]
+        let times = ["2026-01-01T02:00:00Z", "2026-01-02T02:00:00Z", "2026-01-02T03:00:00Z"]
+        for (i, w) in writes.enumerated() {
+            try B.tool(["qemu-io", "-c", w, "-c", "write -z \(3072 + i * 64)k 64k", "vm.qcow2"], dir)
+            try B.tool(["qemu-img", "convert", "-O", "qcow2", "vm.qcow2", "day\(i + 1).qcow2"], dir)
+            try R.backup(dir, day: i + 1, at: times[i])
+        }
+        let before = try R.points(dir)
+        let id = { (i: Int) in before[i]["id"] as? String ?? "?" }
+        let file = { (i: Int) in "R/" + (before[i]["file"] as? String ?? "?") }
+        let middleInode = Self.inode(dir + "/" + file(1))
+        let down = try Self.mapBytes(file(2), dir, depths: 0..<1), up = try Self.mapBytes(file(2), dir, depths: 1..<2)
+        #expect(down < up, "the fixture favours down: down \(down), up \(up)")
+        let j = try Self.prune(dir, ["--keep-daily", "2"])
+        let m = (j["merges"] as? [[String: Any]])?.first ?? [:]
+        #expect(m["point"] as? String == id(2) && m["direction"] as? String == "down" && m["parent"] as? String == id(0), "\(j)")
+        #expect((m["bytes-copied"] as? NSNumber)?.uint64Value == down && (m["bytes-other-way"] as? NSNumber)?.uint64Value == up, "\(j)")
+        #expect(Self.inode(dir + "/" + file(2)) == middleInode, "day 3's file is now the middle point's")
+        let after = try R.points(dir)
+        #expect(after.map { $0["kind"] as? String } == ["full", "incremental"] && after.last?["parent"] as? String == id(0), "\(after)")
+        try R.expectRestores(dir, point: id(0), as: "day1.qcow2", "middle down")
+        try R.expectRestores(dir, point: id(2), as: "day3.qcow2", "middle down")
+        try R.expectRepositoryClean(dir, "middle down")
+        try B.tool(["qemu-io", "-c", "write -P 9 1M 64k", "vm.qcow2"], dir)
+        let next = try R.backup(dir, day: 3)
+        #expect(next["kind"] as? String == "incremental" && next["parent"] as? String == id(2), "\(next)")
+        try R.expectRestores(dir, point: next["id"] as? String ?? "?", as: "vm.qcow2", "middle down: next backup")
+    }
+
     /// A full and five incrementals (4 KiB clusters), day N's disk saved as dayN.qcow2: 24
     /// scattered writes a day.
     static func sixDays(_ dir: String) throws {

@@ -73,14 +73,8 @@ public struct PointDigest: Equatable, Sendable {
     }
 
     static func dataRuns(_ q: QCow2Image) throws -> [RepositoryManifest.DataRun] {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(maxRun), alignment: 4096)
-        defer { buffer.deallocate() }
-        return try dataRanges(q).map { a, n in
-            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(n)])
-            try q.read(into: slice, at: a)
-            var h = try SHA256()
-            h.update(UnsafeRawBufferPointer(slice))
-            return RepositoryManifest.DataRun(offset: a, length: n, sha256: h.finish())
-        }
+        let ranges = try dataRanges(q)
+        let sums = try RunHasher.digests(q, ranges: ranges)
+        return zip(ranges, sums).map { RepositoryManifest.DataRun(offset: $0.0.0, length: $0.0.1, sha256: $0.1) }
     }
 }

@@ -7,11 +7,13 @@ import Glibc
 /// step is idempotent, so the next prune or backup repeats an unfinished one.
 ///
 /// - `down`: the kept point's data and the expired incrementals' data below it are
-///   committed into the expired full (`files[0]`) in place (the full's file then reads as
-///   the kept point; the kept point's file, still backed through it, reads the same), then
-///   the full's file is renamed over the kept point's file: a full under the kept id.
+///   committed into the oldest expired point (`files[0]`: a full, or an incremental on
+///   `parent`) in place (its file then reads as the kept point; the kept point's file,
+///   still backed through it, reads the same), then that file is renamed over the kept
+///   point's file: the kept id, backed by `parent`'s file or a full.
 /// - `up`: the kept point's file is rebased in place onto `parent`'s file (nil: no backing
-///   file): only what the kept point lacks and the expired points hold is copied into it.
+///   file): only what the kept point lacks and the expired points hold is copied into it
+///   (`PruneUpMerge`).
 public struct PruneMerge: Equatable, Sendable {
     public enum Direction: String, Sendable { case down, up }
 
@@ -19,7 +21,7 @@ public struct PruneMerge: Equatable, Sendable {
     /// The point's parent once merged (nil: a full).
     public var parent: String?
     /// Relative to the repository: the expired files the point's old chain reads (down:
-    /// the full first).
+    /// the oldest first).
     public var files: [String]
 
     public init(direction: Direction, parent: String?, files: [String]) {
@@ -34,8 +36,8 @@ public struct PruneMerge: Equatable, Sendable {
         let path = repo.file(p.file)
         switch direction {
         case .down:
-            guard let fullFile = files.first else { throw damaged(path, p, "records a downward merge without a full") }
-            let full = repo.file(fullFile)
+            guard let bottomFile = files.first else { throw damaged(path, p, "records a downward merge without the point it commits into") }
+            let full = repo.file(bottomFile)
             var st = stat()
             // Missing: renamed over the point's file already by a run killed after it.
             if Sys.lstat(full, &st) == 0 {
@@ -48,13 +50,7 @@ public struct PruneMerge: Equatable, Sendable {
                 try StagedFile.syncDirectory(of: path)
             }
         case .up:
-            var o = RebaseOptions()
-            o.format = .qcow2
-            if let parentFile {
-                o.backing = Self.bareName(parentFile)
-                o.backingFormat = .qcow2
-            }
-            try RebaseOperation.run(path, options: o)
+            try PruneUpMerge.run(path, expired: files.reversed().map(repo.file), parentName: parentFile.map(Self.bareName))
             try Self.repairLeaks(path)
         }
         let backing = try PointDigest.openAlone(path).backingFileName
@@ -98,6 +94,6 @@ extension PruneMerge {
         direction = d
         if case .null? = j["parent"] { parent = nil } else { parent = try j.field("parent").string() }
         files = try j.field("files").array().map { try $0.string() }
-        guard direction == .up || (parent == nil && !files.isEmpty) else { throw FormatError("merge", "a downward merge names its full") }
+        guard direction == .up || !files.isEmpty else { throw FormatError("merge", "a downward merge names the point it commits into") }
     }
 }

@@ -6,10 +6,11 @@ import Glibc
 /// merged into the next kept point, which keeps its id and file name and restores exactly
 /// what it restored before (`PruneMerge`). A kept point whose parent expires is merged:
 ///
-/// - with a kept ancestor: up, its file rebased in place onto the nearest one;
-/// - without: into a full, whichever way copies less (`PruneCost`): down (its data and
-///   the expired incrementals' committed into the expired full, which is renamed over
-///   it) or up (what it lacks copied into it from the expired points, backing removed).
+/// whichever way copies less (`PruneCost`): down (its data and the expired incrementals'
+/// above the oldest expired point committed into that point, whose file is renamed over
+/// its own: a full, or an incremental on the nearest kept ancestor) or up (what it lacks
+/// copied into it from the expired points, backed by the nearest kept ancestor or by
+/// nothing).
 ///
 /// Crash-safe order: (1) the manifest drops the expired points and records each merge on
 /// its kept point; no file has changed, and nothing a listed point reads changes later;
@@ -79,15 +80,16 @@ public enum RepositoryPrune {
         let layers = try ([p] + absorbed.reversed()).map { try PointDigest.openAlone(repo.file($0.file)) }
         let up = try PruneCost.dataBytes(layers, from: 1)
         let files = absorbed.map(\.file)
-        // Down needs the expired full at the bottom of the point's chain.
-        guard base == nil, let full = absorbed.first, full.parent == nil, full.kind == .full else {
+        // Down commits into the oldest expired point (a full without a kept ancestor, else
+        // an incremental on the kept ancestor), whose file then becomes the point's.
+        guard let bottom = absorbed.first, bottom.parent == base?.id, (base != nil || bottom.kind == .full) else {
             return (PruneMerge(direction: .up, parent: base?.id, files: files),
                     Merge(point: p.id, direction: .up, parent: base?.id, bytesCopied: up))
         }
         let down = try PruneCost.dataBytes(Array(layers.dropLast()), from: 0)
         let direction: PruneMerge.Direction = down < up ? .down : .up
-        return (PruneMerge(direction: direction, parent: nil, files: files),
-                Merge(point: p.id, direction: direction, parent: nil, bytesCopied: min(down, up), otherWay: max(down, up)))
+        return (PruneMerge(direction: direction, parent: base?.id, files: files),
+                Merge(point: p.id, direction: direction, parent: base?.id, bytesCopied: min(down, up), otherWay: max(down, up)))
     }
 
     /// Finishes every merge the manifest records, oldest point first: the file changed as

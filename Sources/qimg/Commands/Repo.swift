@@ -133,7 +133,7 @@ struct RepoPrune: ParsableCommand {
             Output.error("qimg: prune \(repo): \(r.chain): nothing to prune")
         } else {
             Output.error("qimg: prune \(repo): \(r.chain): \(Human.plural(r.removed.count, "point")) \(r.removed.joined(separator: ", ")) merged into the kept \(r.removed.count == 1 ? "point after it" : "points after them")" + (r.into.map { " (from \($0) on)" } ?? "") + r.merges.map { m in
-                ", \(m.point) \(m.direction == .down ? "committed down into the full" : "merged up")"
+                ", \(m.point) \(m.direction == .up ? "merged up" : m.parent == nil ? "committed down into the full" : "committed down onto \(m.parent ?? "")")"
             }.joined() + ", \(Human.size(r.bytesCopied)) copied")
         }
     }
