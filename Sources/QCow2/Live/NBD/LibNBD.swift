@@ -21,6 +21,9 @@ struct LibNBD: @unchecked Sendable {
     typealias PRead = @convention(c) (Handle?, UnsafeMutableRawPointer?, Int, UInt64, UInt32) -> Int32
     typealias BlockStatus = @convention(c) (Handle?, UInt64, UInt64, nbd_extent_callback, UInt32) -> Int32
     typealias Shutdown = @convention(c) (Handle?, UInt32) -> Int32
+    typealias AioPRead = @convention(c) (Handle?, UnsafeMutableRawPointer?, Int, UInt64, nbd_completion_callback, UInt32) -> Int64
+    typealias Completed = @convention(c) (Handle?, UInt64) -> Int32
+    typealias Poll = @convention(c) (Handle?, Int32) -> Int32
 
     let create: Create
     let close: Close
@@ -34,6 +37,9 @@ struct LibNBD: @unchecked Sendable {
     let pread: PRead
     let blockStatus: BlockStatus
     let shutdown: Shutdown
+    let aioPread: AioPRead
+    let aioCommandCompleted: Completed
+    let poll: Poll
 
     static let library = "libnbd.so.0"
 
@@ -74,6 +80,9 @@ struct LibNBD: @unchecked Sendable {
                       getBlockSize: try symbol("nbd_get_block_size", as: GetBlockSize.self),
                       pread: try symbol("nbd_pread", as: PRead.self),
                       blockStatus: try symbol("nbd_block_status", as: BlockStatus.self),
-                      shutdown: try symbol("nbd_shutdown", as: Shutdown.self))
+                      shutdown: try symbol("nbd_shutdown", as: Shutdown.self),
+                      aioPread: try symbol("nbd_aio_pread", as: AioPRead.self),
+                      aioCommandCompleted: try symbol("nbd_aio_command_completed", as: Completed.self),
+                      poll: try symbol("nbd_poll", as: Poll.self))
     }
 }

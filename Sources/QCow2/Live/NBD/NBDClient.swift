@@ -11,6 +11,8 @@ public final class NBDClient {
     private let handle: LibNBD.Handle
     /// The largest read the server accepts (QEMU: 32 MiB).
     let maxRead: Int
+    /// Buffers of overlapped reads (`makeReadBuffer`), freed once the connection is closed.
+    private var readBuffers: [UnsafeMutableRawPointer] = []
 
     /// The NBD flag bits of one extent, and its length.
     public struct Extent: Equatable, Sendable {
@@ -43,6 +45,14 @@ public final class NBDClient {
     deinit {
         _ = api.shutdown(handle, 0)
         api.close(handle)
+        for b in readBuffers { b.deallocate() }
+    }
+
+    /// A buffer for `startRead`, valid as long as the client.
+    func makeReadBuffer(byteCount: Int) -> UnsafeMutableRawPointer {
+        let b = UnsafeMutableRawPointer.allocate(byteCount: max(1, byteCount), alignment: 4096)
+        readBuffers.append(b)
+        return b
     }
 
     /// Whether the server agreed to `context` at connection.
@@ -59,6 +69,30 @@ public final class NBDClient {
                 throw QCow2Error.remote(path: uri, detail: "read of \(n) bytes at offset \(at) failed: " + api.lastError)
             }
             done += n
+        }
+    }
+
+    /// Sends a read of `count` (at most `maxRead`) bytes at `offset` into `buffer` without
+    /// waiting for it; `buffer` must stay valid until `wait(for:)` returns or the client
+    /// is gone. Returns the request's cookie.
+    func startRead(into buffer: UnsafeMutableRawPointer, count: Int, at offset: UInt64) throws -> Int64 {
+        let cookie = api.aioPread(handle, buffer, count, offset, nbd_completion_callback(), 0)
+        guard cookie != -1 else {
+            throw QCow2Error.remote(path: uri, detail: "read of \(count) bytes at offset \(offset) failed: " + api.lastError)
+        }
+        return cookie
+    }
+
+    /// Waits until request `cookie` (from `startRead`) is done, moving every request in
+    /// flight along; a failed read, or a connection lost, is an error naming `offset`.
+    func wait(for cookie: Int64, count: Int, at offset: UInt64) throws {
+        while true {
+            switch api.aioCommandCompleted(handle, UInt64(cookie)) {
+            case 1: return
+            case 0: if api.poll(handle, -1) != -1 { continue }
+            default: break
+            }
+            throw QCow2Error.remote(path: uri, detail: "read of \(count) bytes at offset \(offset) failed: " + api.lastError)
         }
     }
 

@@ -9,6 +9,7 @@ public final class NBDSource: BlockSource {
     public var path: String { client.uri }
     public var virtualSize: UInt64 { client.size }
     private let allocationKnown: Bool
+    private var readAhead: NBDReadAhead?
 
     /// `client` must have asked for `allocationContext` to tell holes from data.
     public init(_ client: NBDClient) {
@@ -18,7 +19,15 @@ public final class NBDSource: BlockSource {
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset, buffer.count)
-        try client.read(into: buffer, at: offset)
+        let done = try readAhead?.read(into: buffer, at: offset) ?? 0
+        guard done < buffer.count else { return }
+        try client.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), at: offset + UInt64(done))
+    }
+
+    /// Announces the ranges a copy will read next, in order (sorted, not overlapping):
+    /// reads of them are then overlapped, `depth` requests of `pieceSize` bytes in flight.
+    public func willRead(_ ranges: [(UInt64, UInt64)], depth: Int = 8, pieceSize: Int = 2 << 20) {
+        readAhead = NBDReadAhead(client, ranges: ranges, depth: depth, pieceSize: pieceSize)
     }
 
     /// The first extent of one block-status request.

@@ -43,6 +43,7 @@ public enum PullBackup {
             copy = try TargetCopy(source: source, work: staged.temporaryPath, format: .qcow2, targetBacking: backing, settings: settings)
         } catch { throw staged.naming(error) }
         let plan = try self.plan(source, bitmap: o.sync == .incremental ? o.bitmap : nil, unit: copy.unit)
+        source.willRead(plan.data)
         do {
             try copy.run(plan, maskZeros: o.sync == .incremental, progress: o.progress)
             try copy.finish()
