@@ -387,6 +387,39 @@ private final class LiveDisk {
         #expect(left.isEmpty, "left behind \(left.sorted())")
     }
 
+    /// A server that accepts the connection but never answers (qemu-nbd serves one client
+    /// at a time and another holds it): qimg waits in the handshake, a SIGTERM ends it with
+    /// 143, one line and no file; once the other client leaves, the same backup works.
+    @Test(.requiresQEMU) func busyServerDoesNotHangAndASignalEndsTheWait() throws {
+        let dir = try Self.scratch("busy")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "8M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x5a 0 1M"], dir)
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil)
+        let holder = try connectUnixSocket(e.socket, alive: { e.process.isRunning })
+        let q = try Spawned(Qimg.path, ["backup", "--nbd", e.uri, "t.qcow2"], cwd: dir)
+        // Wait (polling) until qimg has its socket: it is then in the handshake.
+        var connected = false
+        while q.isRunning && !connected {
+            let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(q.pid)/fd")) ?? []
+            connected = fds.contains { fd in
+                ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(q.pid)/fd/\(fd)")) ?? "").hasPrefix("socket:")
+            }
+            if !connected { usleep(10_000) }
+        }
+        #expect(connected, "qimg ended before it connected: \(q.summary) \(q.err)")
+        q.send(SIGTERM)
+        q.wait(timeout: Runner.backstopSeconds)
+        #expect(q.status == 143 && !q.signaled, "\(q.summary)")
+        #expect(q.stderrLines.count == 1 && q.err.hasPrefix("qimg: "), "stderr: \(q.err)")
+        let left = Set(try FileManager.default.contentsOfDirectory(atPath: dir)).subtracting(["src.qcow2", "nbd.sock"])
+        #expect(left.isEmpty, "left behind \(left.sorted())")
+        close(holder)
+        let r = try Self.qimg(["backup", "--nbd", e.uri, "t.qcow2"], dir)
+        #expect(r.status == 0, "\(r.err)")
+        try Self.expectIdentical("src.qcow2", "t.qcow2", dir, "after the other client left")
+    }
+
     /// A read that fails (EIO injected by blkdebug under the qcow2 driver at guest 20 MiB
     /// of 48 MiB of data) while the next reads are in flight: qimg fails with one line
     /// naming the URI and leaves neither the target nor its temporary file. (QEMU 7.2's

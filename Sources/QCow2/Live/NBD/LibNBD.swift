@@ -24,6 +24,7 @@ struct LibNBD: @unchecked Sendable {
     typealias AioPRead = @convention(c) (Handle?, UnsafeMutableRawPointer?, Int, UInt64, nbd_completion_callback, UInt32) -> Int64
     typealias Completed = @convention(c) (Handle?, UInt64) -> Int32
     typealias Poll = @convention(c) (Handle?, Int32) -> Int32
+    typealias State = @convention(c) (Handle?) -> Int32
 
     let create: Create
     let close: Close
@@ -40,6 +41,9 @@ struct LibNBD: @unchecked Sendable {
     let aioPread: AioPRead
     let aioCommandCompleted: Completed
     let poll: Poll
+    let aioConnectURI: WithString
+    let aioIsConnecting: State
+    let aioIsReady: State
 
     static let library = "libnbd.so.0"
 
@@ -83,6 +87,9 @@ struct LibNBD: @unchecked Sendable {
                       shutdown: try symbol("nbd_shutdown", as: Shutdown.self),
                       aioPread: try symbol("nbd_aio_pread", as: AioPRead.self),
                       aioCommandCompleted: try symbol("nbd_aio_command_completed", as: Completed.self),
-                      poll: try symbol("nbd_poll", as: Poll.self))
+                      poll: try symbol("nbd_poll", as: Poll.self),
+                      aioConnectURI: try symbol("nbd_aio_connect_uri", as: WithString.self),
+                      aioIsConnecting: try symbol("nbd_aio_is_connecting", as: State.self),
+                      aioIsReady: try symbol("nbd_aio_is_ready", as: State.self))
     }
 }

@@ -20,8 +20,13 @@ public final class NBDClient {
         public var flags: UInt32
     }
 
-    /// Connects to `uri` (as libnbd's nbd_connect_uri takes it), asking for `contexts`.
-    public init(uri: String, contexts: [String]) throws {
+    /// How long the NBD handshake may take: a server that accepts the connection but never
+    /// answers (qemu-nbd without --shared serving another client) must not hang a cron job.
+    public static let handshakeSeconds: Double = 60
+
+    /// Connects to `uri` (as libnbd's nbd_connect_uri takes it), asking for `contexts`. The
+    /// handshake gives up after `handshakeSeconds`, or as soon as `shouldStop` says so.
+    public init(uri: String, contexts: [String], shouldStop: () -> Bool = { false }) throws {
         let api = try LibNBD.shared.get()
         guard let h = api.create() else { throw QCow2Error.remote(path: uri, detail: "cannot create an NBD handle") }
         func fail() -> QCow2Error {
@@ -30,7 +35,20 @@ public final class NBDClient {
             return e
         }
         for c in contexts where api.addMetaContext(h, c) == -1 { throw fail() }
-        guard api.connectURI(h, uri) != -1 else { throw fail() }
+        guard api.aioConnectURI(h, uri) != -1 else { throw fail() }
+        let deadline = monotonicNanoseconds() + UInt64(Self.handshakeSeconds * 1e9)
+        while api.aioIsReady(h) != 1 {
+            guard api.aioIsConnecting(h) == 1 else { throw fail() }
+            if shouldStop() {
+                api.close(h)
+                throw QCow2Error.remote(path: uri, detail: "interrupted while connecting")
+            }
+            if monotonicNanoseconds() > deadline {
+                api.close(h)
+                throw QCow2Error.remote(path: uri, detail: "the server did not answer within \(Int(Self.handshakeSeconds)) s (busy? qemu-nbd serves one client at a time unless started with --shared)")
+            }
+            guard api.poll(h, 200) != -1 else { throw fail() }
+        }
         let s = api.getSize(h)
         guard s >= 0 else { throw fail() }
         self.uri = uri

@@ -21,7 +21,7 @@ public enum PullBackup {
         let targetExists = try BackupOperation.validate(source: uri, target: target, options: o)
         var contexts = [NBDSource.allocationContext]
         if o.sync == .incremental, let b = o.bitmap { contexts.append(NBDDirtyChanges.context(bitmap: b)) }
-        let client = try NBDClient(uri: uri, contexts: contexts)
+        let client = try NBDClient(uri: uri, contexts: contexts, shouldStop: o.shouldStop)
         let source = NBDSource(client)
         var backing: (any DiskImage)?
         if let b = o.backingFile {
