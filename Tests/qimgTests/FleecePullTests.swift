@@ -53,9 +53,13 @@ import TestSupport
         defer { vm.stop() }
         let full = try live.qimg(pull(vm, ["--bitmap", "bm0", "full.qcow2"]), dir)
         #expect(try waitForView(vm, full), "the backup ended before the guest wrote: \(full.err)")
+        // qimg is stopped while the guest writes, so that the writes land while its view is
+        // exported whatever the machine's load (no race with the copy's speed).
+        full.send(SIGSTOP)
         try vm.write(0x22, 1 << 20, 64 << 10)       // inside the data being copied
         try vm.write(0x33, 10 << 20, 128 << 10)     // where the disk had nothing
         #expect(full.isRunning, "the writes must land while the copy runs")
+        full.send(SIGCONT)
         full.wait(timeout: 600)
         #expect(full.status == 0 && !full.signaled, "\(full.summary): \(full.err)")
         try expectCheckClean("full.qcow2", dir, "full")
@@ -66,7 +70,9 @@ import TestSupport
 
         let inc = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc1.qcow2"]), dir)
         #expect(try waitForView(vm, inc), "\(inc.err)")
+        inc.send(SIGSTOP)
         try vm.write(0x44, 20 << 20, 64 << 10)      // during the incremental: for the next one
+        inc.send(SIGCONT)
         inc.wait(timeout: 600)
         #expect(inc.status == 0 && !inc.signaled, "\(inc.summary): \(inc.err)")
         try expectCheckClean("inc1.qcow2", dir, "inc1")

@@ -91,13 +91,19 @@ final class LiveVM {
     /// Waits until a qimg job runs (true) or `qimg` exits first (false).
     func waitForRunningJob(_ qimg: Spawned) throws -> Bool {
         while qimg.isRunning {
-            if case .array(let jobs) = try monitor.execute("query-jobs"),
-               jobs.contains(where: { if case .string(let id)? = $0["id"], id.hasPrefix("qimg-"), $0["status"] == .string("running") { return true }; return false }) {
-                return true
-            }
+            if try runningJob() != nil { return true }
             usleep(2_000)
         }
         return false
+    }
+
+    /// The id of a running qimg job, if any.
+    func runningJob() throws -> String? {
+        guard case .array(let jobs) = try monitor.execute("query-jobs") else { return nil }
+        for job in jobs {
+            if case .string(let id)? = job["id"], id.hasPrefix("qimg-"), job["status"] == .string("running") { return id }
+        }
+        return nil
     }
 }
 
@@ -126,10 +132,15 @@ final class LiveVM {
         defer { vm.stop() }
         let full = try qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--bitmap", "bm0", "full.qcow2"], dir)
         #expect(try vm.waitForRunningJob(full), "the job ended before the guest wrote")
+        // The job is paused while the guest writes, so that the writes land while it runs
+        // whatever the machine's load (no race with the copy's speed).
+        let job = try vm.runningJob()
+        if let job { _ = try vm.monitor.execute("job-pause", [("id", .string(job))]) }
         try vm.write(0x22, 1 << 20, 64 << 10)       // inside the data being copied
         try vm.write(0x33, 10 << 20, 128 << 10)     // where the disk had nothing
         let stillRunning = try vm.qimgLeftovers().contains { $0.hasPrefix("qimg-backup-") }
         #expect(stillRunning, "the writes must land while the job runs")
+        if let job { _ = try vm.monitor.execute("job-resume", [("id", .string(job))]) }
         full.wait(timeout: 600)
         #expect(full.status == 0 && !full.signaled, "\(full.summary): \(full.err)")
         try expectCheckClean("full.qcow2", dir, "full")
