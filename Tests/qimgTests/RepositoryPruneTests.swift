@@ -224,9 +224,19 @@ import Glibc
         #expect(keep >= 50 && policy >= 50 && keep + policy >= 100, "kill points: --keep \(keep), policy \(policy)")
     }
 
-    /// One campaign; returns the number of kills.
-    static func killCampaign(_ way: String, days: Int, big: Int, _ args: [String], kept: [Int]) throws -> Int {
-        let dir = try R.scratch("prune-kill-\(way)")
+    /// The same campaign over a middle merge that goes down: the same policy on a chain
+    /// whose day 5 is large, so that day 6's data is committed into day 5's file, which is
+    /// then renamed over day 6's (while days 1-3 merge into day 4).
+    @Test(.requiresQEMU) func killPruneDuringAMiddleMergeDown() throws {
+        let kills = try Self.killCampaign("down", days: 7, big: 5, ["--keep-daily", "2", "--keep-weekly", "2"], kept: [4, 6, 7], checked: 1)
+        print("killPruneDuringAMiddleMergeDown: \(kills) kills")
+        #expect(kills >= 50, "kill points: \(kills)")
+    }
+
+    /// One campaign; returns the number of kills. The merge into kept point `checked` (an
+    /// index into `kept`) must go `way`.
+    static func killCampaign(_ way: String, days: Int, big: Int, _ args: [String], kept: [Int], checked: Int = 0) throws -> Int {
+        let dir = try R.scratch("prune-kill-\(way)-\(checked)")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try Self.killFixture(dir, days: days, big: big)
         let ids = try Self.ids(dir)
@@ -242,7 +252,8 @@ import Glibc
                 if r.exitedNormally && r.status == 0 {
                     let j = try JSONSerialization.jsonObject(with: r.stdout) as? [String: Any] ?? [:]
                     let m = j["merges"] as? [[String: Any]] ?? []
-                    #expect(m.first?["point"] as? String == ids[kept[0] - 1] && m.first?["direction"] as? String == way, "\(spec): \(j)")
+                    let merge = m.first { $0["point"] as? String == ids[kept[checked] - 1] }
+                    #expect(merge?["direction"] as? String == way, "\(spec): \(j)")
                     break
                 }
                 #expect(r.signaled && r.status == SIGKILL, "\(spec): \(r.summary): \(r.err)")
