@@ -81,16 +81,9 @@ struct LibCrypto: @unchecked Sendable {
     }
 
     private static func load() throws -> LibCrypto {
-        guard let h = dlopen("libcrypto.so.3", RTLD_NOW | RTLD_LOCAL) ?? dlopen("libcrypto.so", RTLD_NOW | RTLD_LOCAL) else {
-            throw QCow2Error.unsupported(path: "libcrypto.so.3",
-                                         detail: "OpenSSL's libcrypto is needed for SHA-256 digests and was not found (Debian: libssl3)")
-        }
-        func symbol<T>(_ name: String, as type: T.Type) throws -> T {
-            guard let p = dlsym(h, name) else {
-                throw QCow2Error.unsupported(path: "libcrypto.so.3", detail: "libcrypto has no \(name)")
-            }
-            return unsafeBitCast(p, to: type)
-        }
+        let lib = try DynamicLibrary(["libcrypto.so.3", "libcrypto.so"],
+                                     missing: "OpenSSL's libcrypto is needed for SHA-256 digests and was not found (Debian: libssl3)")
+        func symbol<T>(_ name: String, as type: T.Type) throws -> T { try lib.function(name, as: type) }
         return LibCrypto(newContext: try symbol("EVP_MD_CTX_new", as: NewContext.self),
                          sha256: try symbol("EVP_sha256", as: Digest.self),
                          initDigest: try symbol("EVP_DigestInit_ex", as: InitDigest.self),

@@ -31,7 +31,6 @@ struct LibNBD: @unchecked Sendable {
     let getError: GetError
     let getErrno: GetErrno
     let addMetaContext: WithString
-    let connectURI: WithString
     let canMetaContext: WithString
     let getSize: GetSize
     let getBlockSize: GetBlockSize
@@ -64,21 +63,16 @@ struct LibNBD: @unchecked Sendable {
     }
 
     private static func load() throws -> LibNBD {
-        guard let h = dlopen(library, RTLD_NOW | RTLD_LOCAL) ?? dlopen("libnbd.so", RTLD_NOW | RTLD_LOCAL) else {
-            throw QCow2Error.unsupported(path: library, detail: "libnbd is needed to read NBD exports and was not found (Debian: libnbd0)")
-        }
+        let lib = try DynamicLibrary([library, "libnbd.so"],
+                                     missing: "libnbd is needed to read NBD exports and was not found (Debian: libnbd0)")
         func symbol<T>(_ name: String, as type: T.Type) throws -> T {
-            guard let p = dlsym(h, name) else {
-                throw QCow2Error.unsupported(path: library, detail: "libnbd has no \(name) (libnbd 1.14 or later is needed)")
-            }
-            return unsafeBitCast(p, to: type)
+            try lib.function(name, as: type, hint: "libnbd 1.14 or later is needed")
         }
         return LibNBD(create: try symbol("nbd_create", as: Create.self),
                       close: try symbol("nbd_close", as: Close.self),
                       getError: try symbol("nbd_get_error", as: GetError.self),
                       getErrno: try symbol("nbd_get_errno", as: GetErrno.self),
                       addMetaContext: try symbol("nbd_add_meta_context", as: WithString.self),
-                      connectURI: try symbol("nbd_connect_uri", as: WithString.self),
                       canMetaContext: try symbol("nbd_can_meta_context", as: WithString.self),
                       getSize: try symbol("nbd_get_size", as: GetSize.self),
                       getBlockSize: try symbol("nbd_get_block_size", as: GetBlockSize.self),
