@@ -34,6 +34,12 @@ DEPS := \
 	qemu-storage-daemon:qemu-system-common \
 	qemu-system-x86_64:qemu-system-x86 \
 	nbdinfo:libnbd-bin \
+	nbdcopy:libnbd-bin \
+	/usr/lib/python3/dist-packages/nbd.py:python3-libnbd \
+	libvirtd:libvirt-daemon \
+	virsh:libvirt-clients \
+	unshare:util-linux \
+	virtnbdbackup:virtnbdbackup \
 	openssl:openssl \
 	python3:python3 \
 	script:bsdutils
