@@ -20,7 +20,9 @@ import Glibc
     static let domain = "qimg-test"
     static let mib = 1 << 20
 
-    static let libvirtAvailable = ["libvirtd", "virsh", "unshare", "qemu-system-x86_64"].allSatisfy { Env.which($0) != nil }
+    /// libvirtd is in /usr/sbin, which a PATH may lack (scripts/libvirt-private adds it).
+    static let libvirtAvailable = ["virsh", "qemu-system-x86_64"].allSatisfy { Env.which($0) != nil }
+        && ["libvirtd", "unshare"].allSatisfy { Env.which($0) != nil || FileManager.default.isExecutableFile(atPath: "/usr/sbin/\($0)") }
 
     /// The document's pull-mode backup XML: the ```xml block under "With libvirt".
     static func documentedBackupXML() throws -> String {
@@ -108,7 +110,7 @@ import Glibc
     /// at backup-begin's instant (the same qemu-io writes applied offline to a copy of the
     /// disk), checks clean and keeps holes; after domjobabort no job is left.
     @Test(.enabled(if: libvirtAvailable || Env.isCI,
-                   "SKIPPED: libvirtd/virsh (libvirt-daemon-system, libvirt-clients) or qemu-system-x86_64 not found; install them (make deps). With CI=true this is a failure."))
+                   "SKIPPED: libvirtd/virsh (libvirt-daemon, libvirt-clients) or qemu-system-x86_64 not found; install them (make deps). With CI=true this is a failure."))
     func documentedPullBackup() throws {
         guard Self.libvirtAvailable else { throw TestFailure("libvirtd, virsh, unshare or qemu-system-x86_64 not found on PATH (make deps)") }
         let dir = try Paths.newScratch("libvirt")
@@ -117,7 +119,8 @@ import Glibc
         let during = ["write -P 0x21 0 64k", "write -P 0x22 17M 1M", "write -P 0x23 30M 1M"]
         try Runner.qemuStep(["qemu-img", "create", "-q", "-f", "qcow2", "disk.qcow2", "32M"], in: dir)
         try Runner.qemuStep(["qemu-io", "-f", "qcow2", "disk.qcow2", "-c", "write -P 0x01 1M 3M", "-c", "write -P 0x02 20M 64k"], in: dir)
-        _ = try Runner.run("/bin/cp", ["disk.qcow2", "expected.qcow2"], cwd: dir)
+        let cp = try Runner.run("/bin/cp", ["disk.qcow2", "expected.qcow2"], cwd: dir)
+        guard cp.status == 0 else { throw TestFailure("cp: \(cp.err)") }
         try Runner.qemuStep(["qemu-io", "-f", "qcow2", "expected.qcow2"] + before.flatMap { ["-c", $0] }, in: dir)
 
         let vm = try PrivateLibvirt(dir: dir, disk: dir + "/disk.qcow2")
@@ -132,7 +135,8 @@ import Glibc
         let r = try Qimg.run(["backup", "--nbd", "nbd+unix:///vda?socket=\(dir)/nbd.sock", "backup.qcow2"], cwd: dir)
         #expect(r.status == 0 && !r.signaled, "\(r.summary): \(r.err)")
         try vm.virsh(["domjobabort", Self.domain])
-        #expect(try !vm.virsh(["domjobinfo", Self.domain]).contains("Backup"), "a backup job is left after domjobabort")
+        let job = try vm.virsh(["domjobinfo", Self.domain])
+        #expect(job.contains("None"), "a job is left after domjobabort: \(job)")
 
         let cmp = try Runner.qemuImg(["compare", "expected.qcow2", "backup.qcow2"], cwd: dir)
         #expect(cmp.status == 0, "the backup differs from the disk at backup-begin: \(cmp.out)\(cmp.err)")
@@ -140,6 +144,7 @@ import Glibc
         let map = try Runner.qemuImg(["map", "--output=json", "backup.qcow2"], cwd: dir)
         let data = try (JSONSerialization.jsonObject(with: map.stdout) as? [[String: Any]] ?? [])
             .filter { $0["data"] as? Bool == true }.compactMap { $0["length"] as? Int }.reduce(0, +)
-        #expect(data <= 6 * Self.mib, "the backup holds \(data) bytes of data; the disk had 6.19 MiB at most")
+        // 0-4M, 5M+192k, 17M+1M, 20M+64k: the disk's data at backup-begin, holes kept.
+        #expect(data == 5 * Self.mib + Self.mib / 4, "the backup holds \(data) bytes of data, not the disk's 5.25 MiB")
     }
 }
