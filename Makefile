@@ -36,7 +36,7 @@ DEPS := \
 	nbdinfo:libnbd-bin \
 	nbdcopy:libnbd-bin \
 	/usr/lib/python3/dist-packages/nbd.py:python3-libnbd \
-	libvirtd:libvirt-daemon \
+	/usr/sbin/libvirtd:libvirt-daemon \
 	virsh:libvirt-clients \
 	unshare:util-linux \
 	virtnbdbackup:virtnbdbackup \
