@@ -10,7 +10,26 @@ struct Qimg: ParsableCommand {
     static let version = "0.3.0"
     static let versionLine = "qimg version \(version) (qemu-img 7.2 compatible)"
 
-    static let configuration = CommandConfiguration(
+    /// The configuration ArgumentParser reads: the standard one, except during the quick
+    /// parse (`parse(_:)`).
+    static var configuration: CommandConfiguration {
+        quickParse ? quickConfiguration : standardConfiguration
+    }
+
+    /// Set only while `parse(_:)` runs its quick parse.
+    nonisolated(unsafe) private static var quickParse = false
+
+    /// The standard configuration with a super-command name: ArgumentParser then skips its
+    /// `--generate-completion-script` pass (two more parses of the arguments, built by
+    /// reflection: a sixth of a short command's start-up). The name would show only in help
+    /// and usage texts, which are rendered after the parse, with the standard configuration.
+    private static let quickConfiguration: CommandConfiguration = {
+        var c = standardConfiguration
+        c._superCommandName = "qimg"
+        return c
+    }()
+
+    private static let standardConfiguration = CommandConfiguration(
         commandName: "qimg",
         abstract: "Inspect and maintain qcow2 disk images (qemu-img compatible).",
         discussion: """
@@ -24,10 +43,7 @@ struct Qimg: ParsableCommand {
 
     /// Only without a subcommand: `qimg -V`/`--version`, or bare `qimg` (an error, as in qemu-img).
     func run() throws {
-        if showVersion {
-            Output.out(Self.versionLine + "\n")
-            return
-        }
+        if showVersion { return Self.printVersion() }
         Output.error("qimg: Not enough arguments")
         Output.error("Try 'qimg --help' for more information")
         throw ExitCode(1)
@@ -68,14 +84,30 @@ struct Qimg: ParsableCommand {
         var arguments = (1..<Int(CommandLine.argc)).map { i in
             PathCodec.decode(cString: CommandLine.unsafeArgv[i]!)
         }
+        // `qimg --version` alone needs no parser (a third of its start-up).
+        if arguments == ["--version"] || arguments == ["-V"] { return printVersion() }
         if arguments.first == "resize" { arguments = Resize.sizeLast(arguments) }
-        var command = try parseAsRoot(arguments)
+        var command = try parse(arguments)
         // ArgumentParser takes the root's -V/--version after a subcommand too: refuse it there.
         if !(command is Qimg), let flag = arguments.prefix(while: { $0 != "--" })
             .first(where: { $0 == "-V" || $0 == "--version" }) {
             fail("Unknown option '\(flag)'", code: 1)
         }
         try command.run()
+    }
+
+    static func printVersion() { Output.out(versionLine + "\n") }
+
+    /// `parseAsRoot`, without the completion-script pass when it cannot find anything: with
+    /// no argument starting with `--generate-completion-script` it never does. A quick parse
+    /// that fails is run again the standard way (the error as it always was).
+    static func parse(_ arguments: [String]) throws -> ParsableCommand {
+        if !arguments.contains(where: { $0.hasPrefix("--generate-completion-script") }) {
+            quickParse = true
+            defer { quickParse = false }
+            if let command = try? parseAsRoot(arguments) { return command }
+        }
+        return try parseAsRoot(arguments)
     }
 
     static func fail(_ message: String, code: Int32) -> Never {
@@ -105,6 +137,8 @@ struct CommandFailure: Error {
 enum Output {
     static func out(_ s: String) { emit(1, s) }
     static func error(_ s: String) { emit(2, s + "\n") }
+    /// Bytes as they are (`OutputBuffer`).
+    static func out(bytes: [UInt8]) { bytes.withUnsafeBufferPointer { writeAll(1, $0) } }
     private static func emit(_ fd: Int32, _ s: String) {
         if PathCodec.hasEscapes(s) {
             PathCodec.encode(s).withUnsafeBufferPointer { writeAll(fd, $0) }

@@ -38,6 +38,10 @@ public final class QCow2Image: DiskImage {
 
     /// Default byte cap of the L2 cache.
     public static let defaultCacheBytes = 32 * 1024 * 1024
+    /// Byte cap of the L2 cache for one pass over the disk in guest order (a backup's
+    /// source): each table serves one run and is not needed again, so a few suffice and
+    /// memory stays flat however many tables the pass reads.
+    public static let streamingCacheBytes = 1024 * 1024
 
     /// `tolerateBrokenBitmaps`: open even when the bitmaps extension or directory is invalid
     /// (which QEMU refuses); the problem is kept in `bitmapsError` for check and repair.

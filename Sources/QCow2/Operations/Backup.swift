@@ -31,6 +31,8 @@ public struct BackupOptions {
         settings.compressed = compressed
         settings.speed = speed
         settings.shouldStop = shouldStop
+        // Only bitmap-mode=always gives back what a failed copy holds.
+        settings.tracksCopied = sync == .bitmap && bitmapMode == .always
         return settings
     }
 }
@@ -124,6 +126,8 @@ public enum BackupOperation {
     static func openInputs(source sourcePath: String, target: String, targetExists: Bool, options o: BackupOptions) throws -> Inputs {
         var opener = ImageOpener()
         opener.writable = o.bitmap != nil && !(o.sync == .bitmap && o.bitmapMode == .never)
+        // Read once, in guest order: the L2 tables read do not pile up in the cache.
+        opener.cacheBytes = QCow2Image.streamingCacheBytes
         let source = try opener.open(sourcePath, format: o.sourceFormat)
         var inputs = Inputs(source: source, qsource: source as? QCow2Image)
         if let b = o.backingFile {

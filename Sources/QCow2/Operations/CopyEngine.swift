@@ -25,7 +25,8 @@ public struct CopyEngine {
     public var speed: UInt64 = 0
     /// Start writeback of the target as the copy goes (it is fsynced at the end).
     public var earlyWriteback = true
-    /// Guest ranges written so far (for bitmap-mode=always), at cluster granularity.
+    /// Guest ranges written so far, at cluster granularity, when set to an empty bitmap
+    /// before the copy (bitmap-mode=always: `CopySettings.tracksCopied`); nil otherwise.
     public internal(set) var copied: DirtyBitmap?
     public internal(set) var bytesCopied: UInt64 = 0
     public internal(set) var bytesDone: UInt64 = 0
@@ -33,8 +34,6 @@ public struct CopyEngine {
     public init(source: any BlockSource, target: any DiskImage) {
         self.source = source
         self.target = target
-        let unit = UInt64((target as? QCow2Image)?.geometry.clusterSize ?? 65536)
-        copied = DirtyBitmap(granularity: unit, size: source.virtualSize)
     }
 
     /// The unit of work: the target's cluster (whole clusters are what a backup holds).

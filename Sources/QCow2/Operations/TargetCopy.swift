@@ -12,6 +12,9 @@ struct CopySettings {
     /// Early writeback during the copy and an fsync at the end.
     var durable = true
     var shouldStop: () -> Bool = { false }
+    /// Record the guest ranges written (`CopyEngine.copied`; a bitmap as large as the
+    /// disk's dirty areas).
+    var tracksCopied = false
 }
 
 /// The one copy path of convert and backup: the target file (created by the caller, or
@@ -45,6 +48,7 @@ struct TargetCopy {
         engine.earlyWriteback = settings.durable
         engine.shouldStop = settings.shouldStop
         engine.targetBacking = targetBacking
+        if settings.tracksCopied { engine.copied = DirtyBitmap(granularity: engine.unit, size: source.virtualSize) }
         // -S: zero runs count in aligned pieces of S (a power of two: qemu-img aligns the
         // runs it leaves out to it), and in whole clusters of a qcow2 target at least; with
         // extended L2 in pieces of S alone, as qemu-img writes them (zero subclusters stay
