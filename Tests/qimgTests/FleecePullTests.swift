@@ -192,4 +192,22 @@ import TestSupport
         #expect(try vm.bitmap("bm0")?.count == before + (128 << 10))
         #expect(try leftovers(vm) == [])
     }
+
+    /// A full target disk under the view qimg set up: exit 5 as in every backup mode, the
+    /// view torn down, nothing left on the disk and bm0 with every bit it had.
+    @Test func aFullTargetDiskExits5AndKeepsTheBitmap() throws {
+        let (dir, vm) = try runningDisk("fleece-enospc")
+        defer { vm.stop() }
+        try fullThenDirty(vm, dir, dirty: 4 << 20)
+        let fs = try SmallFilesystem(at: dir + "/small")
+        defer { fs.unmount() }
+        let before = try live.sha(vm, "bm0")
+        let r = try Qimg.run(["backup"] + pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "../full.qcow2", "-F", "qcow2", "small/inc.qcow2"]),
+                             cwd: dir, timeout: 600)
+        #expect(r.status == 5 && !r.signaled, "\(r.summary): \(r.err)")
+        #expect(r.stderrLines.count == 1 && r.err.contains("No space left on device"), "stderr: \(r.err)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/small") == [])
+        #expect(try live.sha(vm, "bm0") == before)
+        #expect(try leftovers(vm) == [])
+    }
 }

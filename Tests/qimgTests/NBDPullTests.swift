@@ -358,6 +358,20 @@ private final class LiveDisk {
         }
     }
 
+    /// Waits (polling) until `q`'s copy has written more than 4 MiB into its temporary file
+    /// in `dir` (true), or `q` exits first (false).
+    static func copyUnderWay(_ q: Spawned, _ dir: String) -> Bool {
+        while q.isRunning {
+            let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+            if files.contains(where: { name in
+                var st = stat()
+                return name.hasSuffix(".qimg-tmp") && stat(dir + "/" + name, &st) == 0 && st.st_size > 4 << 20
+            }) { return true }
+            usleep(10_000)
+        }
+        return false
+    }
+
     /// The server killed while qimg copies (throttled so that the kill lands mid-copy):
     /// qimg fails with one line naming the URI, and leaves neither the target nor its
     /// temporary file.
@@ -368,17 +382,7 @@ private final class LiveDisk {
         try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x5a 0 48M"], dir)
         let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil)
         let q = try Spawned(Qimg.path, ["backup", "--nbd", e.uri, "--speed", "8M", "t.qcow2"], cwd: dir)
-        // Wait (polling) until the copy has written some data into its temporary file.
-        var partial = false
-        while q.isRunning && !partial {
-            let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
-            partial = files.contains { name in
-                var st = stat()
-                return name.hasSuffix(".qimg-tmp") && stat(dir + "/" + name, &st) == 0 && st.st_size > 4 << 20
-            }
-            if !partial { usleep(10_000) }
-        }
-        #expect(partial, "qimg ended before the copy was under way: \(q.summary) \(q.err)")
+        #expect(Self.copyUnderWay(q, dir), "qimg ended before the copy was under way: \(q.summary) \(q.err)")
         e.kill()
         q.wait(timeout: Runner.backstopSeconds)
         #expect(q.status == 1 && !q.signaled, "\(q.summary)")
@@ -480,5 +484,66 @@ private final class LiveDisk {
         let r = try Runner.qemuImg(["compare", "-f", "raw", "-F", "qcow2", "src.raw", "full.qcow2"], cwd: dir)
         #expect(r.status == 0, "compare: \(r.out) \(r.err)")
         try expectCheckClean("full.qcow2", dir, "full")
+    }
+
+    /// A server that stops answering mid-copy (qemu-nbd SIGSTOPped once qimg's copy is under
+    /// way): qimg gives up after `--nbd-timeout` seconds without a reply, with one line
+    /// naming the URI, exit 1, neither the target nor its temporary file, and the exported
+    /// bitmap as it was. The same server, continued, then serves the same backup.
+    @Test(.requiresQEMU) func aServerThatStopsAnsweringMidCopyFailsAfterTheTimeout() throws {
+        let dir = try Self.scratch("silent")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "64M"], dir)
+        try Self.tool(["qemu-img", "bitmap", "--add", "src.qcow2", "b0"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x5a 0 48M"], dir)
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "prev.qcow2", "64M"], dir)
+        let dump = try BackupTests.dump("src.qcow2", "b0", dir).text
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: "b0")
+        defer { e.process.send(SIGCONT); e.kill() }
+        let args = ["backup", "--nbd", e.uri, "--nbd-timeout", "2", "--speed", "8M", "--sync=incremental", "--bitmap", "b0",
+                    "-b", "prev.qcow2", "-F", "qcow2", "t.qcow2"]
+        let q = try Spawned(Qimg.path, args, cwd: dir)
+        #expect(Self.copyUnderWay(q, dir), "qimg ended before the copy was under way: \(q.summary) \(q.err)")
+        e.process.send(SIGSTOP)
+        q.wait(timeout: Runner.backstopSeconds)
+        #expect(q.status == 1 && !q.signaled, "\(q.summary)")
+        #expect(q.stderrLines.count == 1 && q.err.hasPrefix("qimg: \(e.uri): ") && q.err.contains("no reply from the server for 2 s"), "stderr: \(q.err)")
+        let left = Set(try FileManager.default.contentsOfDirectory(atPath: dir)).subtracting(["src.qcow2", "prev.qcow2", "nbd.sock"])
+        #expect(left.isEmpty, "left behind \(left.sorted())")
+        e.process.send(SIGCONT)
+        try Self.qimg(Array(args.filter { $0 != "--speed" && $0 != "8M" }), dir)
+        try Self.expectIdentical("src.qcow2", "t.qcow2", dir, "after the server continued")
+        e.kill()
+        #expect(try BackupTests.dump("src.qcow2", "b0", dir).text == dump, "the bitmap is as it was")
+    }
+
+    /// `--nbd-timeout` takes a positive number of seconds, and only with --nbd.
+    @Test func nbdTimeoutOptionIsChecked() throws {
+        let dir = try Self.scratch("timeout-opt")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for (args, start) in [(["--nbd", "nbd://127.0.0.1:1/x", "--nbd-timeout", "0", "t.qcow2"], "qimg: nbd://127.0.0.1:1/x: --nbd-timeout"),
+                              (["--nbd", "nbd://127.0.0.1:1/x", "--nbd-timeout", "nan", "t.qcow2"], "qimg: nbd://127.0.0.1:1/x: --nbd-timeout"),
+                              (["--nbd-timeout", "5", "a.qcow2", "t.qcow2"], "qimg: a.qcow2: --nbd-timeout applies only with --nbd")] {
+            let r = try Qimg.run(["backup"] + args, cwd: dir)
+            #expect(r.status == 1 && r.stderrLines.count == 1 && r.err.hasPrefix(start), "\(args): \(r.summary): \(r.err)")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == [], "\(args)")
+        }
+    }
+
+    /// A full target disk: exit 5 (I/O error or no space, the code of every backup mode),
+    /// one line, nothing left on it.
+    @Test(.requiresQEMU) func aFullTargetDiskExits5() throws {
+        let dir = try Self.scratch("enospc")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "64M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x5a 0 8M"], dir)
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil)
+        defer { e.kill() }
+        let fs = try SmallFilesystem(at: dir + "/small")
+        defer { fs.unmount() }
+        let r = try Qimg.run(["backup", "--nbd", e.uri, "small/t.qcow2"], cwd: dir)
+        #expect(r.status == 5 && !r.signaled, "\(r.summary): \(r.err)")
+        #expect(r.stderrLines.count == 1 && r.err.contains("No space left on device"), "stderr: \(r.err)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/small") == [])
     }
 }

@@ -18,8 +18,7 @@ struct LibNBD: @unchecked Sendable {
     typealias WithString = @convention(c) (Handle?, UnsafePointer<CChar>?) -> Int32
     typealias GetSize = @convention(c) (Handle?) -> Int64
     typealias GetBlockSize = @convention(c) (Handle?, Int32) -> Int64
-    typealias PRead = @convention(c) (Handle?, UnsafeMutableRawPointer?, Int, UInt64, UInt32) -> Int32
-    typealias BlockStatus = @convention(c) (Handle?, UInt64, UInt64, nbd_extent_callback, UInt32) -> Int32
+    typealias AioBlockStatus = @convention(c) (Handle?, UInt64, UInt64, nbd_extent_callback, nbd_completion_callback, UInt32) -> Int64
     typealias Shutdown = @convention(c) (Handle?, UInt32) -> Int32
     typealias AioPRead = @convention(c) (Handle?, UnsafeMutableRawPointer?, Int, UInt64, nbd_completion_callback, UInt32) -> Int64
     typealias Completed = @convention(c) (Handle?, UInt64) -> Int32
@@ -34,8 +33,7 @@ struct LibNBD: @unchecked Sendable {
     let canMetaContext: WithString
     let getSize: GetSize
     let getBlockSize: GetBlockSize
-    let pread: PRead
-    let blockStatus: BlockStatus
+    let aioBlockStatus: AioBlockStatus
     let shutdown: Shutdown
     let aioPread: AioPRead
     let aioCommandCompleted: Completed
@@ -76,8 +74,7 @@ struct LibNBD: @unchecked Sendable {
                       canMetaContext: try symbol("nbd_can_meta_context", as: WithString.self),
                       getSize: try symbol("nbd_get_size", as: GetSize.self),
                       getBlockSize: try symbol("nbd_get_block_size", as: GetBlockSize.self),
-                      pread: try symbol("nbd_pread", as: PRead.self),
-                      blockStatus: try symbol("nbd_block_status", as: BlockStatus.self),
+                      aioBlockStatus: try symbol("nbd_aio_block_status", as: AioBlockStatus.self),
                       shutdown: try symbol("nbd_shutdown", as: Shutdown.self),
                       aioPread: try symbol("nbd_aio_pread", as: AioPRead.self),
                       aioCommandCompleted: try symbol("nbd_aio_command_completed", as: Completed.self),
