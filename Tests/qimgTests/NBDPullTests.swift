@@ -14,23 +14,30 @@ import Glibc
 /// `qemu-img check`. Servers are started per test and killed at its end.
 
 /// A qemu-nbd serving one image read-only (`-t`: it outlives its clients) on a unix
-/// socket, with bitmap `bitmap` when given; killed when released.
+/// socket, or on 127.0.0.1:`tcp.port` with `tcp.extra` arguments (TLS), with bitmap
+/// `bitmap` when given; killed when released.
 private final class NBDExport {
     let process: Spawned
     let socket: String
+    let port: UInt16?
     let name = "disk"
-    var uri: String { "nbd+unix:///\(name)?socket=\(socket)" }
+    var uri: String { port.map { "nbd://127.0.0.1:\($0)/\(name)" } ?? "nbd+unix:///\(name)?socket=\(socket)" }
 
     /// `image`: a qcow2 file, or (`imageOptions`) qemu-nbd's --image-opts string.
-    init(_ image: String, dir: String, bitmap: String?, format: String = "qcow2", imageOptions: Bool = false) throws {
+    init(_ image: String, dir: String, bitmap: String?, format: String = "qcow2", imageOptions: Bool = false,
+         tcp: (port: UInt16, extra: [String])? = nil) throws {
         guard let qemuNBD = Env.qemuNBD else { throw TestFailure("qemu-nbd not found on PATH (install qemu-utils)") }
         socket = dir + "/nbd.sock"
+        port = tcp?.port
         unlink(socket)
         let how = imageOptions ? ["--image-opts"] : ["-f", format]
-        let args = ["-r", "-t"] + how + ["-k", socket, "-x", name] + (bitmap.map { ["-B", $0] } ?? []) + [image]
+        let listen = tcp.map { ["-b", "127.0.0.1", "-p", "\($0.port)"] + $0.extra } ?? ["-k", socket]
+        let args = ["-r", "-t"] + how + listen + ["-x", name] + (bitmap.map { ["-B", $0] } ?? []) + [image]
         process = try Spawned(qemuNBD, args, cwd: dir)
         let p = process
-        close(try connectUnixSocket(socket, alive: { p.isRunning }))
+        if let port { try LoopbackTCP.waitForListener(port, alive: { p.isRunning }) } else {
+            close(try connectUnixSocket(socket, alive: { p.isRunning }))
+        }
     }
 
     func kill() {
@@ -545,5 +552,62 @@ private final class LiveDisk {
         #expect(r.status == 5 && !r.signaled, "\(r.summary): \(r.err)")
         #expect(r.stderrLines.count == 1 && r.err.contains("No space left on device"), "stderr: \(r.err)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/small") == [])
+    }
+
+    // MARK: TCP and TLS
+
+    /// Pull over TCP (`nbd://127.0.0.1:PORT/disk`): an incremental on the exported bitmap
+    /// that equals the image.
+    @Test(.requiresQEMU) func pullOverTCP() throws {
+        let dir = try Self.scratch("tcp")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "16M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x11 0 4M"], dir)
+        try Self.tool(["qemu-img", "convert", "-O", "qcow2", "src.qcow2", "prev.qcow2"], dir)
+        try Self.tool(["qemu-img", "bitmap", "--add", "src.qcow2", "b0"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x22 1M 64k", "-c", "write -P 0x33 9M 128k"], dir)
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: "b0", tcp: (try LoopbackTCP.freePort(), []))
+        defer { e.kill() }
+        #expect(e.uri.hasPrefix("nbd://127.0.0.1:"))
+        try Self.qimg(["backup", "--nbd", e.uri, "--sync=incremental", "--bitmap", "b0", "-b", "prev.qcow2", "-F", "qcow2", "inc.qcow2"], dir)
+        try Self.expectIdentical("src.qcow2", "inc.qcow2", dir, "incremental over TCP")
+        try expectCheckClean("inc.qcow2", dir, "inc")
+        #expect(try Self.dataRanges("inc.qcow2", dir, top: true).map { [$0.0, $0.1] } == [[1 << 20, 64 << 10], [9 << 20, 128 << 10]])
+    }
+
+    /// Pull over TLS: qemu-nbd with an x509 server certificate (made with openssl, for
+    /// 127.0.0.1) requires TLS; qimg connects with `nbds://...?tls-certificates=DIR` (the CA)
+    /// and the backup equals the image. Without TLS, or without the CA that signed the
+    /// server's certificate, the connection is refused with one line and no file.
+    @Test(.requiresQEMU) func pullOverTLSWithX509Certificates() throws {
+        guard let openssl = Env.which("openssl") else { throw TestFailure("openssl is missing (Debian: openssl)") }
+        let dir = try Self.scratch("tls")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "16M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x44 2M 1M"], dir)
+        for sub in ["server", "client", "other"] { try FileManager.default.createDirectory(atPath: "\(dir)/\(sub)", withIntermediateDirectories: true) }
+        try "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+            .write(toFile: dir + "/server.ext", atomically: true, encoding: .utf8)
+        for args in [["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "server/ca-cert.pem", "-days", "2", "-subj", "/CN=qimg test CA"],
+                     ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-key.pem", "-out", "other/ca-cert.pem", "-days", "2", "-subj", "/CN=another CA"],
+                     ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server/server-key.pem", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+                     ["x509", "-req", "-in", "server.csr", "-CA", "server/ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                      "-out", "server/server-cert.pem", "-days", "2", "-extfile", "server.ext"]] {
+            let r = try Runner.run(openssl, args, cwd: dir)
+            guard r.status == 0 else { throw TestFailure("openssl \(args[0]): \(r.err)") }
+        }
+        try FileManager.default.copyItem(atPath: dir + "/server/ca-cert.pem", toPath: dir + "/client/ca-cert.pem")
+        let tls = ["--object", "tls-creds-x509,id=tls0,dir=\(dir)/server,endpoint=server,verify-peer=off", "--tls-creds", "tls0"]
+        let port = try LoopbackTCP.freePort()
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil, tcp: (port, tls))
+        defer { e.kill() }
+        let base = "nbds://127.0.0.1:\(port)/disk?tls-certificates="
+        let keep: Set = ["src.qcow2", "server", "client", "other", "server.ext", "server.csr", "ca-key.pem", "other-key.pem", "server/ca-cert.srl", "ca-cert.srl"]
+        for uri in ["nbd://127.0.0.1:\(port)/disk", base + dir + "/other"] {
+            try Self.expectFailure(["backup", "--nbd", uri, "t.qcow2"], uri: uri, dir, keep: keep, uri)
+        }
+        try Self.qimg(["backup", "--nbd", base + dir + "/client", "t.qcow2"], dir)
+        try Self.expectIdentical("src.qcow2", "t.qcow2", dir, "full over TLS")
+        try expectCheckClean("t.qcow2", dir, "t")
     }
 }

@@ -24,6 +24,7 @@ struct LibNBD: @unchecked Sendable {
     typealias Completed = @convention(c) (Handle?, UInt64) -> Int32
     typealias Poll = @convention(c) (Handle?, Int32) -> Int32
     typealias State = @convention(c) (Handle?) -> Int32
+    typealias SetFlag = @convention(c) (Handle?, Bool) -> Int32
 
     let create: Create
     let close: Close
@@ -41,6 +42,7 @@ struct LibNBD: @unchecked Sendable {
     let aioConnectURI: WithString
     let aioIsConnecting: State
     let aioIsReady: State
+    let setURIAllowLocalFile: SetFlag
 
     static let library = "libnbd.so.0"
 
@@ -81,6 +83,7 @@ struct LibNBD: @unchecked Sendable {
                       poll: try symbol("nbd_poll", as: Poll.self),
                       aioConnectURI: try symbol("nbd_aio_connect_uri", as: WithString.self),
                       aioIsConnecting: try symbol("nbd_aio_is_connecting", as: State.self),
-                      aioIsReady: try symbol("nbd_aio_is_ready", as: State.self))
+                      aioIsReady: try symbol("nbd_aio_is_ready", as: State.self),
+                      setURIAllowLocalFile: try symbol("nbd_set_uri_allow_local_file", as: SetFlag.self))
     }
 }

@@ -46,6 +46,9 @@ public final class NBDClient {
             return e
         }
         for c in contexts where api.addMetaContext(h, c) == -1 { throw fail() }
+        // The URI is the command line's, given by the user who runs qimg: it may name the
+        // TLS certificates directory or PSK file (libnbd refuses local files by default).
+        guard api.setURIAllowLocalFile(h, true) != -1 else { throw fail() }
         guard api.aioConnectURI(h, uri) != -1 else { throw fail() }
         let waiter = NBDWait(api: api, handle: h, uri: uri, timeout: timeout, shouldStop: shouldStop)
         do {
