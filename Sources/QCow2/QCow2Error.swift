@@ -68,7 +68,9 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case bitmapBusy
         /// The bitmap was left in use by a QEMU that stopped without storing it.
         case bitmapInconsistent
-        /// A backup job ended with an error (e.g. the target's disk is full).
+        /// A backup job could not write its target (no space, an I/O error).
+        case targetFailed
+        /// A backup job ended with another error (e.g. a read error on the disk).
         case jobFailed
         /// The backup was cancelled (a signal): nothing was kept.
         case cancelled

@@ -15,16 +15,16 @@ import TestSupport
         ["--qmp", vm.qmpSocket, "--node", "disk0", "--nbd", "nbd+unix:///?socket=\(vm.dir)/nbd.sock"] + args
     }
 
-    /// qimg's exports present in QEMU.
-    func qimgExports(_ vm: LiveVM) throws -> [String] {
-        guard case .array(let list) = try vm.monitor.execute("query-block-exports") else { return [] }
+    /// qimg's exports present in QEMU (asked through the test's monitor).
+    func qimgExports(_ monitor: QMPConnection) throws -> [String] {
+        guard case .array(let list) = try monitor.execute("query-block-exports") else { return [] }
         return list.compactMap { if case .string(let id)? = $0["id"], id.hasPrefix("qimg-") { return id }; return nil }
     }
 
     /// Waits until qimg's view is exported (true) or `run` exits first (false).
-    func waitForView(_ vm: LiveVM, _ run: Spawned) throws -> Bool {
+    func waitForView(_ monitor: QMPConnection, _ run: Spawned) throws -> Bool {
         while run.isRunning {
-            if !(try qimgExports(vm).isEmpty) { return true }
+            if !(try qimgExports(monitor).isEmpty) { return true }
             usleep(2_000)
         }
         return false
@@ -45,14 +45,14 @@ import TestSupport
     }
 
     func leftovers(_ vm: LiveVM) throws -> [String] {
-        try vm.qimgLeftovers() + qimgExports(vm) + FileManager.default.contentsOfDirectory(atPath: vm.dir).filter { $0.contains("qimg") }
+        try vm.qimgLeftovers() + qimgExports(vm.monitor) + FileManager.default.contentsOfDirectory(atPath: vm.dir).filter { $0.contains("qimg") }
     }
 
     @Test func writesDuringThePullAreNotInItAndTheNextIncrementalCarriesThem() throws {
         let (dir, vm) = try runningDisk("fleece", readRate: 3 << 20)
         defer { vm.stop() }
         let full = try live.qimg(pull(vm, ["--bitmap", "bm0", "full.qcow2"]), dir)
-        #expect(try waitForView(vm, full), "the backup ended before the guest wrote: \(full.err)")
+        #expect(try waitForView(vm.monitor, full), "the backup ended before the guest wrote: \(full.err)")
         // qimg is stopped while the guest writes, so that the writes land while its view is
         // exported whatever the machine's load (no race with the copy's speed).
         full.send(SIGSTOP)
@@ -69,7 +69,7 @@ import TestSupport
         #expect(try leftovers(vm) == [])
 
         let inc = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc1.qcow2"]), dir)
-        #expect(try waitForView(vm, inc), "\(inc.err)")
+        #expect(try waitForView(vm.monitor, inc), "\(inc.err)")
         inc.send(SIGSTOP)
         try vm.write(0x44, 20 << 20, 64 << 10)      // during the incremental: for the next one
         inc.send(SIGCONT)
@@ -101,7 +101,7 @@ import TestSupport
             pending.append([at, 64 << 10])
             let run = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", base, "-F", "qcow2", "inc.qcow2"]), dir)
             if i % 2 == 0 {
-                if try waitForView(vm, run) { killedMidCopy += 1 }
+                if try waitForView(vm.monitor, run) { killedMidCopy += 1 }
             } else {
                 usleep(UInt32.random(in: 0...300_000, using: &rng))
             }
@@ -182,7 +182,7 @@ import TestSupport
         try fullThenDirty(vm, dir, dirty: 4 << 20)
         let before = try #require(try vm.bitmap("bm0")).count
         let run = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"]), dir)
-        #expect(try waitForView(vm, run), "the backup ended before the signal: \(run.err)")
+        #expect(try waitForView(vm.monitor, run), "the backup ended before the signal: \(run.err)")
         try vm.write(0x55, 40 << 20, 128 << 10)
         run.send(SIGTERM)
         run.wait(timeout: 600)
@@ -191,5 +191,90 @@ import TestSupport
         #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"))
         #expect(try vm.bitmap("bm0")?.count == before + (128 << 10))
         #expect(try leftovers(vm) == [])
+    }
+
+    /// A full target disk under the view qimg set up: exit 5 as in every backup mode, the
+    /// view torn down, nothing left on the disk and bm0 with every bit it had.
+    @Test func aFullTargetDiskExits5AndKeepsTheBitmap() throws {
+        let (dir, vm) = try runningDisk("fleece-enospc")
+        defer { vm.stop() }
+        try fullThenDirty(vm, dir, dirty: 4 << 20)
+        let fs = try SmallFilesystem(at: dir + "/small")
+        defer { fs.unmount() }
+        let before = try live.sha(vm, "bm0")
+        let r = try Qimg.run(["backup"] + pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "../full.qcow2", "-F", "qcow2", "small/inc.qcow2"]),
+                             cwd: dir, timeout: 600)
+        #expect(r.status == 5 && !r.signaled, "\(r.summary): \(r.err)")
+        #expect(r.stderrLines.count == 1 && r.err.contains("No space left on device"), "stderr: \(r.err)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/small") == [])
+        #expect(try live.sha(vm, "bm0") == before)
+        #expect(try leftovers(vm) == [])
+    }
+
+    /// The view ends while qimg copies from it (qimg stopped mid-copy; the test cancels the
+    /// view's job through its own monitor, so guest writes would reach the export): qimg
+    /// refuses to keep the copy — exit 17, one line, no TARGET nor temporary file, bm0 with
+    /// every bit it had, nothing of qimg's left in QEMU.
+    @Test func aViewEndedDuringTheCopyIsNotKept() throws {
+        let (dir, vm) = try runningDisk("fleece-ended", readRate: 2 << 20)
+        defer { vm.stop() }
+        try fullThenDirty(vm, dir, dirty: 4 << 20)
+        let before = try live.sha(vm, "bm0")
+        let run = try live.qimg(pull(vm, ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"]), dir)
+        #expect(try waitForView(vm.monitor, run), "the backup ended before the view could be ended: \(run.err)")
+        run.send(SIGSTOP)
+        let job = try #require(try vm.runningJob(), "the view's job")
+        try vm.monitor.execute("job-cancel", [("id", .string(job))])
+        run.send(SIGCONT)
+        run.wait(timeout: 600)
+        #expect(run.status == 17 && !run.signaled, "\(run.summary): \(run.err)")
+        #expect(run.stderrLines.count == 1 && run.err.contains("ended during the copy"), "\(run.err)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"))
+        #expect(try live.noTemporaries(dir))
+        #expect(try live.sha(vm, "bm0") == before)
+        #expect(try leftovers(vm) == [])
+    }
+
+    /// The fleecing path against a real qemu-system-x86_64 (-machine none, no guest; the
+    /// disk a -drive read through a throttle, named by its drive id, two QMP monitors): guest
+    /// writes are HMP `qemu-io` on the test's monitor while qimg is stopped mid-copy. The full equals the
+    /// disk as it was at the start, the next incremental holds exactly those writes, and
+    /// after a clean quit the image equals that incremental.
+    @Test func qemuSystemFleecing() throws {
+        guard let qemu = Env.which("qemu-system-x86_64") else {
+            if Env.isCI { throw TestFailure("qemu-system-x86_64 is missing (Debian: qemu-system-x86)") }
+            print("FleecePullTests.qemuSystemFleecing: qemu-system-x86_64 not installed"); return
+        }
+        let dir = try Paths.newScratch("fleece-system")
+        try live.makeDisk(dir)
+        let vm = try Spawned(qemu, ["-machine", "none", "-nodefaults", "-display", "none",
+                                    "-qmp", "unix:\(dir)/qmp.sock,server=on,wait=off", "-qmp", "unix:\(dir)/mon.sock,server=on,wait=off",
+                                    "-object", "throttle-group,id=tg0,x-bps-read=\(2 << 20)",
+                                    // A drive (a named BlockBackend, as a guest device has): QEMU moves it
+                                    // above the view's copy-before-write filter, so its writes reach the view.
+                                    "-drive", "if=none,id=legacy0,node-name=disk0,driver=qcow2,file.driver=throttle,file.throttle-group=tg0,"
+                                        + "file.file.driver=file,file.file.filename=\(dir)/disk.qcow2"], cwd: dir)
+        defer { vm.send(SIGKILL); vm.wait(timeout: 600) }
+        let m = try LiveVM.connect(dir + "/mon.sock", of: vm)
+        func guestWrite(_ command: String) throws {
+            let r = try m.execute("human-monitor-command", [("command-line", .string("qemu-io legacy0 \"\(command)\""))])
+            #expect(r == .string(""), "qemu-io \(command): \(r)")
+        }
+        let nbd = ["--qmp", dir + "/qmp.sock", "--node", "legacy0", "--nbd", "nbd+unix:///?socket=\(dir)/nbd.sock"]
+        let full = try live.qimg(nbd + ["--bitmap", "bm0", "full.qcow2"], dir)
+        #expect(try waitForView(m, full), "the backup ended before the guest wrote: \(full.err)")
+        full.send(SIGSTOP)
+        try guestWrite("write -P 0x22 1M 64k")
+        try guestWrite("write -P 0x33 10M 128k")
+        full.send(SIGCONT)
+        live.finishedRun(full)
+        #expect(try live.compare(["-f", "qcow2", "-F", "qcow2", "start.qcow2", "full.qcow2"], dir).status == 0, "the full is the disk at the start")
+        try live.finishedRun(live.qimg(nbd + ["--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "inc.qcow2"], dir))
+        #expect(try live.dataExtents("inc.qcow2", dir) == [[1 << 20, 64 << 10], [10 << 20, 128 << 10]])
+        _ = try m.tryExecute("quit")
+        vm.wait(timeout: 600)
+        for f in ["full.qcow2", "inc.qcow2", "disk.qcow2"] { try expectCheckClean(f, dir, f) }
+        #expect(try live.compare(["-f", "qcow2", "-F", "qcow2", "disk.qcow2", "inc.qcow2"], dir).status == 0, "the image equals the incremental")
+        #expect(!(try FileManager.default.contentsOfDirectory(atPath: dir).contains { $0.contains("qimg") }))
     }
 }

@@ -235,15 +235,13 @@ final class LiveVM {
         let vm = try vmWithDirtyBitmap(dir, dirty: 4 << 20)
         defer { vm.stop() }
         let small = dir + "/small"
-        try FileManager.default.createDirectory(atPath: small, withIntermediateDirectories: true)
-        let mount = try Runner.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m", "tmpfs", small])
-        #expect(mount.status == 0, "a tmpfs is needed for this test (root): \(mount.err)")
-        guard mount.status == 0 else { return }
-        defer { _ = try? Runner.run("/bin/umount", [small]) }
+        let fs = try SmallFilesystem(at: small)
+        defer { fs.unmount() }
         let before = try sha(vm, "bm0")
         let r = try Qimg.run(["backup", "--qmp", vm.qmpSocket, "--node", "disk0", "--sync=incremental", "--bitmap", "bm0",
                               "-b", "../full.qcow2", "-F", "qcow2", "small/inc.qcow2"], cwd: dir, timeout: 600)
-        #expect(r.status == 17, "\(r.summary): \(r.err)")
+        // 5, as any backup whose target's disk is full (the repository's code for the cause).
+        #expect(r.status == 5, "\(r.summary): \(r.err)")
         #expect(r.stderrLines.count == 1 && r.err.hasPrefix("qimg: \(vm.qmpSocket): backup of node 'disk0' failed: No space left on device"), "\(r.err)")
         #expect(try FileManager.default.contentsOfDirectory(atPath: small) == [])
         #expect(try sha(vm, "bm0") == before)
@@ -391,8 +389,9 @@ final class LiveVM {
     }
 
     /// Two disks, the second's chain directory a full 1 MiB tmpfs: its full backup fails
-    /// with ENOSPC, the first disk's incremental is cancelled, no point is added, the first
-    /// disk's bitmap keeps its bits and the second gets none.
+    /// with ENOSPC (exit 5, the repository's code for it), the first disk's incremental is
+    /// cancelled, no point is added, the first disk's bitmap keeps its bits and the second
+    /// gets none.
     @Test func twoDisksOneTargetFullKeepsNothing() throws {
         let dir = try Paths.newScratch("live-repo-nospc")
         let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 2), readRate: 2 << 20)
@@ -401,14 +400,12 @@ final class LiveVM {
         try vm.write(0x99, 40 << 20, 2 << 20)
         let before = try jobBitmaps(vm, "disk0")
         let manifest = try manifestBytes(dir)
-        try FileManager.default.createDirectory(atPath: dir + "/R/disk1", withIntermediateDirectories: true)
-        let mount = try Runner.run("/bin/mount", ["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", dir + "/R/disk1"])
-        #expect(mount.status == 0, "a tmpfs is needed for this test (root): \(mount.err)")
-        guard mount.status == 0 else { return }
-        defer { _ = try? Runner.run("/bin/umount", [dir + "/R/disk1"]) }
+        let fs = try SmallFilesystem(at: dir + "/R/disk1")
+        defer { fs.unmount() }
         let run = try repoBackup(vm, 2, day: 2)
         run.wait(timeout: 600)
-        #expect(run.status == 17 && run.stderrLines.count == 1, "\(run.summary): \(run.err)")
+        // 5: the code an offline repository run gives a full disk.
+        #expect(run.status == 5 && run.stderrLines.count == 1, "\(run.summary): \(run.err)")
         #expect(run.err.contains("No space left on device") && run.err.contains("no target was written and every bitmap keeps its bits"), "\(run.err)")
         #expect(try manifestBytes(dir) == manifest)
         #expect(try jobBitmaps(vm, "disk0") == before && jobBitmaps(vm, "disk1").isEmpty)
@@ -522,6 +519,18 @@ final class LiveVM {
         }
     }
 
+    /// Runs a live backup with `args` and shuts the VM down (`quit`) while its job runs: the
+    /// run fails with 10 and QEMU stores the hold bitmap (named from `hold` on) in disk.qcow2.
+    func shutDownDuring(_ vm: LiveVM, _ args: [String], hold: String, _ dir: String) throws {
+        let run = try qimg(args, dir)
+        #expect(try vm.waitForRunningJob(run))
+        try vm.quit()
+        run.wait(timeout: 600)
+        #expect(run.status == 10, "\(run.summary): \(run.err)")
+        let info = try Runner.qemuImg(["info", "disk.qcow2"], cwd: dir)
+        #expect(info.out.contains(hold), "QEMU stored the hold bitmap: \(info.out)")
+    }
+
     /// The VM shuts down in the middle of a live run: QEMU stores the hold bitmap with the
     /// image, so the next (offline) run must not trust the job bitmap alone: it takes a full
     /// backup, which restores, and the hold bitmap is gone after it.
@@ -531,13 +540,8 @@ final class LiveVM {
         let vm = try LiveVM(dir: dir, image: "disk.qcow2", readRate: 2 << 20)
         try finishedRun(qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--name", "vm", "--repo", "R", "--bitmap", "daily", "--time", "2026-12-01T02:00:00Z"], dir))
         try vm.write(0x41, 30 << 20, 4 << 20)
-        let run = try qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--name", "vm", "--repo", "R", "--bitmap", "daily", "--time", "2026-12-02T02:00:00Z"], dir)
-        #expect(try vm.waitForRunningJob(run))
-        try vm.quit()
-        run.wait(timeout: 600)
-        #expect(run.status == 10, "\(run.summary): \(run.err)")
-        let info = try Runner.qemuImg(["info", "disk.qcow2"], cwd: dir)
-        #expect(info.out.contains("qimg-hold:daily@"), "QEMU stored the hold bitmap: \(info.out)")
+        try shutDownDuring(vm, ["--qmp", vm.qmpSocket, "--node", "disk0", "--name", "vm", "--repo", "R", "--bitmap", "daily", "--time", "2026-12-02T02:00:00Z"],
+                           hold: "qimg-hold:daily@", dir)
         let r = try Qimg.run(["backup", "--repo", "R", "--bitmap", "daily", "--name", "vm", "--time", "2026-12-03T02:00:00Z", "disk.qcow2"], cwd: dir)
         #expect(r.status == 0, "\(r.summary): \(r.err)")
         let p = try #require(try points(dir)["vm"])
@@ -546,5 +550,38 @@ final class LiveVM {
             #expect(try compare(["-f", "qcow2", "-F", "qcow2", "disk.qcow2", "R/" + last.1], dir).status == 0)
         }
         #expect(!(try Runner.qemuImg(["info", "disk.qcow2"], cwd: dir).out.contains("qimg-hold:")))
+    }
+
+    /// The VM shuts down in the middle of a live incremental: QEMU stores `qimg-hold:bm0`
+    /// (the bits the job had not made durable) beside bm0, which records only what came
+    /// after. A plain offline incremental copies bm0 ∪ the hold: a run that fails (no space
+    /// injected into its target) keeps both bitmaps as they were; the next one restores to
+    /// the disk, clears bm0 and only then removes the hold; `bitmap --dump` shows both as
+    /// QEMU stored them until then.
+    @Test func anOfflineIncrementalCopiesTheHoldBitmapAShutDownLeft() throws {
+        let dir = try Paths.newScratch("live-hold-offline")
+        let vm = try vmWithDirtyBitmap(dir, dirty: 4 << 20, readRate: 2 << 20)
+        try shutDownDuring(vm, incremental(vm, "lost.qcow2"), hold: "qimg-hold:bm0", dir)
+        // Written while the VM is down: recorded in bm0 only.
+        #expect(try Runner.qemuIO(["-f", "qcow2", "disk.qcow2", "-c", "write -P 0x66 40M 64k"], cwd: dir).status == 0)
+        let hold = try BackupTests.dump("disk.qcow2", "qimg-hold:bm0", dir), own = try BackupTests.dump("disk.qcow2", "bm0", dir)
+        #expect(hold.dirty == 4 << 20 && own.dirty == 64 << 10, "hold \(hold.dirty), bm0 \(own.dirty)")
+        let inc = ["backup", "-q", "--sync=incremental", "--bitmap", "bm0", "-b", "full.qcow2", "-F", "qcow2", "disk.qcow2", "inc.qcow2"]
+
+        let failed = try Runner.run("/usr/bin/env", ["QIMG_FAULTS=write:3:ENOSPC:sticky,prefix:inc.qcow2", Qimg.path] + inc, cwd: dir)
+        #expect(failed.exitedNormally && failed.status != 0 && failed.stderrLines.count == 1, "\(failed.summary): \(failed.err)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"))
+        #expect(try noTemporaries(dir))
+        #expect(try BackupTests.dump("disk.qcow2", "qimg-hold:bm0", dir).text == hold.text, "a failed run keeps the hold")
+        #expect(try BackupTests.dump("disk.qcow2", "bm0", dir).text == own.text, "a failed run keeps bm0")
+
+        let r = try Qimg.run(inc, cwd: dir)
+        #expect(r.status == 0, "\(r.summary): \(r.err)")
+        try expectCheckClean("inc.qcow2", dir, "inc")
+        try expectCheckClean("disk.qcow2", dir, "disk")
+        #expect(try compare(["-f", "qcow2", "-F", "qcow2", "disk.qcow2", "inc.qcow2"], dir).status == 0, "the restore equals the disk")
+        #expect(try dataExtents("inc.qcow2", dir) == [[20 << 20, 4 << 20], [40 << 20, 64 << 10]])
+        #expect(try BackupTests.dump("disk.qcow2", "bm0", dir).dirty == 0)
+        #expect(!(try Runner.qemuImg(["info", "disk.qcow2"], cwd: dir).out.contains("qimg-hold:")), "the hold is removed once bm0 is cleared")
     }
 }

@@ -14,23 +14,30 @@ import Glibc
 /// `qemu-img check`. Servers are started per test and killed at its end.
 
 /// A qemu-nbd serving one image read-only (`-t`: it outlives its clients) on a unix
-/// socket, with bitmap `bitmap` when given; killed when released.
+/// socket, or on 127.0.0.1:`tcp.port` with `tcp.extra` arguments (TLS), with bitmap
+/// `bitmap` when given; killed when released.
 private final class NBDExport {
     let process: Spawned
     let socket: String
+    let port: UInt16?
     let name = "disk"
-    var uri: String { "nbd+unix:///\(name)?socket=\(socket)" }
+    var uri: String { port.map { "nbd://127.0.0.1:\($0)/\(name)" } ?? "nbd+unix:///\(name)?socket=\(socket)" }
 
     /// `image`: a qcow2 file, or (`imageOptions`) qemu-nbd's --image-opts string.
-    init(_ image: String, dir: String, bitmap: String?, format: String = "qcow2", imageOptions: Bool = false) throws {
+    init(_ image: String, dir: String, bitmap: String?, format: String = "qcow2", imageOptions: Bool = false,
+         tcp: (port: UInt16, extra: [String])? = nil) throws {
         guard let qemuNBD = Env.qemuNBD else { throw TestFailure("qemu-nbd not found on PATH (install qemu-utils)") }
         socket = dir + "/nbd.sock"
+        port = tcp?.port
         unlink(socket)
         let how = imageOptions ? ["--image-opts"] : ["-f", format]
-        let args = ["-r", "-t"] + how + ["-k", socket, "-x", name] + (bitmap.map { ["-B", $0] } ?? []) + [image]
+        let listen = tcp.map { ["-b", "127.0.0.1", "-p", "\($0.port)"] + $0.extra } ?? ["-k", socket]
+        let args = ["-r", "-t"] + how + listen + ["-x", name] + (bitmap.map { ["-B", $0] } ?? []) + [image]
         process = try Spawned(qemuNBD, args, cwd: dir)
         let p = process
-        close(try connectUnixSocket(socket, alive: { p.isRunning }))
+        if let port { try LoopbackTCP.waitForListener(port, alive: { p.isRunning }) } else {
+            close(try connectUnixSocket(socket, alive: { p.isRunning }))
+        }
     }
 
     func kill() {
@@ -358,6 +365,20 @@ private final class LiveDisk {
         }
     }
 
+    /// Waits (polling) until `q`'s copy has written more than 4 MiB into its temporary file
+    /// in `dir` (true), or `q` exits first (false).
+    static func copyUnderWay(_ q: Spawned, _ dir: String) -> Bool {
+        while q.isRunning {
+            let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+            if files.contains(where: { name in
+                var st = stat()
+                return name.hasSuffix(".qimg-tmp") && stat(dir + "/" + name, &st) == 0 && st.st_size > 4 << 20
+            }) { return true }
+            usleep(10_000)
+        }
+        return false
+    }
+
     /// The server killed while qimg copies (throttled so that the kill lands mid-copy):
     /// qimg fails with one line naming the URI, and leaves neither the target nor its
     /// temporary file.
@@ -368,17 +389,7 @@ private final class LiveDisk {
         try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x5a 0 48M"], dir)
         let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil)
         let q = try Spawned(Qimg.path, ["backup", "--nbd", e.uri, "--speed", "8M", "t.qcow2"], cwd: dir)
-        // Wait (polling) until the copy has written some data into its temporary file.
-        var partial = false
-        while q.isRunning && !partial {
-            let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
-            partial = files.contains { name in
-                var st = stat()
-                return name.hasSuffix(".qimg-tmp") && stat(dir + "/" + name, &st) == 0 && st.st_size > 4 << 20
-            }
-            if !partial { usleep(10_000) }
-        }
-        #expect(partial, "qimg ended before the copy was under way: \(q.summary) \(q.err)")
+        #expect(Self.copyUnderWay(q, dir), "qimg ended before the copy was under way: \(q.summary) \(q.err)")
         e.kill()
         q.wait(timeout: Runner.backstopSeconds)
         #expect(q.status == 1 && !q.signaled, "\(q.summary)")
@@ -480,5 +491,123 @@ private final class LiveDisk {
         let r = try Runner.qemuImg(["compare", "-f", "raw", "-F", "qcow2", "src.raw", "full.qcow2"], cwd: dir)
         #expect(r.status == 0, "compare: \(r.out) \(r.err)")
         try expectCheckClean("full.qcow2", dir, "full")
+    }
+
+    /// A server that stops answering mid-copy (qemu-nbd SIGSTOPped once qimg's copy is under
+    /// way): qimg gives up after `--nbd-timeout` seconds without a reply, with one line
+    /// naming the URI, exit 1, neither the target nor its temporary file, and the exported
+    /// bitmap as it was. The same server, continued, then serves the same backup.
+    @Test(.requiresQEMU) func aServerThatStopsAnsweringMidCopyFailsAfterTheTimeout() throws {
+        let dir = try Self.scratch("silent")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "64M"], dir)
+        try Self.tool(["qemu-img", "bitmap", "--add", "src.qcow2", "b0"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x5a 0 48M"], dir)
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "prev.qcow2", "64M"], dir)
+        let dump = try BackupTests.dump("src.qcow2", "b0", dir).text
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: "b0")
+        defer { e.process.send(SIGCONT); e.kill() }
+        let args = ["backup", "--nbd", e.uri, "--nbd-timeout", "2", "--speed", "8M", "--sync=incremental", "--bitmap", "b0",
+                    "-b", "prev.qcow2", "-F", "qcow2", "t.qcow2"]
+        let q = try Spawned(Qimg.path, args, cwd: dir)
+        #expect(Self.copyUnderWay(q, dir), "qimg ended before the copy was under way: \(q.summary) \(q.err)")
+        e.process.send(SIGSTOP)
+        q.wait(timeout: Runner.backstopSeconds)
+        #expect(q.status == 1 && !q.signaled, "\(q.summary)")
+        #expect(q.stderrLines.count == 1 && q.err.hasPrefix("qimg: \(e.uri): ") && q.err.contains("no reply from the server for 2 s"), "stderr: \(q.err)")
+        let left = Set(try FileManager.default.contentsOfDirectory(atPath: dir)).subtracting(["src.qcow2", "prev.qcow2", "nbd.sock"])
+        #expect(left.isEmpty, "left behind \(left.sorted())")
+        e.process.send(SIGCONT)
+        try Self.qimg(Array(args.filter { $0 != "--speed" && $0 != "8M" }), dir)
+        try Self.expectIdentical("src.qcow2", "t.qcow2", dir, "after the server continued")
+        e.kill()
+        #expect(try BackupTests.dump("src.qcow2", "b0", dir).text == dump, "the bitmap is as it was")
+    }
+
+    /// `--nbd-timeout` takes a positive number of seconds, and only with --nbd.
+    @Test func nbdTimeoutOptionIsChecked() throws {
+        let dir = try Self.scratch("timeout-opt")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for (args, start) in [(["--nbd", "nbd://127.0.0.1:1/x", "--nbd-timeout", "0", "t.qcow2"], "qimg: nbd://127.0.0.1:1/x: --nbd-timeout"),
+                              (["--nbd", "nbd://127.0.0.1:1/x", "--nbd-timeout", "nan", "t.qcow2"], "qimg: nbd://127.0.0.1:1/x: --nbd-timeout"),
+                              (["--nbd-timeout", "5", "a.qcow2", "t.qcow2"], "qimg: a.qcow2: --nbd-timeout applies only with --nbd")] {
+            let r = try Qimg.run(["backup"] + args, cwd: dir)
+            #expect(r.status == 1 && r.stderrLines.count == 1 && r.err.hasPrefix(start), "\(args): \(r.summary): \(r.err)")
+            #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == [], "\(args)")
+        }
+    }
+
+    /// A full target disk: exit 5 (I/O error or no space, the code of every backup mode),
+    /// one line, nothing left on it.
+    @Test(.requiresQEMU) func aFullTargetDiskExits5() throws {
+        let dir = try Self.scratch("enospc")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "64M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x5a 0 8M"], dir)
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil)
+        defer { e.kill() }
+        let fs = try SmallFilesystem(at: dir + "/small")
+        defer { fs.unmount() }
+        let r = try Qimg.run(["backup", "--nbd", e.uri, "small/t.qcow2"], cwd: dir)
+        #expect(r.status == 5 && !r.signaled, "\(r.summary): \(r.err)")
+        #expect(r.stderrLines.count == 1 && r.err.contains("No space left on device"), "stderr: \(r.err)")
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/small") == [])
+    }
+
+    // MARK: TCP and TLS
+
+    /// Pull over TCP (`nbd://127.0.0.1:PORT/disk`): an incremental on the exported bitmap
+    /// that equals the image.
+    @Test(.requiresQEMU) func pullOverTCP() throws {
+        let dir = try Self.scratch("tcp")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "16M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x11 0 4M"], dir)
+        try Self.tool(["qemu-img", "convert", "-O", "qcow2", "src.qcow2", "prev.qcow2"], dir)
+        try Self.tool(["qemu-img", "bitmap", "--add", "src.qcow2", "b0"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x22 1M 64k", "-c", "write -P 0x33 9M 128k"], dir)
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: "b0", tcp: (try LoopbackTCP.freePort(), []))
+        defer { e.kill() }
+        #expect(e.uri.hasPrefix("nbd://127.0.0.1:"))
+        try Self.qimg(["backup", "--nbd", e.uri, "--sync=incremental", "--bitmap", "b0", "-b", "prev.qcow2", "-F", "qcow2", "inc.qcow2"], dir)
+        try Self.expectIdentical("src.qcow2", "inc.qcow2", dir, "incremental over TCP")
+        try expectCheckClean("inc.qcow2", dir, "inc")
+        #expect(try Self.dataRanges("inc.qcow2", dir, top: true).map { [$0.0, $0.1] } == [[1 << 20, 64 << 10], [9 << 20, 128 << 10]])
+    }
+
+    /// Pull over TLS: qemu-nbd with an x509 server certificate (made with openssl, for
+    /// 127.0.0.1) requires TLS; qimg connects with `nbds://...?tls-certificates=DIR` (the CA)
+    /// and the backup equals the image. Without TLS, or without the CA that signed the
+    /// server's certificate, the connection is refused with one line and no file.
+    @Test(.requiresQEMU) func pullOverTLSWithX509Certificates() throws {
+        guard let openssl = Env.which("openssl") else { throw TestFailure("openssl is missing (Debian: openssl)") }
+        let dir = try Self.scratch("tls")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Self.tool(["qemu-img", "create", "-q", "-f", "qcow2", "src.qcow2", "16M"], dir)
+        try Self.tool(["qemu-io", "-f", "qcow2", "src.qcow2", "-c", "write -P 0x44 2M 1M"], dir)
+        for sub in ["server", "client", "other"] { try FileManager.default.createDirectory(atPath: "\(dir)/\(sub)", withIntermediateDirectories: true) }
+        try "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature,keyEncipherment\n"
+            .write(toFile: dir + "/server.ext", atomically: true, encoding: .utf8)
+        for args in [["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem", "-out", "server/ca-cert.pem", "-days", "2", "-subj", "/CN=qimg test CA"],
+                     ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-key.pem", "-out", "other/ca-cert.pem", "-days", "2", "-subj", "/CN=another CA"],
+                     ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server/server-key.pem", "-out", "server.csr", "-subj", "/CN=127.0.0.1"],
+                     ["x509", "-req", "-in", "server.csr", "-CA", "server/ca-cert.pem", "-CAkey", "ca-key.pem", "-CAcreateserial",
+                      "-out", "server/server-cert.pem", "-days", "2", "-extfile", "server.ext"]] {
+            let r = try Runner.run(openssl, args, cwd: dir)
+            guard r.status == 0 else { throw TestFailure("openssl \(args[0]): \(r.err)") }
+        }
+        try FileManager.default.copyItem(atPath: dir + "/server/ca-cert.pem", toPath: dir + "/client/ca-cert.pem")
+        let tls = ["--object", "tls-creds-x509,id=tls0,dir=\(dir)/server,endpoint=server,verify-peer=off", "--tls-creds", "tls0"]
+        let port = try LoopbackTCP.freePort()
+        let e = try NBDExport(dir + "/src.qcow2", dir: dir, bitmap: nil, tcp: (port, tls))
+        defer { e.kill() }
+        let base = "nbds://127.0.0.1:\(port)/disk?tls-certificates="
+        let keep: Set = ["src.qcow2", "server", "client", "other", "server.ext", "server.csr", "ca-key.pem", "other-key.pem", "server/ca-cert.srl", "ca-cert.srl"]
+        for uri in ["nbd://127.0.0.1:\(port)/disk", base + dir + "/other"] {
+            try Self.expectFailure(["backup", "--nbd", uri, "t.qcow2"], uri: uri, dir, keep: keep, uri)
+        }
+        try Self.qimg(["backup", "--nbd", base + dir + "/client", "t.qcow2"], dir)
+        try Self.expectIdentical("src.qcow2", "t.qcow2", dir, "full over TLS")
+        try expectCheckClean("t.qcow2", dir, "t")
     }
 }

@@ -29,16 +29,16 @@ struct PushJobs {
         let outcome = try follow()
         for r in runs { _ = try qmp.tryExecute("job-dismiss", [("id", .string(r.job))]) }
         detach()
-        let failed = runs.compactMap { r -> (PushRun, String)? in
-            if case .failed(let why)? = outcome[r.job] { return (r, why) }
+        let failed = runs.compactMap { r -> (PushRun, String, Bool)? in
+            if case .failed(let why, let writing)? = outcome[r.job] { return (r, why, writing) }
             return nil
         }
         let cancelled = runs.contains { if case .cancelled? = outcome[$0.job] { return true }; return false }
         if !failed.isEmpty || cancelled || attached.count > 0 {
             try restoreBitmaps()
             let kept = runs.count == 1 ? "\(runs[0].disk.target) was not written and the bitmap keeps its bits" : "no target was written and every bitmap keeps its bits"
-            if let (r, why) = failed.first {
-                throw qmp.fail(.jobFailed, "backup of node '\(r.node.name)' failed: \(why); \(kept)")
+            if let (r, why, writing) = failed.first {
+                throw qmp.fail(writing ? .targetFailed : .jobFailed, "backup of node '\(r.node.name)' failed: \(why); \(kept)")
             }
             if cancelled { throw qmp.fail(.cancelled, "backup cancelled; \(kept)") }
             throw qmp.fail(.protocolError, "a target could not be detached; \(kept)")
@@ -109,13 +109,16 @@ struct PushJobs {
         return list
     }
 
-    enum JobEnd { case completed(UInt64), failed(String), cancelled }
+    /// How a job ended; a failed one says whether it failed writing its target (QEMU's
+    /// BLOCK_JOB_ERROR with operation `write`: no space, an I/O error on the target).
+    enum JobEnd { case completed(UInt64), failed(String, writing: Bool), cancelled }
 
     /// Follows the jobs' events until every job has ended; a failure or a stop request
     /// cancels the jobs still running.
     private func follow() throws(QCow2Error) -> [String: JobEnd] {
         let ids = Set(runs.map(\.job))
         var ends: [String: JobEnd] = [:]
+        var writeErrors = Set<String>()
         var cancelling = false
         while ends.count < ids.count {
             let stop = options.shouldStop
@@ -126,8 +129,15 @@ struct PushJobs {
             }
             guard let job = e.job, ids.contains(job), ends[job] == nil else { continue }
             switch e.name {
+            case "BLOCK_JOB_ERROR":
+                if e.data["operation"] == .string("write") { writeErrors.insert(job) }
+                continue
             case "BLOCK_JOB_COMPLETED":
-                if case .string(let why)? = e.data["error"] { ends[job] = .failed(why) } else { ends[job] = .completed(e.data["offset"]?.uint64 ?? 0) }
+                if case .string(let why)? = e.data["error"] {
+                    ends[job] = .failed(why, writing: writeErrors.contains(job))
+                } else {
+                    ends[job] = .completed(e.data["offset"]?.uint64 ?? 0)
+                }
             case "BLOCK_JOB_CANCELLED":
                 ends[job] = .cancelled
             default:

@@ -150,7 +150,7 @@ public enum BackupOperation {
             if q.bitmaps.first(where: { $0.name == name })?.inUse == true {
                 throw QCow2Error.bitmapInconsistent(path: sourcePath, bitmap: name)
             }
-            if o.sync != .full { inputs.changes = try PersistentBitmapChanges(q, bitmap: name) }
+            if o.sync != .full { inputs.changes = try HeldBitmapChanges.of(q, bitmap: name) }
         }
         return inputs
     }

@@ -63,6 +63,8 @@ public final class PersistentBitmapChanges: ChangeSet {
         } else {
             try image.applyBitmapActions([.add(granularity: nil, disabled: false)], to: name)
         }
+        // A live run's hold bitmap: its bits are in the full backup too.
+        try HeldBitmapChanges.dropHold(image, bitmap: name)
     }
 
     /// Lowers bitmap `name` to `lowered` in place where possible, else with the ordered

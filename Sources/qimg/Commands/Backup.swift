@@ -26,7 +26,8 @@ struct Backup: ParsableCommand {
             Pull mode (qimg backup --nbd URI [--sync=full|incremental] [--bitmap NAME] [-b PREV -F qcow2] \
             TARGET): the source is an NBD export (qemu-nbd -B, QEMU's or libvirt's pull-mode export); \
             incremental copies what its qemu:dirty-bitmap:NAME context marks, and the export's bitmap is \
-            left to its owner; see Docs/live-backup.md. With --qmp SOCKET --node NODE as well, URI is \
+            left to its owner; see Docs/live-backup.md. --nbd-timeout SECONDS (default \(Int(NBDClient.defaultTimeout))): a server \
+            that sends nothing for that long (handshake or request) fails the run. With --qmp SOCKET --node NODE as well, URI is \
             where QEMU serves NBD (nbd+unix:///?socket=PATH): qimg exports a point-in-time view of NODE \
             there itself, tears it down, and releases --bitmap NAME only once TARGET is durable.
 
@@ -70,6 +71,7 @@ struct Backup: ParsableCommand {
 
     func run() throws {
         if let uri = pull.nbd { return try NBDBackup(command: self, uri: uri).run() }
+        if pull.timeout != nil { throw CommandFailure(message: "\(live.qmp ?? source): --nbd-timeout applies only with --nbd") }
         if let qmp = live.qmp { return try LiveBackup(command: self, socket: qmp).run() }
         if !live.nodes.isEmpty { throw CommandFailure(message: "\(source): --node applies only with --qmp") }
         guard !source.isEmpty else { throw CommandFailure(message: "an IMAGE to back up is required") }
@@ -124,8 +126,9 @@ struct Backup: ParsableCommand {
     }
 
     /// Runs `body` with progress, interruption and error lines set up, then prints the
-    /// summary line (errors and interruptions name `source`).
-    func perform(_ options: BackupOptions, source: String, target: String, _ body: (BackupOptions) throws -> BackupResult) throws {
+    /// summary line (errors and interruptions name `source`; `exitCode` chooses a failure's code).
+    func perform(_ options: BackupOptions, source: String, target: String, exitCode: (QCow2Error) -> Int32 = { _ in 1 },
+                 _ body: (BackupOptions) throws -> BackupResult) throws {
         var o = options
         let bar = ProgressReporter(enabled: showProgress && !quiet)
         o.progress = { bar.update($0, $1) }
@@ -141,7 +144,7 @@ struct Backup: ParsableCommand {
                 if case QCow2Error.incomplete(_, _, let kept) = error { throw Interruption.failure(source, kept) }
                 throw Interruption.failure(source, "\(target) was not written and the bitmap is unchanged")
             }
-            if let e = error as? QCow2Error { throw CommandFailure(message: ErrorText.line(e, advice: Self.advice)) }
+            if let e = error as? QCow2Error { throw CommandFailure(message: ErrorText.line(e, advice: Self.advice), exitCode: exitCode(e)) }
             throw error
         }
         bar.finish(succeeded: true)

@@ -85,9 +85,7 @@ struct LiveBackup {
     /// The line and exit code of a failed live run.
     func failure(_ e: QCow2Error, kept: String) -> CommandFailure {
         if case .live(_, .cancelled, _) = e, Interruption.requested { return Interruption.failure(socket, kept) }
-        if case .live(_, let p, _) = e { return CommandFailure(message: ErrorText.line(e, advice: Backup.advice), exitCode: LiveExit.code(p)) }
-        // A repository's own codes (2 damaged, 3 locked, 5 I/O), else 1.
-        return CommandFailure(message: ErrorText.line(e, advice: Backup.advice), exitCode: RepoExit.code(e))
+        return CommandFailure(message: ErrorText.line(e, advice: Backup.advice), exitCode: LiveExit.code(for: e))
     }
 }
 

@@ -25,10 +25,11 @@ struct NBDBackup {
         }
         if let socket = c.live.qmp { return try runWithQMP(socket, options: o, target: target) }
         if !c.live.nodes.isEmpty { throw CommandFailure(message: "\(uri): --node applies only with --qmp") }
-        try c.perform(o, source: uri, target: target) { o in
+        let timeout = try c.pull.timeoutSeconds(uri)
+        try c.perform(o, source: uri, target: target, exitCode: LiveExit.code(for:)) { o in
             // The export's bytes are a VM's disk: the backup is readable by its owner only.
             try StagedFile.$creationMode.withValue(0o600) {
-                try PullBackup.run(uri: uri, target: target, options: o)
+                try PullBackup.run(uri: uri, target: target, options: o, timeout: timeout)
             }
         }
     }
@@ -39,9 +40,10 @@ struct NBDBackup {
         let c = command
         guard c.live.nodes.count == 1 else { throw CommandFailure(message: "\(socket): --qmp with --nbd needs exactly one --node NODE (the disk to back up)") }
         if o.sync == .incremental, o.bitmap == nil { throw CommandFailure(message: "\(socket): --sync=incremental needs --bitmap NAME") }
-        try c.perform(o, source: uri, target: target) { o in
+        let timeout = try c.pull.timeoutSeconds(uri)
+        try c.perform(o, source: uri, target: target, exitCode: LiveExit.code(for:)) { o in
             try StagedFile.$creationMode.withValue(0o600) {
-                try FleecePull.run(socket: socket, node: c.live.nodes[0], server: uri, target: target, options: o)
+                try FleecePull.run(socket: socket, node: c.live.nodes[0], server: uri, target: target, options: o, timeout: timeout)
             }
         }
     }

@@ -7,15 +7,23 @@ struct LiveOptions: ParsableArguments {
     @Option(name: .customLong("node"), help: ArgumentHelp("With --qmp: the block node (or device/qdev id) to back up; once per disk.", valueName: "node")) var nodes: [String] = []
 }
 
-/// The exit codes of `qimg backup --qmp`.
+/// The exit codes of `qimg backup --qmp` and `--nbd`: one code per cause, the repository's
+/// for the causes it shares (Docs/backup.md has the one table).
 enum LiveExit {
     static let codes = """
-        With --qmp: 0 success, 1 failure (a usage error included), 5 I/O error on a target, \
+        With --qmp or --nbd, the same codes (5: also a QEMU job that could not write its target), and: \
         10 the QMP socket cannot be reached or the session ended, 11 QEMU refused a command, \
         12 no such node, 13 no such bitmap, 14 the bitmap is disabled, 15 the bitmap is in use, \
-        16 the bitmap is inconsistent, 17 a backup job failed (e.g. the target's disk is full), \
-        130/143 cancelled by SIGINT/SIGTERM.
+        16 the bitmap is inconsistent, 17 a backup job failed otherwise (a read error on the disk, \
+        the point-in-time view ended during the copy).
         """
+
+    /// A live-only cause's code, else the repository's (2 damaged, 3 locked, 4 in use,
+    /// 5 I/O error or no space), else 1.
+    static func code(for e: QCow2Error) -> Int32 {
+        if case .live(_, let p, _) = e { return code(p) }
+        return RepoExit.code(e)
+    }
 
     static func code(_ p: QCow2Error.LiveProblem) -> Int32 {
         switch p {
@@ -26,6 +34,7 @@ enum LiveExit {
         case .bitmapDisabled: return 14
         case .bitmapBusy: return 15
         case .bitmapInconsistent: return 16
+        case .targetFailed: return RepoExit.ioError
         case .jobFailed: return 17
         case .cancelled: return 1
         }

@@ -11,7 +11,7 @@ import Glibc
 /// removed or merged back by the next run (`LiveCleanup`), before it starts.
 public enum FleecePull {
     public static func run(socket: String, node name: String, server uri: String, target: String,
-                           options o: BackupOptions) throws -> BackupResult {
+                           options o: BackupOptions, timeout: Double = NBDClient.defaultTimeout) throws -> BackupResult {
         let server = try NBDServerAddress(uri: uri)
         try PullBackup.validate(uri: uri, options: { var v = o; v.bitmap = nil; return v }())
         if o.sync == .incremental && o.bitmap == nil {
@@ -32,7 +32,7 @@ public enum FleecePull {
         do {
             // A job that ended let guest writes through to the view: the copy is not the point,
             // and it is refused before it is renamed into place (nothing at TARGET changes).
-            result = try PullBackup.run(uri: view.uri, target: target, options: pull) {
+            result = try PullBackup.run(uri: view.uri, target: target, options: pull, timeout: timeout) {
                 guard try view.intact() else {
                     throw qmp.fail(.jobFailed, "the point-in-time view of node '\(node.name)' ended during the copy; \(target) was not written and the bitmap keeps its bits")
                 }

@@ -18,13 +18,13 @@ struct LibNBD: @unchecked Sendable {
     typealias WithString = @convention(c) (Handle?, UnsafePointer<CChar>?) -> Int32
     typealias GetSize = @convention(c) (Handle?) -> Int64
     typealias GetBlockSize = @convention(c) (Handle?, Int32) -> Int64
-    typealias PRead = @convention(c) (Handle?, UnsafeMutableRawPointer?, Int, UInt64, UInt32) -> Int32
-    typealias BlockStatus = @convention(c) (Handle?, UInt64, UInt64, nbd_extent_callback, UInt32) -> Int32
+    typealias AioBlockStatus = @convention(c) (Handle?, UInt64, UInt64, nbd_extent_callback, nbd_completion_callback, UInt32) -> Int64
     typealias Shutdown = @convention(c) (Handle?, UInt32) -> Int32
     typealias AioPRead = @convention(c) (Handle?, UnsafeMutableRawPointer?, Int, UInt64, nbd_completion_callback, UInt32) -> Int64
     typealias Completed = @convention(c) (Handle?, UInt64) -> Int32
     typealias Poll = @convention(c) (Handle?, Int32) -> Int32
     typealias State = @convention(c) (Handle?) -> Int32
+    typealias SetFlag = @convention(c) (Handle?, Bool) -> Int32
 
     let create: Create
     let close: Close
@@ -34,8 +34,7 @@ struct LibNBD: @unchecked Sendable {
     let canMetaContext: WithString
     let getSize: GetSize
     let getBlockSize: GetBlockSize
-    let pread: PRead
-    let blockStatus: BlockStatus
+    let aioBlockStatus: AioBlockStatus
     let shutdown: Shutdown
     let aioPread: AioPRead
     let aioCommandCompleted: Completed
@@ -43,6 +42,7 @@ struct LibNBD: @unchecked Sendable {
     let aioConnectURI: WithString
     let aioIsConnecting: State
     let aioIsReady: State
+    let setURIAllowLocalFile: SetFlag
 
     static let library = "libnbd.so.0"
 
@@ -76,14 +76,14 @@ struct LibNBD: @unchecked Sendable {
                       canMetaContext: try symbol("nbd_can_meta_context", as: WithString.self),
                       getSize: try symbol("nbd_get_size", as: GetSize.self),
                       getBlockSize: try symbol("nbd_get_block_size", as: GetBlockSize.self),
-                      pread: try symbol("nbd_pread", as: PRead.self),
-                      blockStatus: try symbol("nbd_block_status", as: BlockStatus.self),
+                      aioBlockStatus: try symbol("nbd_aio_block_status", as: AioBlockStatus.self),
                       shutdown: try symbol("nbd_shutdown", as: Shutdown.self),
                       aioPread: try symbol("nbd_aio_pread", as: AioPRead.self),
                       aioCommandCompleted: try symbol("nbd_aio_command_completed", as: Completed.self),
                       poll: try symbol("nbd_poll", as: Poll.self),
                       aioConnectURI: try symbol("nbd_aio_connect_uri", as: WithString.self),
                       aioIsConnecting: try symbol("nbd_aio_is_connecting", as: State.self),
-                      aioIsReady: try symbol("nbd_aio_is_ready", as: State.self))
+                      aioIsReady: try symbol("nbd_aio_is_ready", as: State.self),
+                      setURIAllowLocalFile: try symbol("nbd_set_uri_allow_local_file", as: SetFlag.self))
     }
 }

@@ -4,11 +4,19 @@ import CNBD
 /// block status (NBD_CMD_BLOCK_STATUS) for the meta contexts asked for at connection.
 /// Every failure is a `QCow2Error.remote` naming the URI. Everything the server sends
 /// is checked: a size or an extent list that makes no sense is an error, never a trap.
+/// Every request is asynchronous (libnbd's aio calls and `nbd_poll`): a server that stops
+/// answering fails the request after `timeout` seconds without a byte from it, and a stop
+/// request (SIGINT/SIGTERM) ends any wait within 200 ms.
 public final class NBDClient {
     public let uri: String
     public let size: UInt64
     private let api: LibNBD
     private let handle: LibNBD.Handle
+    /// Every wait for the server (bounded: a silent server fails the request).
+    private let waiter: NBDWait
+    /// A wait failed: the connection is dropped without the polite disconnect, which would
+    /// wait for a server that may never answer, and no later request is sent.
+    private var broken = false
     /// The largest read the server accepts (QEMU: 32 MiB).
     let maxRead: Int
     /// Buffers of overlapped reads (`makeReadBuffer`), freed once the connection is closed.
@@ -20,13 +28,16 @@ public final class NBDClient {
         public var flags: UInt32
     }
 
-    /// How long the NBD handshake may take: a server that accepts the connection but never
-    /// answers (qemu-nbd without --shared serving another client) must not hang a cron job.
-    public static let handshakeSeconds: Double = 60
+    /// How long the handshake, or any request, may go without a byte from the server: a
+    /// server that accepts the connection but never answers (qemu-nbd without --shared
+    /// serving another client), or that stops answering mid-copy, must not hang a cron job.
+    public static let defaultTimeout: Double = 60
 
     /// Connects to `uri` (as libnbd's nbd_connect_uri takes it), asking for `contexts`. The
-    /// handshake gives up after `handshakeSeconds`, or as soon as `shouldStop` says so.
-    public init(uri: String, contexts: [String], shouldStop: () -> Bool = { false }) throws {
+    /// handshake and every later request give up after `timeout` seconds without progress,
+    /// or as soon as `shouldStop` says so.
+    public init(uri: String, contexts: [String], timeout: Double = NBDClient.defaultTimeout,
+                shouldStop: @escaping () -> Bool = { false }) throws {
         let api = try LibNBD.shared.get()
         guard let h = api.create() else { throw QCow2Error.remote(path: uri, detail: "cannot create an NBD handle") }
         func fail() -> QCow2Error {
@@ -35,25 +46,26 @@ public final class NBDClient {
             return e
         }
         for c in contexts where api.addMetaContext(h, c) == -1 { throw fail() }
+        // The URI is the command line's, given by the user who runs qimg: it may name the
+        // TLS certificates directory or PSK file (libnbd refuses local files by default).
+        guard api.setURIAllowLocalFile(h, true) != -1 else { throw fail() }
         guard api.aioConnectURI(h, uri) != -1 else { throw fail() }
-        let deadline = monotonicNanoseconds() + UInt64(Self.handshakeSeconds * 1e9)
-        while api.aioIsReady(h) != 1 {
-            guard api.aioIsConnecting(h) == 1 else { throw fail() }
-            if shouldStop() {
-                api.close(h)
-                throw QCow2Error.remote(path: uri, detail: "interrupted while connecting")
+        let waiter = NBDWait(api: api, handle: h, uri: uri, timeout: timeout, shouldStop: shouldStop)
+        do {
+            try waiter.until("connecting to the server", hint: "busy? qemu-nbd serves one client at a time unless started with --shared") {
+                if api.aioIsReady(h) == 1 { return 1 }
+                return api.aioIsConnecting(h) == 1 ? 0 : -1
             }
-            if monotonicNanoseconds() > deadline {
-                api.close(h)
-                throw QCow2Error.remote(path: uri, detail: "the server did not answer within \(Int(Self.handshakeSeconds)) s (busy? qemu-nbd serves one client at a time unless started with --shared)")
-            }
-            guard api.poll(h, 200) != -1 else { throw fail() }
+        } catch {
+            api.close(h)
+            throw error
         }
         let s = api.getSize(h)
         guard s >= 0 else { throw fail() }
         self.uri = uri
         self.api = api
         handle = h
+        self.waiter = waiter
         size = UInt64(s)
         let m = api.getBlockSize(h, Int32(LIBNBD_SIZE_MAXIMUM))
         // 0: the server gave no maximum; the protocol's safe default is 32 MiB.
@@ -61,9 +73,18 @@ public final class NBDClient {
     }
 
     deinit {
-        _ = api.shutdown(handle, 0)
+        if !broken { _ = api.shutdown(handle, 0) }
         api.close(handle)
         for b in readBuffers { b.deallocate() }
+    }
+
+    /// Waits (`NBDWait.until`) for request `what` to reach `state` 1.
+    private func until(_ what: String, _ state: () -> Int32) throws {
+        guard !broken else { throw QCow2Error.remote(path: uri, detail: "\(what): the connection was given up after an earlier failure") }
+        do { try waiter.until(what, state) } catch {
+            broken = true
+            throw error
+        }
     }
 
     /// A buffer for `startRead`, valid as long as the client.
@@ -83,9 +104,8 @@ public final class NBDClient {
         while done < buffer.count {
             let n = min(maxRead, buffer.count - done)
             let at = offset + UInt64(done)
-            guard api.pread(handle, base + done, n, at, 0) != -1 else {
-                throw QCow2Error.remote(path: uri, detail: "read of \(n) bytes at offset \(at) failed: " + api.lastError)
-            }
+            let cookie = try startRead(into: base + done, count: n, at: at)
+            try wait(for: cookie, count: n, at: at)
             done += n
         }
     }
@@ -96,22 +116,15 @@ public final class NBDClient {
     func startRead(into buffer: UnsafeMutableRawPointer, count: Int, at offset: UInt64) throws -> Int64 {
         let cookie = api.aioPread(handle, buffer, count, offset, nbd_completion_callback(), 0)
         guard cookie != -1 else {
-            throw QCow2Error.remote(path: uri, detail: "read of \(count) bytes at offset \(offset) failed: " + api.lastError)
+            throw waiter.failed("read of \(count) bytes at offset \(offset)")
         }
         return cookie
     }
 
     /// Waits until request `cookie` (from `startRead`) is done, moving every request in
-    /// flight along; a failed read, or a connection lost, is an error naming `offset`.
+    /// flight along; a failed read, a connection lost or a silent server is an error naming `offset`.
     func wait(for cookie: Int64, count: Int, at offset: UInt64) throws {
-        while true {
-            switch api.aioCommandCompleted(handle, UInt64(cookie)) {
-            case 1: return
-            case 0: if api.poll(handle, -1) != -1 { continue }
-            default: break
-            }
-            throw QCow2Error.remote(path: uri, detail: "read of \(count) bytes at offset \(offset) failed: " + api.lastError)
-        }
+        try until("read of \(count) bytes at offset \(offset)") { api.aioCommandCompleted(handle, UInt64(cookie)) }
     }
 
     /// The extents the server reports for each negotiated context from `offset` (one
@@ -129,12 +142,14 @@ public final class NBDClient {
             c.add(String(cString: context), entries, n)
             return 0
         }
-        cb.user_data = Unmanaged.passUnretained(collector).toOpaque()
-        // Synchronous: every callback has run (and none is left to free) when it returns.
-        let rc = withExtendedLifetime(collector) { api.blockStatus(handle, count, offset, cb, 0) }
-        guard rc != -1 else {
-            throw QCow2Error.remote(path: uri, detail: "block status at offset \(offset) failed: " + api.lastError)
-        }
+        // libnbd owns a reference until the request is retired (or the handle closed), even
+        // when the call fails: it calls `free` exactly once.
+        cb.user_data = Unmanaged.passRetained(collector).toOpaque()
+        cb.free = { user in if let user { Unmanaged<ExtentCollector>.fromOpaque(user).release() } }
+        let what = "block status at offset \(offset)"
+        let cookie = api.aioBlockStatus(handle, count, offset, cb, nbd_completion_callback(), 0)
+        guard cookie != -1 else { throw waiter.failed(what) }
+        try until(what) { api.aioCommandCompleted(handle, UInt64(cookie)) }
         if let bad = collector.invalid {
             throw QCow2Error.remote(path: uri, detail: "the server's block status at offset \(offset) is invalid: \(bad)")
         }

@@ -14,14 +14,16 @@ public enum PullBackup {
     /// `beforeCommit` runs once the target is complete and durable under its temporary name,
     /// before it is renamed into place: a throw there keeps nothing (the source of a live view
     /// checks that its view still is the point in time).
-    public static func run(uri: String, target: String, options o: BackupOptions,
+    /// `timeout`: seconds the server may stay silent (handshake, or any request) before the
+    /// run fails.
+    public static func run(uri: String, target: String, options o: BackupOptions, timeout: Double = NBDClient.defaultTimeout,
                            beforeCommit: () throws -> Void = {}) throws -> BackupResult {
         let started = monotonicNanoseconds()
         try validate(uri: uri, options: o)
         let targetExists = try BackupOperation.validate(source: uri, target: target, options: o)
         var contexts = [NBDSource.allocationContext]
         if o.sync == .incremental, let b = o.bitmap { contexts.append(NBDDirtyChanges.context(bitmap: b)) }
-        let client = try NBDClient(uri: uri, contexts: contexts, shouldStop: o.shouldStop)
+        let client = try NBDClient(uri: uri, contexts: contexts, timeout: timeout, shouldStop: o.shouldStop)
         let source = NBDSource(client)
         var backing: (any DiskImage)?
         if let b = o.backingFile {
