@@ -233,10 +233,65 @@ import Glibc
         #expect(kills >= 50, "kill points: \(kills)")
     }
 
+    /// The three campaigns above (down into the full, up into the full and a middle point,
+    /// down in the middle), each kill followed by the loss of the manifest: at odd kills the
+    /// manifest alone, at even ones the manifest and the id file (see `loseTheManifest`).
+    @Test(.requiresQEMU, arguments: ["down", "up", "middle-down"]) func killPruneThenLoseTheManifest(_ campaign: String) throws {
+        let kills = switch campaign {
+        case "down": try Self.killCampaign("down", days: 6, big: 1, ["--keep", "3"], kept: [4, 5, 6], losing: true)
+        case "up": try Self.killCampaign("up", days: 7, big: 4, ["--keep-daily", "2", "--keep-weekly", "2"], kept: [4, 6, 7], losing: true)
+        default: try Self.killCampaign("down", days: 7, big: 5, ["--keep-daily", "2", "--keep-weekly", "2"], kept: [4, 6, 7], checked: 1, losing: true)
+        }
+        print("killPruneThenLoseTheManifest(\(campaign)): \(kills) kills")
+        #expect(kills >= 50, "kill points: \(kills)")
+    }
+
+    /// Right after a killed prune, the manifest is lost (with `idFile`, the id file too):
+    /// the rebuilt list is the manifest's, or the kept points (a prune that had not changed
+    /// a file yet may go on), never a point the manifest had dropped nor one missing from it.
+    /// Returns the reason the next backup must give for a full, nil when it must be an
+    /// incremental: the link to the image's bitmap is lost only with the id file when no
+    /// prune journal kept the id.
+    static func loseTheManifest(_ dir: String, _ spec: String, idFile: Bool, all: [String], kept: [String]) throws -> String? {
+        let recorded = try Self.ids(dir)
+        let journal = B.exists(dir, "R/.qimg-prune.json")
+        unlink(dir + "/R/qimg-repository.json")
+        if idFile { unlink(dir + "/R/qimg-repository.id") }
+        let rebuilt = try Self.ids(dir)
+        #expect([recorded, kept].contains(rebuilt) && [all, kept].contains(recorded),
+                "\(spec): the manifest listed \(recorded), the rebuilt one \(rebuilt) (all \(all), kept \(kept))")
+        return idFile && !journal ? "bitmap missing" : nil
+    }
+
+    /// A prune journal that cannot be read, with the manifest lost: list, prune and backup
+    /// stop with exit 2 (repository damaged) and one line naming the journal, and nothing
+    /// changes on disk (a rebuild without the journal could list the points it expired).
+    @Test(.requiresQEMU) func unreadableJournalIsDamage() throws {
+        let dir = try R.scratch("journal-damaged")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
+        for day in 1...2 {
+            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 256)k 64k", "vm.qcow2"], dir)
+            try R.backup(dir, day: day)
+        }
+        unlink(dir + "/R/qimg-repository.json")
+        try Data("{\"format\": \"qimg-prune-journal\", \"version\": 1,".utf8).write(to: URL(fileURLWithPath: dir + "/R/.qimg-prune.json"))
+        let before = try FileManager.default.subpathsOfDirectory(atPath: dir + "/R").sorted()
+        let image = try B.bytes(dir, "vm.qcow2")
+        for args in [["repo", "list", "R"], ["repo", "prune", "R", "--keep", "1"], ["backup", "--repo", "R", "--bitmap=daily", "vm.qcow2"]] {
+            let r = try Qimg.run(args, cwd: dir)
+            #expect(r.status == 2 && r.stderrLines.count == 1 && r.err.contains(".qimg-prune.json"), "\(args): \(r.summary): \(r.err)")
+        }
+        #expect(try FileManager.default.subpathsOfDirectory(atPath: dir + "/R").sorted() == before)
+        #expect(try B.bytes(dir, "vm.qcow2") == image)
+    }
+
     /// One campaign; returns the number of kills. The merge into kept point `checked` (an
-    /// index into `kept`) must go `way`.
-    static func killCampaign(_ way: String, days: Int, big: Int, _ args: [String], kept: [Int], checked: Int = 0) throws -> Int {
-        let dir = try R.scratch("prune-kill-\(way)-\(checked)")
+    /// index into `kept`) must go `way`. `losing`: each kill is followed by the loss of the
+    /// manifest (`loseTheManifest`; the id file too at every second kill).
+    static func killCampaign(_ way: String, days: Int, big: Int, _ args: [String], kept: [Int], checked: Int = 0,
+                             losing: Bool = false) throws -> Int {
+        let dir = try R.scratch("prune-kill-\(way)-\(checked)\(losing ? "-lost" : "")")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         try Self.killFixture(dir, days: days, big: big)
         let ids = try Self.ids(dir)
@@ -258,6 +313,7 @@ import Glibc
                 }
                 #expect(r.signaled && r.status == SIGKILL, "\(spec): \(r.summary): \(r.err)")
                 kills += 1
+                let fullReason = losing ? try Self.loseTheManifest(dir, spec, idFile: kills % 2 == 0, all: ids, kept: kept.map { ids[$0 - 1] }) : nil
                 for p in try R.points(dir) {
                     let id = p["id"] as? String ?? "?"
                     try B.expectIdentical("R/" + (p["file"] as? String ?? "?"), "day\(days[id] ?? 0).qcow2", dir, "\(spec): right after the kill")
@@ -271,7 +327,8 @@ import Glibc
                 #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2").count == kept.count, "\(spec): files left")
                 try B.tool(["qemu-io", "-c", "write -P 9 1M 4k", "vm.qcow2"], dir)
                 let next = try R.backup(dir, day: 9)
-                #expect(next["kind"] as? String == "incremental", "\(spec): \(next)")
+                #expect(next["kind"] as? String == (fullReason == nil ? "incremental" : "full") && next["full-reason"] as? String == fullReason,
+                        "\(spec): \(next)")
                 try B.expectIdentical("R/" + (next["file"] as? String ?? "?"), "vm.qcow2", dir, "\(spec): next backup")
             }
         }

@@ -84,13 +84,7 @@ extension RepositoryManifest {
 
     public static func parse(_ bytes: [UInt8]) throws -> RepositoryManifest {
         let j = try JSON.parse(bytes, rules: .manifest)
-        guard try j.field("format").string() == formatName else { throw FormatError("format", "not a qimg repository manifest") }
-        let v = try j.field("version").number()
-        guard v == version else { throw FormatError("version", "unsupported manifest version \(v)") }
-        var m = RepositoryManifest(repositoryID: try j.field("repository-id").string())
-        guard RepositoryID.isValid(m.repositoryID) else {
-            throw FormatError("repository-id", "not a hex id")
-        }
+        var m = RepositoryManifest(repositoryID: try j.repositoryFileID(format: formatName, version: version, what: "manifest"))
         m.nextPoint = try j.field("next-point").number()
         for c in try j.field("images").array() {
             var chain = ImageChain(name: try c.field("image").string())
@@ -134,17 +128,33 @@ extension RepositoryManifest.Point {
             return RepositoryManifest.DataRun(offset: try a[0].number(), length: try a[1].number(), sha256: try a[2].string())
         }
         if let m = j["merge"] { merge = try PruneMerge(json: m) }
-        // The files are names inside the repository, never a way out of it.
-        for f in [file] + (merge?.files ?? []) {
-            let parts = f.split(separator: "/", omittingEmptySubsequences: false)
-            guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else {
-                throw FormatError("file", "'\(f)' is not CHAIN/FILE inside the repository")
-            }
+        for f in [file] + (merge?.files ?? []) { try RepositoryManifest.checkInside(f) }
+    }
+}
+
+extension RepositoryManifest {
+    /// The files a manifest or a prune journal names are names inside the repository
+    /// (CHAIN/FILE), never a way out of it.
+    static func checkInside(_ f: String) throws {
+        let parts = f.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, parts.allSatisfy({ !$0.isEmpty && $0 != "." && $0 != ".." }) else {
+            throw FormatError("file", "'\(f)' is not CHAIN/FILE inside the repository")
         }
     }
 }
 
 extension JSON {
+    /// The repository id of a repository file's JSON (the manifest, a prune journal), after
+    /// its format name and version are checked.
+    func repositoryFileID(format: String, version: UInt64, what: String) throws -> String {
+        guard try field("format").string() == format else { throw FormatError("format", "not a qimg repository \(what)") }
+        let v = try field("version").number()
+        guard v == version else { throw FormatError("version", "unsupported \(what) version \(v)") }
+        let id = try field("repository-id").string()
+        guard RepositoryID.isValid(id) else { throw FormatError("repository-id", "not a hex id") }
+        return id
+    }
+
     func field(_ key: String) throws -> JSON {
         guard let v = self[key] else { throw FormatError(key, "missing") }
         return v

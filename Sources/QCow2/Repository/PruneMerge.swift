@@ -50,7 +50,11 @@ public struct PruneMerge: Equatable, Sendable {
                 try StagedFile.syncDirectory(of: path)
             }
         case .up:
-            try PruneUpMerge.run(path, expired: files.reversed().map(repo.file), parentName: parentFile.map(Self.bareName))
+            // Rebased already by a killed run (whose last step may have removed the expired
+            // files since: a manifest rebuilt from its journal records the merge again).
+            if try PointDigest.openAlone(path).backingFileName != parentFile.map(Self.bareName) {
+                try PruneUpMerge.run(path, expired: files.reversed().map(repo.file), parentName: parentFile.map(Self.bareName))
+            }
             try Self.repairLeaks(path)
         }
         let backing = try PointDigest.openAlone(path).backingFileName

@@ -14,6 +14,8 @@ public final class Repository {
 
     public let path: String
     public var manifest: RepositoryManifest
+    /// An unfinished prune's plan (`PruneJournal`), nil when there is none.
+    var pruneJournal: PruneJournal?
     private var lockFD: Int32 = -1
 
     /// The largest manifest read (a bound on memory, not a limit of practice).
@@ -44,29 +46,40 @@ public final class Repository {
         }
         manifest = RepositoryManifest(repositoryID: "")
         try takeLock(lock, wait: lockWait ?? Self.lockWait)
+        pruneJournal = try PruneJournal.read(self.path)
+        try loadManifest(create: create, lock: lock)
+    }
+
+    /// The manifest read, made (an empty directory being created) or rebuilt (lost), then
+    /// an unfinished prune's journal applied to it; written when it changed and the lock is
+    /// exclusive.
+    private func loadManifest(create: Bool, lock: LockKind) throws {
         var mst = stat()
         let storedID = RepositoryID.read(file(RepositoryID.fileName))
+        var changed = false
         if Sys.stat(manifestPath, &mst) == 0 {
             manifest = try Self.readManifest(manifestPath)
             // A repository made before the id file, or an id file lost: written again.
             if lock == .exclusive && storedID != manifest.repositoryID { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
-        } else if create && Self.isEmptyDirectory(self.path) {
+        } else if create && Self.isEmptyDirectory(path) {
             // The id file first: a run killed before the manifest leaves an empty repository.
             manifest = RepositoryManifest(repositoryID: storedID ?? Self.randomID())
             if storedID == nil { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
-            try save(mode: 0o600)
+            changed = true
         } else {
-            // Lost: rebuilt from the point files (and written by a backup run), under the
-            // id file's id, so that the image's bitmaps still belong to the job.
-            manifest = try RepositoryManifest.rebuild(from: self.path, repositoryID: storedID ?? Self.randomID())
+            // Lost: rebuilt from the point files (and written by a backup or prune), under the
+            // id file's id (else the prune journal's), so that the image's bitmaps still
+            // belong to the job.
+            manifest = try RepositoryManifest.rebuild(from: path, repositoryID: storedID ?? pruneJournal?.repositoryID ?? Self.randomID(),
+                                                      journal: pruneJournal)
             guard !manifest.images.isEmpty else {
                 throw QCow2Error.repositoryDamaged(path: manifestPath, field: "", detail: "no manifest and no point file: not a qimg backup repository")
             }
-            if lock == .exclusive {
-                if storedID == nil { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
-                try save(mode: 0o600)
-            }
+            if lock == .exclusive && storedID == nil { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
+            changed = true
         }
+        if let j = pruneJournal, manifest.adopt(j) { changed = true }
+        if changed && lock == .exclusive { try save(mode: 0o600) }
     }
 
     deinit { if lockFD >= 0 { close(lockFD) } }
@@ -86,14 +99,19 @@ public final class Repository {
     }
 
     static func readManifest(_ p: String) throws -> RepositoryManifest {
-        let f = try BlockFile(path: p)
-        let size = try f.size()
-        guard size <= maxManifestBytes else { throw QCow2Error.repositoryDamaged(path: p, field: "", detail: "the manifest is larger than \(maxManifestBytes) bytes") }
         do {
-            return try RepositoryManifest.parse(try f.read(count: Int(size), at: 0))
+            return try RepositoryManifest.parse(try readBounded(p, maxBytes: maxManifestBytes))
         } catch let e as FormatError {
             throw QCow2Error.repositoryDamaged(path: p, field: e.field, detail: e.detail)
         }
+    }
+
+    /// A small file of the repository, whole; larger than `maxBytes` is damage.
+    static func readBounded(_ p: String, maxBytes: UInt64) throws -> [UInt8] {
+        let f = try BlockFile(path: p)
+        let size = try f.size()
+        guard size <= maxBytes else { throw QCow2Error.repositoryDamaged(path: p, field: "", detail: "larger than \(maxBytes) bytes") }
+        return try f.read(count: Int(size), at: 0)
     }
 
     /// Writes the manifest atomically: a temporary file, fsync, rename, directory fsync.

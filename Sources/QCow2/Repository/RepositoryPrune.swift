@@ -12,13 +12,14 @@ import Glibc
 /// copied into it from the expired points, backed by the nearest kept ancestor or by
 /// nothing).
 ///
-/// Crash-safe order: (1) the manifest drops the expired points and records each merge on
-/// its kept point; no file has changed, and nothing a listed point reads changes later;
-/// (2) each merge runs (idempotent: a commit into an unlisted full, which no listed point
-/// reads where it changes; a rebase in place; a rename), then the manifest records the
-/// point's new kind, parent and digests; (3) the files no point lists are removed. A run
-/// killed anywhere is finished by the next prune or backup (`finishMerges`, then the
-/// removal of unlisted files).
+/// Crash-safe order: (0) the plan (`PruneJournal`: the expired files, each merge) is
+/// written beside the manifest, so that it outlives a lost manifest; (1) the manifest drops
+/// the expired points and records each merge on its kept point; no file has changed, and
+/// nothing a listed point reads changes later; (2) each merge runs (idempotent: a commit
+/// into an unlisted full, which no listed point reads where it changes; a rebase in place;
+/// a rename), then the manifest records the point's new kind, parent and digests; (3) the
+/// files no point lists are removed; (4) the journal is removed. A run killed anywhere is
+/// finished by the next prune or backup (`finishMerges`), with or without the manifest.
 public enum RepositoryPrune {
     public struct Result: Sendable {
         public var chain: String
@@ -61,12 +62,10 @@ public enum RepositoryPrune {
             planned[p.id] = merge
             result.merges.append(report)
         }
-        try RepositoryBackup.update(repo, c.name) { points in
-            points.removeAll { expired.contains($0.id) }
-            for i in points.indices { if let m = planned[points[i].id] { points[i].merge = m } }
-        }
+        let journal = PruneJournal(repositoryID: repo.manifest.repositoryID, chain: c.name,
+                                   expired: c.points.filter { expired.contains($0.id) }.map(\.file), merges: planned)
+        try journal.begin(in: repo)
         try finishMerges(repo)
-        repo.removeUnlisted(chain: c.name)
         return result
     }
 
@@ -94,7 +93,7 @@ public enum RepositoryPrune {
 
     /// Finishes every merge the manifest records, oldest point first: the file changed as
     /// recorded (again, when a killed run did it already), then its new kind, parent and
-    /// digests recorded.
+    /// digests recorded; then an unfinished prune's last steps (`PruneJournal.finish`).
     static func finishMerges(_ repo: Repository) throws {
         for ci in repo.manifest.images.indices {
             for pi in repo.manifest.images[ci].points.indices {
@@ -118,5 +117,6 @@ public enum RepositoryPrune {
                 try repo.save()
             }
         }
+        try PruneJournal.finish(in: repo)
     }
 }
