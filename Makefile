@@ -33,6 +33,10 @@ DEPS := \
 	qemu-nbd:qemu-utils \
 	qemu-storage-daemon:qemu-system-common \
 	qemu-system-x86_64:qemu-system-x86 \
+	/vmlinuz:linux-image-amd64 \
+	busybox:busybox-static \
+	/usr/sbin/qemu-ga:qemu-guest-agent \
+	/sbin/debugfs:e2fsprogs \
 	nbdinfo:libnbd-bin \
 	nbdcopy:libnbd-bin \
 	/usr/lib/python3/dist-packages/nbd.py:python3-libnbd \

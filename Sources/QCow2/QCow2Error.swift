@@ -74,6 +74,11 @@ public enum QCow2Error: Error, Equatable, Sendable, CustomStringConvertible {
         case jobFailed
         /// The backup was cancelled (a signal): nothing was kept.
         case cancelled
+        /// The guest agent's socket cannot be reached, or no agent answers on it in time.
+        case agentUnavailable
+        /// The guest agent refused or failed a command (it could not freeze or thaw the
+        /// guest's filesystems).
+        case agentFailed
     }
 
     /// What a comparison was doing when it failed (qemu-img tells them apart by exit status).

@@ -75,8 +75,10 @@ final class LiveVM {
 
     func bitmap(_ name: String, node: String = "disk0") throws -> LiveBitmap? { try LiveNodes.find(node, monitor).bitmap(name) }
 
-    /// Names of qimg's jobs, nodes and bitmaps present in QEMU.
-    func qimgLeftovers() throws -> [String] {
+    func qimgLeftovers() throws -> [String] { try Self.qimgLeftovers(monitor) }
+
+    /// Names of qimg's jobs, nodes and bitmaps present in the QEMU of `monitor`.
+    static func qimgLeftovers(_ monitor: QMPConnection) throws -> [String] {
         var names: [String] = []
         if case .array(let jobs) = try monitor.execute("query-jobs") {
             for j in jobs { if case .string(let id)? = j["id"], id.hasPrefix("qimg-") { names.append(id) } }

@@ -13,7 +13,7 @@ import Glibc
 /// killed run's pending point is completed or dropped by the next run, as offline.
 public enum LiveRepositoryBackup {
     public static func run(socket: String, repository repoPath: String, nodes: [String], chains: [String]?,
-                           options o: RepositoryBackupOptions) throws -> [RepositoryBackupResult] {
+                           options o: RepositoryBackupOptions, freeze: GuestFreeze? = nil) throws -> [RepositoryBackupResult] {
         let names = chains ?? nodes
         guard names.count == nodes.count else {
             throw QCow2Error.invalidArgument(path: socket, detail: "\(names.count) chain names for \(nodes.count) nodes (one per node, in the same order)")
@@ -21,6 +21,7 @@ public enum LiveRepositoryBackup {
         guard Set(names).count == names.count else { throw QCow2Error.invalidArgument(path: socket, detail: "two disks would share a chain") }
         for n in names { try RepositoryBackup.validateChainName(n, image: socket) }
         let repo = try Repository(repoPath, create: true, lock: .exclusive, lockWait: o.lockWait)
+        try freeze?.connect()
         let qmp = try QMPConnection(socket: socket)
         defer { qmp.close() }
         try LiveCleanup.run(qmp)
@@ -34,6 +35,7 @@ public enum LiveRepositoryBackup {
         }
         var push = PushOptions()
         push.shouldStop = o.shouldStop
+        push.freeze = freeze
         // Point files are never readable by more users than the repository's owner.
         let r = try StagedFile.$creationMode.withValue(0o600) {
             try PushBackup.run(qmp, disks: planned.map(\.disk), options: push) {

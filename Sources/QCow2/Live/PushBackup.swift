@@ -35,6 +35,8 @@ public struct PushOptions {
     public var force = false
     /// Asked while the jobs run: true cancels them (nothing is kept, every bitmap intact).
     public var shouldStop: () -> Bool = { false }
+    /// The guest's filesystems frozen around the transaction that starts the jobs.
+    public var freeze: GuestFreeze?
     public init() {}
 }
 
@@ -60,6 +62,7 @@ public struct PushResult: Sendable {
 public enum PushBackup {
     public static func run(socket: String, disks: [LiveDisk], options o: PushOptions) throws -> PushResult {
         try validate(socket: socket, disks: disks, options: o)
+        try o.freeze?.connect()
         let qmp = try QMPConnection(socket: socket)
         defer { qmp.close() }
         try LiveCleanup.run(qmp)

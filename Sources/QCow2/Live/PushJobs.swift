@@ -16,17 +16,22 @@ struct PushJobs {
 
     /// Runs every job; returns the bytes each copied. On return the targets are detached.
     mutating func run() throws -> [UInt64] {
+        // A thaw that failed after the jobs started: they are cancelled, nothing is kept.
+        var thawFailure: QCow2Error?
         do {
             try attach()
             if options.shouldStop() { throw qmp.fail(.cancelled, "cancelled before the backup started") }
-            try qmp.execute("transaction", [("actions", .array(runs.flatMap(actions)))])
+            let steps = runs.flatMap(actions)
+            thawFailure = try GuestFreeze.bracket(options.freeze, stop: options.shouldStop) { [qmp] in
+                try qmp.execute("transaction", [("actions", .array(steps))])
+            }
         } catch {
             detach()
             throw error
         }
         // From here on the bitmaps' bits are held: every failure gives them back (if the
         // session is gone, `follow` throws and the next run ends the jobs and merges back).
-        let outcome = try follow()
+        let outcome = try follow(abort: thawFailure != nil)
         for r in runs { _ = try qmp.tryExecute("job-dismiss", [("id", .string(r.job))]) }
         detach()
         let failed = runs.compactMap { r -> (PushRun, String, Bool)? in
@@ -34,8 +39,9 @@ struct PushJobs {
             return nil
         }
         let cancelled = runs.contains { if case .cancelled? = outcome[$0.job] { return true }; return false }
-        if !failed.isEmpty || cancelled || attached.count > 0 {
+        if !failed.isEmpty || cancelled || attached.count > 0 || thawFailure != nil {
             try restoreBitmaps()
+            if let thawFailure { throw thawFailure }
             let kept = runs.count == 1 ? "\(runs[0].disk.target) was not written and the bitmap keeps its bits" : "no target was written and every bitmap keeps its bits"
             if let (r, why, writing) = failed.first {
                 throw qmp.fail(writing ? .targetFailed : .jobFailed, "backup of node '\(r.node.name)' failed: \(why); \(kept)")
@@ -114,15 +120,15 @@ struct PushJobs {
     enum JobEnd { case completed(UInt64), failed(String, writing: Bool), cancelled }
 
     /// Follows the jobs' events until every job has ended; a failure or a stop request
-    /// cancels the jobs still running.
-    private func follow() throws(QCow2Error) -> [String: JobEnd] {
+    /// (or `abort`) cancels the jobs still running.
+    private func follow(abort: Bool) throws(QCow2Error) -> [String: JobEnd] {
         let ids = Set(runs.map(\.job))
         var ends: [String: JobEnd] = [:]
         var writeErrors = Set<String>()
         var cancelling = false
         while ends.count < ids.count {
             let stop = options.shouldStop
-            guard let e = try qmp.nextEvent(stopping: { !cancelling && stop() }) else {
+            guard let e = try qmp.nextEvent(stopping: { !cancelling && (abort || stop()) }) else {
                 cancelling = true
                 cancel(ids.subtracting(ends.keys))
                 continue

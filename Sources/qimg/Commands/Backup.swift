@@ -32,7 +32,9 @@ struct Backup: ParsableCommand {
             there itself, tears it down, and releases --bitmap NAME only once TARGET is durable.
 
             Running VM (qimg backup --qmp SOCKET --node NODE [--sync=full|incremental|bitmap] [--bitmap NAME] \
-            [-b PREV -F qcow2] TARGET): QEMU copies the node into TARGET (push mode); see Docs/live-backup.md.
+            [-b PREV -F qcow2] TARGET): QEMU copies the node into TARGET (push mode); see Docs/live-backup.md. \
+            --freeze QGA_SOCKET (with --qmp, also with --repo or --nbd): the guest's filesystems are frozen \
+            through its QEMU guest agent for the start of the backup only, and thawed right after.
 
             \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes) \(LiveExit.codes)
             """)
@@ -74,6 +76,7 @@ struct Backup: ParsableCommand {
         if pull.timeout != nil { throw CommandFailure(message: "\(live.qmp ?? source): --nbd-timeout applies only with --nbd") }
         if let qmp = live.qmp { return try LiveBackup(command: self, socket: qmp).run() }
         if !live.nodes.isEmpty { throw CommandFailure(message: "\(source): --node applies only with --qmp") }
+        if live.freeze != nil { throw CommandFailure(message: "\(source): --freeze applies only with --qmp") }
         guard !source.isEmpty else { throw CommandFailure(message: "an IMAGE to back up is required") }
         if chains.count > 1 { throw CommandFailure(message: "\(source): --name is given once (several only with --qmp, one per --node)") }
         if let repo { return try RepoBackup(command: self, repo: repo).run() }
@@ -126,8 +129,10 @@ struct Backup: ParsableCommand {
     }
 
     /// Runs `body` with progress, interruption and error lines set up, then prints the
-    /// summary line (errors and interruptions name `source`; `exitCode` chooses a failure's code).
+    /// summary line (errors and interruptions name `source`; `exitCode` chooses a failure's code),
+    /// `note` at its end.
     func perform(_ options: BackupOptions, source: String, target: String, exitCode: (QCow2Error) -> Int32 = { _ in 1 },
+                 note: () -> String = { "" },
                  _ body: (BackupOptions) throws -> BackupResult) throws {
         var o = options
         let bar = ProgressReporter(enabled: showProgress && !quiet)
@@ -150,7 +155,7 @@ struct Backup: ParsableCommand {
         bar.finish(succeeded: true)
         if !quiet {
             let rate = r.seconds > 0 ? UInt64(Double(r.bytesToCopy) / r.seconds) : 0
-            Output.out("Backup complete: \(target): \(r.bytesToCopy) bytes in \(r.clusters) clusters copied (\(Human.size(r.bytesWritten)) of data) in \(Human.format("%.2f", r.seconds)) s (\(Human.size(rate))/s)\n")
+            Output.out("Backup complete: \(target): \(r.bytesToCopy) bytes in \(r.clusters) clusters copied (\(Human.size(r.bytesWritten)) of data) in \(Human.format("%.2f", r.seconds)) s (\(Human.size(rate))/s)\(note())\n")
         }
     }
 }

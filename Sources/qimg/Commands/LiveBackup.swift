@@ -42,6 +42,7 @@ struct LiveBackup {
         o.create = try c.targetCreateOptions(target)
         o.force = c.force
         o.shouldStop = { Interruption.requested }
+        o.freeze = c.live.guestFreeze
         Interruption.install()
         let r: PushResult
         do {
@@ -50,7 +51,7 @@ struct LiveBackup {
             throw failure(e, kept: "\(target) was not written and the bitmap keeps its bits")
         }
         if !c.quiet {
-            Output.out("Backup complete: \(target): \(r.bytesCopied[0]) bytes copied by QEMU from node '\(nodes[0])' in \(Human.format("%.2f", r.seconds)) s\n")
+            Output.out("Backup complete: \(target): \(r.bytesCopied[0]) bytes copied by QEMU from node '\(nodes[0])' in \(Human.format("%.2f", r.seconds)) s\(FreezeNote.text(o.freeze))\n")
         }
     }
 
@@ -74,12 +75,15 @@ struct LiveBackup {
         Interruption.install()
         let log = RunLog(file: c.log)
         let results: [RepositoryBackupResult]
+        let freeze = c.live.guestFreeze
         do {
-            results = try c.lockWait.apply { try LiveRepositoryBackup.run(socket: socket, repository: repo, nodes: nodes, chains: c.chains.isEmpty ? nil : c.chains, options: o) }
+            results = try c.lockWait.apply {
+                try LiveRepositoryBackup.run(socket: socket, repository: repo, nodes: nodes, chains: c.chains.isEmpty ? nil : c.chains, options: o, freeze: freeze)
+            }
         } catch let e as QCow2Error {
             throw failure(e, kept: "no point was added for any disk and every bitmap keeps its bits")
         }
-        for r in results where !c.quiet || c.log != nil { try log.write(RepoBackup.summary(r, repo: repo)) }
+        for r in results where !c.quiet || c.log != nil { try log.write(RepoBackup.summary(r, repo: repo) + FreezeNote.text(freeze)) }
     }
 
     /// The line and exit code of a failed live run.

@@ -25,6 +25,7 @@ struct NBDBackup {
         }
         if let socket = c.live.qmp { return try runWithQMP(socket, options: o, target: target) }
         if !c.live.nodes.isEmpty { throw CommandFailure(message: "\(uri): --node applies only with --qmp") }
+        if c.live.freeze != nil { throw CommandFailure(message: "\(uri): --freeze applies only with --qmp") }
         let timeout = try c.pull.timeoutSeconds(uri)
         try c.perform(o, source: uri, target: target, exitCode: LiveExit.code(for:)) { o in
             // The export's bytes are a VM's disk: the backup is readable by its owner only.
@@ -41,9 +42,10 @@ struct NBDBackup {
         guard c.live.nodes.count == 1 else { throw CommandFailure(message: "\(socket): --qmp with --nbd needs exactly one --node NODE (the disk to back up)") }
         if o.sync == .incremental, o.bitmap == nil { throw CommandFailure(message: "\(socket): --sync=incremental needs --bitmap NAME") }
         let timeout = try c.pull.timeoutSeconds(uri)
-        try c.perform(o, source: uri, target: target, exitCode: LiveExit.code(for:)) { o in
+        let freeze = c.live.guestFreeze
+        try c.perform(o, source: uri, target: target, exitCode: LiveExit.code(for:), note: { FreezeNote.text(freeze) }) { o in
             try StagedFile.$creationMode.withValue(0o600) {
-                try FleecePull.run(socket: socket, node: c.live.nodes[0], server: uri, target: target, options: o, timeout: timeout)
+                try FleecePull.run(socket: socket, node: c.live.nodes[0], server: uri, target: target, options: o, timeout: timeout, freeze: freeze)
             }
         }
     }

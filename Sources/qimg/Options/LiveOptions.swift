@@ -5,6 +5,10 @@ import QCow2
 struct LiveOptions: ParsableArguments {
     @Option(name: .customLong("qmp"), help: ArgumentHelp("Back up a running VM: the QMP socket of its QEMU (push mode; QEMU writes TARGET).", valueName: "socket")) var qmp: String?
     @Option(name: .customLong("node"), help: ArgumentHelp("With --qmp: the block node (or device/qdev id) to back up; once per disk.", valueName: "node")) var nodes: [String] = []
+    @Option(name: .customLong("freeze"), help: ArgumentHelp("With --qmp: freeze the guest's filesystems through its QEMU guest agent (this socket) while the backup starts.", valueName: "socket")) var freeze: String?
+
+    /// The guest agent of --freeze (the library connects before it starts anything).
+    var guestFreeze: GuestFreeze? { freeze.map { GuestFreeze(socket: $0) } }
 }
 
 /// The exit codes of `qimg backup --qmp` and `--nbd`: one code per cause, the repository's
@@ -15,7 +19,8 @@ enum LiveExit {
         10 the QMP socket cannot be reached or the session ended, 11 QEMU refused a command, \
         12 no such node, 13 no such bitmap, 14 the bitmap is disabled, 15 the bitmap is in use, \
         16 the bitmap is inconsistent, 17 a backup job failed otherwise (a read error on the disk, \
-        the point-in-time view ended during the copy).
+        the point-in-time view ended during the copy), 18 the guest agent of --freeze cannot be reached \
+        or does not answer, 19 it could not freeze or thaw the guest's filesystems.
         """
 
     /// A live-only cause's code, else the repository's (2 damaged, 3 locked, 4 in use,
@@ -37,6 +42,8 @@ enum LiveExit {
         case .targetFailed: return RepoExit.ioError
         case .jobFailed: return 17
         case .cancelled: return 1
+        case .agentUnavailable: return 18
+        case .agentFailed: return 19
         }
     }
 }

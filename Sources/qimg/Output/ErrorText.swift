@@ -24,6 +24,8 @@ enum ErrorText {
             hint = "use --force to replace it"
         case .needsRepair:
             hint = "repair the image with 'qimg check -r all'"
+        case .live(_, .agentUnavailable, _):
+            hint = "--freeze needs QEMU started with the guest agent's channel and qemu-ga running in the guest (Docs/live-backup.md)"
         default:
             hint = nil
         }

@@ -11,12 +11,14 @@ import Glibc
 /// removed or merged back by the next run (`LiveCleanup`), before it starts.
 public enum FleecePull {
     public static func run(socket: String, node name: String, server uri: String, target: String,
-                           options o: BackupOptions, timeout: Double = NBDClient.defaultTimeout) throws -> BackupResult {
+                           options o: BackupOptions, timeout: Double = NBDClient.defaultTimeout,
+                           freeze: GuestFreeze? = nil) throws -> BackupResult {
         let server = try NBDServerAddress(uri: uri)
         try PullBackup.validate(uri: uri, options: { var v = o; v.bitmap = nil; return v }())
         if o.sync == .incremental && o.bitmap == nil {
             throw QCow2Error.invalidArgument(path: socket, detail: "a backup with sync=incremental needs a bitmap")
         }
+        try freeze?.connect()
         let qmp = try QMPConnection(socket: socket)
         defer { qmp.close() }
         try LiveCleanup.run(qmp)
@@ -24,8 +26,9 @@ public enum FleecePull {
         var disk = LiveDisk(node: name, target: target)
         disk.sync = o.sync
         disk.bitmap = o.bitmap
-        let view = FleeceView(qmp, node: node, plan: try PushBackup.bitmapPlan(qmp, node, disk), server: server, besides: target)
-        try view.start(exportBitmap: o.sync == .incremental)
+        let view = FleeceView(qmp, node: node, plan: try PushBackup.bitmapPlan(qmp, node, disk), server: server, besides: target,
+                             freeze: freeze)
+        try view.start(exportBitmap: o.sync == .incremental, shouldStop: o.shouldStop)
         var pull = o
         pull.bitmap = o.sync == .incremental ? view.holdBitmap : nil
         let result: BackupResult

@@ -22,12 +22,16 @@ final class FleeceView {
     let fleeceNode = LiveNames.fleece()
     let job = LiveNames.job(0)
     let exportID = LiveNames.export()
+    /// The guest's filesystems frozen around the transaction that creates the view.
+    let freeze: GuestFreeze?
     private var attached = false, jobRunning = false, exported = false, startedServer = false
     /// The transaction ran: the bitmap's bits are held until `release` or `restore`.
     private(set) var held = false
 
-    init(_ qmp: QMPConnection, node: LiveNode, plan: PushRun.BitmapPlan, server: NBDServerAddress, besides target: String) {
+    init(_ qmp: QMPConnection, node: LiveNode, plan: PushRun.BitmapPlan, server: NBDServerAddress, besides target: String,
+         freeze: GuestFreeze? = nil) {
         self.qmp = qmp
+        self.freeze = freeze
         self.node = node
         self.plan = plan
         self.server = server
@@ -46,7 +50,7 @@ final class FleeceView {
     }
 
     /// Sets the view up; on failure what was set up is undone (bitmap included).
-    func start(exportBitmap: Bool) throws {
+    func start(exportBitmap: Bool, shouldStop: () -> Bool = { false }) throws {
         do {
             let staged = try StagedFile(final: fleeceFinal)
             fleece = staged
@@ -61,9 +65,13 @@ final class FleeceView {
             attached = true
             let backup = LiveActions.action("blockdev-backup", [("job-id", .string(job)), ("device", .string(node.name)),
                                                                  ("target", .string(fleeceNode)), ("sync", .string("none"))])
-            try qmp.execute("transaction", [("actions", .array(LiveActions.bitmapActions(plan, node: node.name) + [backup]))])
-            jobRunning = true
-            held = true
+            let actions = LiveActions.bitmapActions(plan, node: node.name) + [backup]
+            let thawFailure = try GuestFreeze.bracket(freeze, stop: shouldStop) {
+                try qmp.execute("transaction", [("actions", .array(actions))])
+                jobRunning = true
+                held = true
+            }
+            if let thawFailure { throw thawFailure }
             // A server already listening there (QEMU's own, or one a killed run started) is used as it is.
             if case .success = try qmp.tryExecute("nbd-server-start", [("addr", server.qmpAddress)]) { startedServer = true }
             var export: [(String, JSON)] = [("type", .string("nbd")), ("id", .string(exportID)), ("node-name", .string(fleeceNode)),
