@@ -12,6 +12,8 @@ struct CopySettings {
     /// Early writeback during the copy and an fsync at the end.
     var durable = true
     var shouldStop: () -> Bool = { false }
+    /// Told of every data write of the copy.
+    var observer: (any CopyObserver)?
 }
 
 /// The one copy path of convert and backup: the target file (created by the caller, or
@@ -45,6 +47,7 @@ struct TargetCopy {
         engine.earlyWriteback = settings.durable
         engine.shouldStop = settings.shouldStop
         engine.targetBacking = targetBacking
+        engine.observer = settings.observer
         // -S: zero runs count in aligned pieces of S (a power of two: qemu-img aligns the
         // runs it leaves out to it), and in whole clusters of a qcow2 target at least; with
         // extended L2 in pieces of S alone, as qemu-img writes them (zero subclusters stay
