@@ -141,7 +141,13 @@ import TestSupport
 
     /// [a, a+n) split at every multiple of `cut` inside it.
     static func cuts(_ a: UInt64, _ n: UInt64, _ cut: UInt64) -> [(UInt64, UInt64)] {
-        let bounds = [a] + Array(stride(from: (a / cut + 1) * cut, to: a + n, by: Int64(cut))) + [a + n]
+        var bounds: [UInt64] = [a]
+        var next: UInt64 = (a / cut + 1) * cut
+        while next < a + n {
+            bounds.append(next)
+            next += cut
+        }
+        bounds.append(a + n)
         return zip(bounds, bounds.dropFirst()).map { ($0, $1 - $0) }
     }
 }
