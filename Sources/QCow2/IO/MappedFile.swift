@@ -36,6 +36,14 @@ final class MappedFile {
         UnsafeRawBufferPointer(start: base + Int(offset), count: count)
     }
 
+    /// Unmaps the pages of [offset, offset+count) from this process (they stay in the page
+    /// cache, and read again if touched): hashed runs do not add up in the resident size.
+    func drop(_ offset: UInt64, _ count: Int) {
+        let page = UInt64(BusGuard.pageSize)
+        let start = offset / page * page
+        _ = madvise(base + Int(start), Int(offset - start) + count, MADV_DONTNEED)
+    }
+
     /// Whether a page was found past the end of the file (it shrank after it was mapped).
     var shrank: Bool { slot.faulted.load(ordering: .acquiring) }
 }

@@ -51,7 +51,10 @@ enum RunHasher {
             DispatchQueue.concurrentPerform(iterations: pieces.count) { i in
                 let (out, pieces, map) = shared.value
                 guard let run = pieces[i], var h = try? SHA256() else { return }
-                for (host, n) in run { h.update(map.bytes(host, n)) }
+                for (host, n) in run {
+                    h.update(map.bytes(host, n))
+                    map.drop(host, n)
+                }
                 out[i] = h.finish()  // each task writes its own slot only
             }
         }
