@@ -23,6 +23,8 @@ public struct BackupOptions {
     public var sourceFormat: ImageFormat?
     public var progress: ((UInt64, UInt64) -> Void)?
     public var shouldStop: () -> Bool = { false }
+    /// Told of every data write of the copy (a repository backup hashes them).
+    var observer: (any CopyObserver)?
     public init() {}
 
     /// How a backup's copy runs (convert's copy, with these options).
@@ -33,6 +35,7 @@ public struct BackupOptions {
         settings.shouldStop = shouldStop
         // Only bitmap-mode=always gives back what a failed copy holds.
         settings.tracksCopied = sync == .bitmap && bitmapMode == .always
+        settings.observer = observer
         return settings
     }
 }

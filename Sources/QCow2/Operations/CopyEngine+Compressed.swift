@@ -35,6 +35,7 @@ extension CopyEngine {
                 try writeZeros(guest, UInt64(data.count))
             } else {
                 try q.writeCompressed(data, stream: chunk.stream(i), at: guest)
+                try observer?.wroteData(data, at: guest)
                 bytesCopied += UInt64(data.count)
             }
             copied?.set(guest, UInt64(data.count))

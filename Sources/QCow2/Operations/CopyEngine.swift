@@ -25,6 +25,8 @@ public struct CopyEngine {
     public var speed: UInt64 = 0
     /// Start writeback of the target as the copy goes (it is fsynced at the end).
     public var earlyWriteback = true
+    /// Told of every data write (nil: nothing to tell).
+    var observer: (any CopyObserver)?
     /// Guest ranges written so far, at cluster granularity, when set to an empty bitmap
     /// before the copy (bitmap-mode=always: `CopySettings.tracksCopied`); nil otherwise.
     public internal(set) var copied: DirtyBitmap?
@@ -142,6 +144,7 @@ public struct CopyEngine {
         } else if let r = target as? RawImage {
             try r.write(data, at: guest)
         }
+        try observer?.wroteData(data, at: guest)
     }
 
     mutating func throttle() throws {

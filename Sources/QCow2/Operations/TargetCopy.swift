@@ -15,6 +15,8 @@ struct CopySettings {
     /// Record the guest ranges written (`CopyEngine.copied`; a bitmap as large as the
     /// disk's dirty areas).
     var tracksCopied = false
+    /// Told of every data write of the copy.
+    var observer: (any CopyObserver)?
 }
 
 /// The one copy path of convert and backup: the target file (created by the caller, or
@@ -49,6 +51,7 @@ struct TargetCopy {
         engine.shouldStop = settings.shouldStop
         engine.targetBacking = targetBacking
         if settings.tracksCopied { engine.copied = DirtyBitmap(granularity: engine.unit, size: source.virtualSize) }
+        engine.observer = settings.observer
         // -S: zero runs count in aligned pieces of S (a power of two: qemu-img aligns the
         // runs it leaves out to it), and in whole clusters of a qcow2 target at least; with
         // extended L2 in pieces of S alone, as qemu-img writes them (zero subclusters stay

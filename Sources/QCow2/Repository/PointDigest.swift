@@ -15,6 +15,18 @@ public struct PointDigest: Equatable, Sendable {
         return PointDigest(fileSize: try q.file.size(), metadataSHA256: try metadataDigest(q), runs: try dataRuns(q))
     }
 
+    /// The digest of a point a copy has just written, with the runs' digests `copied`
+    /// computed from the bytes that copy wrote (`CopiedRunHasher`): they are taken when
+    /// they are exactly the runs the finished file holds (offsets and lengths, from its
+    /// metadata), else the runs are read from the file and hashed (`fromCopy` false).
+    static func compute(_ path: String, copied: [RepositoryManifest.DataRun]) throws -> (digest: PointDigest, fromCopy: Bool) {
+        let q = try openAlone(path)
+        let ranges = try dataRanges(q)
+        let fromCopy = ranges.count == copied.count && zip(ranges, copied).allSatisfy { $0.0 == $1.offset && $0.1 == $1.length }
+        let runs = fromCopy ? copied : try dataRuns(q, ranges)
+        return (PointDigest(fileSize: try q.file.size(), metadataSHA256: try metadataDigest(q), runs: runs), fromCopy)
+    }
+
     /// Only the size and the metadata digest (what a backup checks of the newest point).
     public static func identity(_ path: String) throws -> (fileSize: UInt64, metadataSHA256: String) {
         let q = try openAlone(path)
@@ -73,7 +85,10 @@ public struct PointDigest: Equatable, Sendable {
     }
 
     static func dataRuns(_ q: QCow2Image) throws -> [RepositoryManifest.DataRun] {
-        let ranges = try dataRanges(q)
+        try dataRuns(q, try dataRanges(q))
+    }
+
+    static func dataRuns(_ q: QCow2Image, _ ranges: [(UInt64, UInt64)]) throws -> [RepositoryManifest.DataRun] {
         let sums = try RunHasher.digests(q, ranges: ranges)
         return zip(ranges, sums).map { RepositoryManifest.DataRun(offset: $0.0.0, length: $0.0.1, sha256: $0.1) }
     }

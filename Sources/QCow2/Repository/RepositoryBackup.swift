@@ -38,6 +38,8 @@ public struct RepositoryBackupResult: Sendable {
     public var backup: BackupResult
     /// What earlier, killed runs left and this one removed (relative names).
     public var cleaned: [String]
+    /// Whether the runs' digests are the ones computed during the copy (else read anew).
+    var digestsFromCopy = false
 }
 
 /// `qimg backup --repo`: chooses full or incremental by itself, from what the manifest
@@ -85,11 +87,14 @@ public enum RepositoryBackup {
         }
         b.progress = o.progress
         b.shouldStop = o.shouldStop
+        // The runs are hashed on another core from the bytes the copy writes.
+        let hasher = try CopiedRunHasher()
+        b.observer = hasher
         let r = try StagedFile.$creationMode.withValue(mode) {
             try BackupOperation.run(source: image, target: repo.file(relative), options: b)
         }
         // The point is durable: record it (pending), switch the bitmap, record it complete.
-        let digest = try PointDigest.compute(repo.file(relative))
+        let (digest, fromCopy) = try PointDigest.compute(repo.file(relative), copied: hasher.finish())
         var point = RepositoryManifest.Point(
             id: id, file: relative, kind: parent == nil ? .full : .incremental, parent: parent?.id, time: time,
             virtualSize: source.image.virtualSize, bytesCopied: r.bytesWritten, bitmap: prefix + id, state: .pending,
@@ -99,7 +104,8 @@ public enum RepositoryBackup {
         try source.switchBitmaps(add: point.bitmap, granularity: jobBitmaps.first?.granularity, remove: jobBitmaps.map(\.name))
         point.state = .complete
         try update(repo, chainName) { $0[$0.count - 1] = point }
-        return RepositoryBackupResult(chain: chainName, point: point, fullReason: reason, backup: r, cleaned: cleaned)
+        return RepositoryBackupResult(chain: chainName, point: point, fullReason: reason, backup: r, cleaned: cleaned,
+                                      digestsFromCopy: fromCopy)
     }
 
     /// Point ids: the repository's point counter, zero-padded (unique, sortable, short).
