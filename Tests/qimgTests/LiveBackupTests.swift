@@ -365,6 +365,38 @@ final class LiveVM {
         #expect(try vm.qimgLeftovers() == [])
     }
 
+    /// `--output=json` in a live repository run: an array with, per disk, the object an offline
+    /// `backup --repo --output=json` prints, checked against what the point files hold (qemu-img map).
+    @Test func liveRepositoryRunsPrintEachPointAsJSON() throws {
+        let dir = try Paths.newScratch("live-repo-json")
+        let vm = try LiveVM(dir: dir, images: try makeDisks(dir, 2))
+        defer { vm.stop() }
+        func run(day: Int) throws -> [[String: Any]] {
+            let r = try qimg(["--qmp", vm.qmpSocket, "--node", "disk0", "--node", "disk1", "--repo", "R", "--bitmap", "daily",
+                              "--time", "2026-12-0\(day)T02:00:00Z", "--output=json"], dir)
+            finishedRun(r)
+            let points = try #require(JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [[String: Any]], "\(r.out)")
+            #expect(points.count == 2, "one object per disk: \(r.out)")
+            return points
+        }
+        let first = try run(day: 1)
+        for i in 0..<2 { try vm.write(0x90 + i, (30 + i) << 20, 64 << 10, node: "disk\(i)") }
+        let second = try run(day: 2)
+        let files = try points(dir)
+        for (i, (a, b)) in zip(first, second).enumerated() {
+            #expect(a["image"] as? String == "disk\(i)" && b["image"] as? String == "disk\(i)")
+            #expect(a["kind"] as? String == "full" && a["parent"] is NSNull && a["full-reason"] as? String != nil, "\(a)")
+            #expect(b["kind"] as? String == "incremental" && b["parent"] as? String == a["id"] as? String && b["full-reason"] is NSNull, "\(b)")
+            #expect(a["time"] as? String == "2026-12-01T02:00:00Z" && b["time"] as? String == "2026-12-02T02:00:00Z")
+            #expect(a["virtual-size"] as? Int == 64 << 20 && b["virtual-size"] as? Int == 64 << 20)
+            #expect([a["file"] as? String, b["file"] as? String] == (files["disk\(i)"] ?? []).map { Optional($0.1) })
+            // Bytes copied: what each file holds as its own data (2 MiB written before, 64 KiB on day 2).
+            let held = { (f: String) in try self.dataExtents("R/" + f, dir).reduce(0) { $0 + $1[1] } }
+            #expect(a["bytes-copied"] as? Int == (try held(a["file"] as? String ?? "")) && a["bytes-copied"] as? Int == 2 << 20, "\(a)")
+            #expect(b["bytes-copied"] as? Int == 64 << 10, "\(b)")
+        }
+    }
+
     /// One of three jobs fails (cancelled from outside, as QEMU ends a failed job): the
     /// others are cancelled, no point is kept for any disk, every bitmap keeps its bits.
     @Test func oneFailingJobOfThreeKeepsNoPointAndEveryBitmap() throws {

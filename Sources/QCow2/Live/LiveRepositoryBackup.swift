@@ -44,13 +44,15 @@ public enum LiveRepositoryBackup {
                 try repo.save()
             }
         }
-        for (p, bytes) in zip(planned, r.bytesCopied) {
-            p.point.bytesCopied = bytes
+        for p in planned {
+            // The data the point's file holds (as an offline run counts it), not the job's
+            // progress: QEMU's counts every byte it went over, zeros and holes included.
+            p.point.bytesCopied = p.point.runs.reduce(0) { $0 + $1.length }
             try p.record(repo, state: .complete)
         }
         try repo.save()
-        return zip(planned, r.bytesCopied).map { p, bytes in
-            let backup = BackupResult(bytesToCopy: bytes, bytesWritten: bytes, clusters: 0, seconds: r.seconds)
+        return zip(planned, r.bytesCopied).map { p, processed in
+            let backup = BackupResult(bytesToCopy: processed, bytesWritten: p.point.bytesCopied, clusters: 0, seconds: r.seconds)
             return RepositoryBackupResult(chain: p.chain, point: p.point, fullReason: p.reason, backup: backup, cleaned: cleaned)
         }
     }

@@ -62,7 +62,7 @@ struct LiveBackup {
         guard c.source.isEmpty, c.target == nil else { throw CommandFailure(message: "\(socket): with --qmp and --repo no file is given (the repository names its files)") }
         for (flag, given) in [("--sync", c.sync != nil), ("-b", c.backing != nil), ("-F", c.backingFormat != nil), ("--bitmap-mode", c.bitmapMode != nil),
                               ("--force", c.force), ("--no-backing", c.noBacking), ("-o", !c.options.isEmpty), ("-c", c.compress), ("-f", c.sourceFormat != nil),
-                              ("--output", c.output != .human), ("--speed", c.speed != nil)] where given {
+                              ("--speed", c.speed != nil)] where given {
             throw CommandFailure(message: "\(socket): \(flag) cannot be used with --qmp and --repo")
         }
         var o = RepositoryBackupOptions(bitmap: bitmap)
@@ -83,6 +83,8 @@ struct LiveBackup {
         } catch let e as QCow2Error {
             throw failure(e, kept: "no point was added for any disk and every bitmap keeps its bits")
         }
+        // An array, in --node order, of the object an offline `--repo --output=json` run prints.
+        if c.output == .json { Output.out(JSON.array(results.map(RepoBackup.json)).rendered() + "\n") }
         for r in results where !c.quiet || c.log != nil { try log.write(RepoBackup.summary(r, repo: repo) + FreezeNote.text(freeze)) }
     }
 

@@ -39,13 +39,16 @@ struct RepoBackup {
             throw failure
         }
         bar.finish(succeeded: true)
-        if c.output == .json {
-            var pairs: [(String, JSON)] = [("image", .string(r.chain))]
-            if case .object(let p) = r.point.listJSON() { pairs += p }
-            pairs.append(("full-reason", r.fullReason.map { .string(Self.reason($0)) } ?? .null))
-            Output.out(JSON.object(pairs).rendered() + "\n")
-        }
+        if c.output == .json { Output.out(Self.json(r).rendered() + "\n") }
         if !c.quiet || c.log != nil { try log.write(Self.summary(r, repo: repo)) }
+    }
+
+    /// The point a run made, as `--output=json` prints it (one object per disk).
+    static func json(_ r: RepositoryBackupResult) -> JSON {
+        var pairs: [(String, JSON)] = [("image", .string(r.chain))]
+        if case .object(let p) = r.point.listJSON() { pairs += p }
+        pairs.append(("full-reason", r.fullReason.map { .string(reason($0)) } ?? .null))
+        return .object(pairs)
     }
 
     static func reason(_ r: FullReason) -> String { r == .policy ? "policy: --full-every" : r.rawValue }
