@@ -286,6 +286,36 @@ import Glibc
         #expect(try B.bytes(dir, "vm.qcow2") == image)
     }
 
+    /// A prune journal of another repository (copied in from elsewhere) decides nothing here:
+    /// with the manifest, and with the manifest lost but the id file kept, every command
+    /// exits 2 naming it, before any file changes.
+    @Test(.requiresQEMU, arguments: [false, true]) func journalOfAnotherRepositoryIsDamage(manifestLost: Bool) throws {
+        let dir = try R.scratch("journal-foreign-\(manifestLost)")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try B.tool(["qemu-img", "create", "-q", "-f", "qcow2", "vm.qcow2", "4M"], dir)
+        for day in 1...2 {
+            try B.tool(["qemu-io", "-c", "write -P \(day) \(day * 256)k 64k", "vm.qcow2"], dir)
+            try R.backup(dir, day: day)
+        }
+        let ownID = try String(contentsOfFile: dir + "/R/qimg-repository.id", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        let foreignID = ownID == "0badc0de" ? "0badc0df" : "0badc0de"
+        let first = try #require(try R.points(dir).first?["file"] as? String)
+        let journal = "{\"format\": \"qimg-prune-journal\", \"version\": 1, \"repository-id\": \"\(foreignID)\", " +
+            "\"image\": \"vm.qcow2\", \"expired\": [\"\(first)\"], \"merges\": []}\n"
+        try Data(journal.utf8).write(to: URL(fileURLWithPath: dir + "/R/.qimg-prune.json"))
+        if manifestLost { unlink(dir + "/R/qimg-repository.json") }
+        let before = try FileManager.default.subpathsOfDirectory(atPath: dir + "/R").sorted()
+        let image = try B.bytes(dir, "vm.qcow2")
+        for args in [["repo", "list", "R"], ["repo", "prune", "R", "--keep", "1"], ["backup", "--repo", "R", "--bitmap=daily", "vm.qcow2"]] {
+            let r = try Qimg.run(args, cwd: dir)
+            #expect(r.status == 2 && r.stderrLines.count == 1 && r.err.contains(".qimg-prune.json") && r.err.contains(foreignID),
+                    "\(args): \(r.summary): \(r.err)")
+        }
+        #expect(try FileManager.default.subpathsOfDirectory(atPath: dir + "/R").sorted() == before)
+        #expect(FileManager.default.fileExists(atPath: dir + "/R/" + first))
+        #expect(try B.bytes(dir, "vm.qcow2") == image)
+    }
+
     /// One campaign; returns the number of kills. The merge into kept point `checked` (an
     /// index into `kept`) must go `way`. `losing`: each kill is followed by the loss of the
     /// manifest (`loseTheManifest`; the id file too at every second kill).

@@ -59,6 +59,7 @@ public final class Repository {
         var changed = false
         if Sys.stat(manifestPath, &mst) == 0 {
             manifest = try Self.readManifest(manifestPath)
+            try checkJournal(belongsTo: manifest.repositoryID)
             // A repository made before the id file, or an id file lost: written again.
             if lock == .exclusive && storedID != manifest.repositoryID { try RepositoryID.write(manifest.repositoryID, to: file(RepositoryID.fileName)) }
         } else if create && Self.isEmptyDirectory(path) {
@@ -70,6 +71,7 @@ public final class Repository {
             // Lost: rebuilt from the point files (and written by a backup or prune), under the
             // id file's id (else the prune journal's), so that the image's bitmaps still
             // belong to the job.
+            if let storedID { try checkJournal(belongsTo: storedID) }
             manifest = try RepositoryManifest.rebuild(from: path, repositoryID: storedID ?? pruneJournal?.repositoryID ?? Self.randomID(),
                                                       journal: pruneJournal)
             guard !manifest.images.isEmpty else {
@@ -80,6 +82,14 @@ public final class Repository {
         }
         if let j = pruneJournal, manifest.adopt(j) { changed = true }
         if changed && lock == .exclusive { try save(mode: 0o600) }
+    }
+
+    /// A prune journal of another repository (a file copied in from elsewhere) must not
+    /// decide which of this one's points are listed or removed: damage, before any write.
+    private func checkJournal(belongsTo id: String) throws {
+        guard let j = pruneJournal, j.repositoryID != id else { return }
+        throw QCow2Error.repositoryDamaged(path: file(PruneJournal.fileName), field: "repository-id",
+                                           detail: "the prune journal is of repository \(j.repositoryID), not of this one (\(id))")
     }
 
     deinit { if lockFD >= 0 { close(lockFD) } }
