@@ -263,6 +263,30 @@ final class LiveVM {
         #expect(try noTemporaries(dir))
     }
 
+    /// A QEMU that stops answering (SIGSTOP here; a hung VM alike) while the job runs: the run
+    /// fails with 10 once --qmp-timeout passes (the silent monitor is asked query-status), no
+    /// target appears; once QEMU goes on, the next run ends the abandoned job, and its backup
+    /// holds every bit the first one should have copied.
+    @Test func aStoppedQEMUFailsTheRunAfterTheQMPTimeout() throws {
+        let dir = try Paths.newScratch("live-stopped")
+        let vm = try vmWithDirtyBitmap(dir, dirty: 4 << 20, readRate: 1 << 20)
+        defer { vm.stop() }
+        let run = try qimg(["--qmp-timeout", "1"] + incremental(vm, "inc.qcow2"), dir)
+        #expect(try vm.waitForRunningJob(run), "the job ended before QEMU was stopped")
+        vm.daemon.send(SIGSTOP)
+        run.wait(timeout: 600)
+        vm.daemon.send(SIGCONT)
+        #expect(run.status == 10, "\(run.summary): \(run.err)")
+        #expect(run.stderrLines.count == 1
+                && run.err.hasPrefix("qimg: \(vm.qmpSocket): QEMU did not answer query-status within 1 s (is it stopped or hung?)"), "\(run.err)")
+        #expect(!FileManager.default.fileExists(atPath: dir + "/inc.qcow2"))
+        #expect(try noTemporaries(dir))
+        let again = try Qimg.run(["backup"] + incremental(vm, "inc.qcow2"), cwd: dir, timeout: 600)
+        #expect(again.status == 0, "\(again.summary): \(again.err)")
+        #expect(try dataExtents("inc.qcow2", dir) == [[20 << 20, 4 << 20]])
+        #expect(try vm.qimgLeftovers() == [])
+    }
+
     /// SIGKILL at random moments: QEMU keeps answering, no target appears half-made, and the
     /// next run (a bitmap copy that leaves the bitmap alone) removes what the killed run left
     /// and finds every bit written since the last completed backup.
@@ -545,6 +569,10 @@ final class LiveVM {
             (["--qmp", "q.sock", "--node", "a", "--sync=incremental", "--bitmap", "b", "t.qcow2"], "qimg: q.sock: sync=incremental needs -b PREV"),
             (["--qmp", "q.sock", "--node", "a", "--repo", "R", "t.qcow2"], "qimg: q.sock: --repo needs --bitmap=NAME"),
             (["--qmp", "q.sock", "--node", "a", "--node", "b", "--name", "x", "--repo", "R", "--bitmap", "d"], "qimg: q.sock: 1 chain names for 2 nodes"),
+            (["--qmp-timeout", "5", "img.qcow2", "t.qcow2"], "qimg: img.qcow2: --qmp-timeout applies only with --qmp"),
+            (["--qmp-timeout", "5", "--nbd", "nbd+unix:///x?socket=n.sock", "t.qcow2"], "qimg: nbd+unix:///x?socket=n.sock: --qmp-timeout applies only with --qmp"),
+            (["--qmp", "q.sock", "--node", "a", "--qmp-timeout", "0", "t.qcow2"], "qimg: q.sock: --qmp-timeout takes a positive number of seconds"),
+            (["--qmp", "q.sock", "--node", "a", "--qmp-timeout", "nan", "t.qcow2"], "qimg: q.sock: --qmp-timeout takes a positive number of seconds"),
         ]
         for (args, start) in cases {
             let r = try Qimg.run(["backup"] + args, cwd: dir)

@@ -13,7 +13,8 @@ import Glibc
 /// killed run's pending point is completed or dropped by the next run, as offline.
 public enum LiveRepositoryBackup {
     public static func run(socket: String, repository repoPath: String, nodes: [String], chains: [String]?,
-                           options o: RepositoryBackupOptions, freeze: GuestFreeze? = nil) throws -> [RepositoryBackupResult] {
+                           options o: RepositoryBackupOptions, freeze: GuestFreeze? = nil,
+                           qmpTimeout: Double = QMPConnection.defaultReplyTimeout) throws -> [RepositoryBackupResult] {
         let names = chains ?? nodes
         guard names.count == nodes.count else {
             throw QCow2Error.invalidArgument(path: socket, detail: "\(names.count) chain names for \(nodes.count) nodes (one per node, in the same order)")
@@ -22,7 +23,7 @@ public enum LiveRepositoryBackup {
         for n in names { try RepositoryBackup.validateChainName(n, image: socket) }
         let repo = try Repository(repoPath, create: true, lock: .exclusive, lockWait: o.lockWait)
         try freeze?.connect()
-        let qmp = try QMPConnection(socket: socket)
+        let qmp = try QMPConnection(socket: socket, replyTimeout: qmpTimeout)
         defer { qmp.close() }
         try LiveCleanup.run(qmp)
         try RepositoryPrune.finishMerges(repo)
@@ -36,6 +37,7 @@ public enum LiveRepositoryBackup {
         var push = PushOptions()
         push.shouldStop = o.shouldStop
         push.freeze = freeze
+        push.qmpTimeout = qmpTimeout
         // Point files are never readable by more users than the repository's owner.
         let r = try StagedFile.$creationMode.withValue(0o600) {
             try PushBackup.run(qmp, disks: planned.map(\.disk), options: push) {

@@ -37,6 +37,8 @@ public struct PushOptions {
     public var shouldStop: () -> Bool = { false }
     /// The guest's filesystems frozen around the transaction that starts the jobs.
     public var freeze: GuestFreeze?
+    /// Seconds QEMU may take to answer a command (`QMPConnection`'s reply timeout).
+    public var qmpTimeout = QMPConnection.defaultReplyTimeout
     public init() {}
 }
 
@@ -63,7 +65,7 @@ public enum PushBackup {
     public static func run(socket: String, disks: [LiveDisk], options o: PushOptions) throws -> PushResult {
         try validate(socket: socket, disks: disks, options: o)
         try o.freeze?.connect()
-        let qmp = try QMPConnection(socket: socket)
+        let qmp = try QMPConnection(socket: socket, replyTimeout: o.qmpTimeout)
         defer { qmp.close() }
         try LiveCleanup.run(qmp)
         return try run(qmp, disks: disks, options: o)

@@ -33,6 +33,7 @@ struct PushJobs {
         // session is gone, `follow` throws and the next run ends the jobs and merges back).
         let outcome = try follow(abort: thawFailure != nil)
         for r in runs { _ = try qmp.tryExecute("job-dismiss", [("id", .string(r.job))]) }
+        if runs.allSatisfy({ if case .completed? = outcome[$0.job] { return true }; return false }) { writeBack() }
         detach()
         let failed = runs.compactMap { r -> (PushRun, String, Bool)? in
             if case .failed(let why, let writing)? = outcome[r.job] { return (r, why, writing) }
@@ -86,6 +87,15 @@ struct PushJobs {
                 ("backing", .null)])
             attached.append(r)
         }
+    }
+
+    /// QEMU flushes a target inside `blockdev-del`, where the monitor answers nothing until
+    /// the data QEMU wrote is on disk: that is written here first (the same page-cache
+    /// pages), so that the detach has only QEMU's cached metadata left and answers within
+    /// the reply timeout however large the backup. A failure here shows in the full sync
+    /// that follows the detach.
+    private func writeBack() {
+        for r in runs { try? BlockFile(path: r.staged.temporaryPath).sync() }
     }
 
     /// Detaches the attached targets (QEMU writes its cached metadata and syncs them);

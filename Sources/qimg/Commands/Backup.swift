@@ -34,7 +34,9 @@ struct Backup: ParsableCommand {
             Running VM (qimg backup --qmp SOCKET --node NODE [--sync=full|incremental|bitmap] [--bitmap NAME] \
             [-b PREV -F qcow2] TARGET): QEMU copies the node into TARGET (push mode); see Docs/live-backup.md. \
             --freeze QGA_SOCKET (with --qmp, also with --repo or --nbd): the guest's filesystems are frozen \
-            through its QEMU guest agent for the start of the backup only, and thawed right after.
+            through its QEMU guest agent for the start of the backup only, and thawed right after. \
+            --qmp-timeout SECONDS (default \(Int(QMPConnection.defaultReplyTimeout))): QEMU leaving a command unanswered for \
+            that long (a stopped or hung VM) fails the run (exit 10).
 
             \(ExitStatus.interruptible) In repository mode: \(RepoExit.codes) \(LiveExit.codes)
             """)
@@ -77,6 +79,7 @@ struct Backup: ParsableCommand {
         if let qmp = live.qmp { return try LiveBackup(command: self, socket: qmp).run() }
         if !live.nodes.isEmpty { throw CommandFailure(message: "\(source): --node applies only with --qmp") }
         if live.freeze != nil { throw CommandFailure(message: "\(source): --freeze applies only with --qmp") }
+        if live.timeout != nil { throw CommandFailure(message: "\(source): --qmp-timeout applies only with --qmp") }
         guard !source.isEmpty else { throw CommandFailure(message: "an IMAGE to back up is required") }
         if chains.count > 1 { throw CommandFailure(message: "\(source): --name is given once (several only with --qmp, one per --node)") }
         if let repo { return try RepoBackup(command: self, repo: repo).run() }

@@ -43,6 +43,7 @@ struct LiveBackup {
         o.force = c.force
         o.shouldStop = { Interruption.requested }
         o.freeze = c.live.guestFreeze
+        o.qmpTimeout = try c.live.timeoutSeconds(socket)
         Interruption.install()
         let r: PushResult
         do {
@@ -76,9 +77,11 @@ struct LiveBackup {
         let log = RunLog(file: c.log)
         let results: [RepositoryBackupResult]
         let freeze = c.live.guestFreeze
+        let qmpTimeout = try c.live.timeoutSeconds(socket)
         do {
             results = try c.lockWait.apply {
-                try LiveRepositoryBackup.run(socket: socket, repository: repo, nodes: nodes, chains: c.chains.isEmpty ? nil : c.chains, options: o, freeze: freeze)
+                try LiveRepositoryBackup.run(socket: socket, repository: repo, nodes: nodes, chains: c.chains.isEmpty ? nil : c.chains, options: o, freeze: freeze,
+                                             qmpTimeout: qmpTimeout)
             }
         } catch let e as QCow2Error {
             throw failure(e, kept: "no point was added for any disk and every bitmap keeps its bits")

@@ -26,6 +26,7 @@ struct NBDBackup {
         if let socket = c.live.qmp { return try runWithQMP(socket, options: o, target: target) }
         if !c.live.nodes.isEmpty { throw CommandFailure(message: "\(uri): --node applies only with --qmp") }
         if c.live.freeze != nil { throw CommandFailure(message: "\(uri): --freeze applies only with --qmp") }
+        if c.live.timeout != nil { throw CommandFailure(message: "\(uri): --qmp-timeout applies only with --qmp") }
         let timeout = try c.pull.timeoutSeconds(uri)
         try c.perform(o, source: uri, target: target, exitCode: LiveExit.code(for:)) { o in
             // The export's bytes are a VM's disk: the backup is readable by its owner only.
@@ -43,9 +44,11 @@ struct NBDBackup {
         if o.sync == .incremental, o.bitmap == nil { throw CommandFailure(message: "\(socket): --sync=incremental needs --bitmap NAME") }
         let timeout = try c.pull.timeoutSeconds(uri)
         let freeze = c.live.guestFreeze
+        let qmpTimeout = try c.live.timeoutSeconds(socket)
         try c.perform(o, source: uri, target: target, exitCode: LiveExit.code(for:), note: { FreezeNote.text(freeze) }) { o in
             try StagedFile.$creationMode.withValue(0o600) {
-                try FleecePull.run(socket: socket, node: c.live.nodes[0], server: uri, target: target, options: o, timeout: timeout, freeze: freeze)
+                try FleecePull.run(socket: socket, node: c.live.nodes[0], server: uri, target: target, options: o, timeout: timeout, freeze: freeze,
+                                   qmpTimeout: qmpTimeout)
             }
         }
     }

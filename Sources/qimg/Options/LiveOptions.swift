@@ -6,9 +6,19 @@ struct LiveOptions: ParsableArguments {
     @Option(name: .customLong("qmp"), help: ArgumentHelp("Back up a running VM: the QMP socket of its QEMU (push mode; QEMU writes TARGET).", valueName: "socket")) var qmp: String?
     @Option(name: .customLong("node"), help: ArgumentHelp("With --qmp: the block node (or device/qdev id) to back up; once per disk.", valueName: "node")) var nodes: [String] = []
     @Option(name: .customLong("freeze"), help: ArgumentHelp("With --qmp: freeze the guest's filesystems through its QEMU guest agent (this socket) while the backup starts.", valueName: "socket")) var freeze: String?
+    @Option(name: .customLong("qmp-timeout"), help: ArgumentHelp(
+        "With --qmp: give up when QEMU leaves a command unanswered for this many seconds (a stopped or hung VM; default \(Int(QMPConnection.defaultReplyTimeout))).",
+        valueName: "seconds")) var timeout: Double?
 
     /// The guest agent of --freeze (the library connects before it starts anything).
     var guestFreeze: GuestFreeze? { freeze.map { GuestFreeze(socket: $0) } }
+
+    /// --qmp-timeout (a positive number of seconds), or the default.
+    func timeoutSeconds(_ socket: String) throws -> Double {
+        guard let t = timeout else { return QMPConnection.defaultReplyTimeout }
+        guard t.isFinite, t > 0, t <= 1e6 else { throw CommandFailure(message: "\(socket): --qmp-timeout takes a positive number of seconds") }
+        return t
+    }
 }
 
 /// The exit codes of `qimg backup --qmp` and `--nbd`: one code per cause, the repository's
@@ -16,7 +26,7 @@ struct LiveOptions: ParsableArguments {
 enum LiveExit {
     static let codes = """
         With --qmp or --nbd, the same codes (5: also a QEMU job that could not write its target), and: \
-        10 the QMP socket cannot be reached or the session ended, 11 QEMU refused a command, \
+        10 the QMP socket cannot be reached or the session ended (or QEMU left a command unanswered for --qmp-timeout seconds), 11 QEMU refused a command, \
         12 no such node, 13 no such bitmap, 14 the bitmap is disabled, 15 the bitmap is in use, \
         16 the bitmap is inconsistent, 17 a backup job failed otherwise (a read error on the disk, \
         the point-in-time view ended during the copy), 18 the guest agent of --freeze cannot be reached \

@@ -12,14 +12,14 @@ import Glibc
 public enum FleecePull {
     public static func run(socket: String, node name: String, server uri: String, target: String,
                            options o: BackupOptions, timeout: Double = NBDClient.defaultTimeout,
-                           freeze: GuestFreeze? = nil) throws -> BackupResult {
+                           freeze: GuestFreeze? = nil, qmpTimeout: Double = QMPConnection.defaultReplyTimeout) throws -> BackupResult {
         let server = try NBDServerAddress(uri: uri)
         try PullBackup.validate(uri: uri, options: { var v = o; v.bitmap = nil; return v }())
         if o.sync == .incremental && o.bitmap == nil {
             throw QCow2Error.invalidArgument(path: socket, detail: "a backup with sync=incremental needs a bitmap")
         }
         try freeze?.connect()
-        let qmp = try QMPConnection(socket: socket)
+        let qmp = try QMPConnection(socket: socket, replyTimeout: qmpTimeout)
         defer { qmp.close() }
         try LiveCleanup.run(qmp)
         let node = try LiveNodes.find(name, qmp)
