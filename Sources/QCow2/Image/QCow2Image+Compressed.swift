@@ -22,6 +22,27 @@ extension QCow2Image {
         try guardingMetadata { try writeCompressedUnguarded(data, at: offset, stream: stream) }
     }
 
+    /// Writes consecutive clusters from guest `offset` (cluster-aligned) compressed, with
+    /// their streams compressed by the caller already: `streams[k]` is cluster k's (each
+    /// smaller than a cluster). One transaction per L2 table the clusters fall in: the
+    /// refcounts of all their streams committed once, the streams written with one write
+    /// per stretch that is contiguous both in the file and in memory, the L2 entries with
+    /// one write; the crash-safe order of one cluster's write is kept.
+    func writeCompressed(streams: [UnsafeRawBufferPointer], at offset: UInt64) throws {
+        let cs = UInt64(geometry.clusterSize)
+        let perTable = geometry.bytesPerL2
+        try guardingMetadata {
+            var k = 0
+            while k < streams.count {
+                let guest = offset + UInt64(k) * cs
+                // At least one: an unaligned offset is refused by the write itself.
+                let n = min(streams.count - k, max(1, Int((perTable - guest % perTable) / cs)))
+                try writeCompressedWithinL2(streams[k..<(k + n)], at: guest)
+                k += n
+            }
+        }
+    }
+
     /// Rounds the file length up to a whole sector, as qemu-img convert -c leaves it: a
     /// compressed descriptor counts whole sectors, so the last stream's may end past the
     /// last byte written.
@@ -41,51 +62,88 @@ extension QCow2Image {
 
     /// `stream`: the compressed cluster (nil: it does not compress).
     private func writeCompressedUnguarded(_ data: UnsafeRawBufferPointer, at offset: UInt64, stream given: UnsafeRawBufferPointer?) throws {
-        let g = geometry
-        let cs = g.clusterSize
         try checkCompressedCluster(data, at: offset)
+        guard let stream = given else { return try writeUnguarded(data, at: offset) }
+        try writeCompressedWithinL2([stream][...], at: offset)
+    }
+
+    /// Clusters of one L2 table from guest `offset` on, written compressed: refcounts
+    /// (a new L2 table first, as QEMU takes it before the streams' bytes, so the files are
+    /// laid out alike; each stream into the current packing cluster when it fits, else
+    /// into fresh clusters), the streams, the L2 entries, then the frees.
+    private func writeCompressedWithinL2(_ streams: ArraySlice<UnsafeRawBufferPointer>, at offset: UInt64) throws {
+        let g = geometry
+        let cs = UInt64(g.clusterSize)
+        let count = UInt64(streams.count)
+        guard g.isAligned(offset), count > 0, offset < virtualSize, (virtualSize - offset - 1) / cs + 1 >= count,
+              streams.allSatisfy({ $0.baseAddress != nil && $0.count > 0 && UInt64($0.count) < cs }) else {
+            throw QCow2Error.invalidArgument(path: path, detail: "compressed writes must cover whole clusters inside the disk, each stream smaller than a cluster (offset \(offset), \(count) clusters)")
+        }
+        let bytes = min(count * cs, virtualSize - offset)
+        try checkRange(offset, Int(bytes))
         let alloc = try requireAllocator()
         try prepareForWrite()
-        trackWrite(offset, UInt64(data.count))
-        guard let stream = given else {
-            try writeUnguarded(data, at: offset)
-            return
-        }
+        trackWrite(offset, bytes)
         let l1i = g.l1Index(offset)
         var (table, tableOffset, replaces) = try map.l2TableForWrite(l1i, refcounts: alloc)
-        let index = g.l2Index(offset)
-        let old = map.l2Entry(table, index)
-        try map.validateForWrite(old, index: index, table: tableOffset ?? 0, refcounts: alloc)
+        let first = g.l2Index(offset)
+        let indices = first..<(first + streams.count)
+        for i in indices { try map.validateForWrite(map.l2Entry(table, i), index: i, table: tableOffset ?? 0, refcounts: alloc) }
 
-        // 1. Refcounts: a new L2 table first (QEMU takes it before the stream's bytes, so
-        //    the files are laid out alike); the stream goes into the current packing
-        //    cluster when it fits, else into fresh clusters.
+        // 1. Refcounts.
         var tx = try MetadataTransaction(self)
         let newTableOffset = tableOffset == nil ? try tx.allocate(1) : nil
-        let start = try placeStream(length: UInt64(stream.count), tx: tx, refcounts: alloc)
+        var starts: [UInt64] = []
+        starts.reserveCapacity(streams.count)
+        for s in streams {
+            let start = try placeStream(length: UInt64(s.count), tx: tx, refcounts: alloc)
+            let end = start + UInt64(s.count)
+            guard start < (UInt64(1) << UInt64(70 - g.clusterBits)) else {
+                throw QCow2Error.unsupported(path: path, detail: "compressed data would lie beyond the offset range of a compressed descriptor")
+            }
+            compressedPacking = (host: (end - 1) & ~(cs - 1), used: end - ((end - 1) & ~(cs - 1)))
+            starts.append(start)
+        }
         try tx.commitRefcounts()
-        let end = start + UInt64(stream.count)
-        compressedPacking = (host: (end - 1) & ~UInt64(cs - 1), used: end - ((end - 1) & ~UInt64(cs - 1)))
 
         // 2. Data.
-        try file.write(stream, at: start)
-        let x = UInt64(70 - g.clusterBits)
-        let nsec = (end - 1) / 512 - start / 512
-        guard start < (UInt64(1) << x) else {
-            throw QCow2Error.unsupported(path: path, detail: "compressed data would lie beyond the offset range of a compressed descriptor")
-        }
-        let entry = L2Entry(L2Entry.compressedFlag | (nsec << x) | start)
-        map.setL2Entry(&table, index, entry)
+        try writeStreams(streams, at: starts)
 
         // 3. Publication, 4. frees.
+        let x = UInt64(70 - g.clusterBits)
+        var frees: [UInt64] = []
+        for (k, s) in streams.enumerated() {
+            let start = starts[k]
+            let nsec = (start + UInt64(s.count) - 1) / 512 - start / 512
+            frees += map.referencedClusters(map.l2Entry(table, first + k))
+            map.setL2Entry(&table, first + k, L2Entry(L2Entry.compressedFlag | (nsec << x) | start))
+        }
         if let t = newTableOffset {
             try tx.publishL2(table, l1Index: l1i, to: .new(offset: t, replaces: replaces), afterData: true)
         } else if let t = tableOffset {
-            try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: index..<(index + 1)), afterData: true)
+            try tx.publishL2(table, l1Index: l1i, to: .existing(offset: t, changed: indices), afterData: true)
         }
         decompressed.invalidate()
-        tx.free(map.referencedClusters(old))
+        tx.free(frees)
         try tx.finish()
+    }
+
+    /// The streams at their places in the file: one write per run of streams that follow
+    /// each other both in the file and in memory.
+    private func writeStreams(_ streams: ArraySlice<UnsafeRawBufferPointer>, at starts: [UInt64]) throws {
+        let list = Array(streams)
+        var a = 0
+        while a < list.count {
+            guard let base = list[a].baseAddress else { return }
+            var n = list[a].count
+            var b = a + 1
+            while b < list.count, starts[b] == starts[a] + UInt64(n), list[b].baseAddress == base + n {
+                n += list[b].count
+                b += 1
+            }
+            try file.write(UnsafeRawBufferPointer(start: base, count: n), at: starts[a])
+            a = b
+        }
     }
 
     /// Where a compressed stream of `length` bytes goes, its clusters referenced: right after

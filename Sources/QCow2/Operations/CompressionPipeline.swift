@@ -18,6 +18,8 @@ final class CompressionPipeline {
         let output: UnsafeMutableRawBufferPointer
         /// Per cluster: a stream's length, `Self.incompressible` or `Self.zero`.
         let lengths: UnsafeMutableBufferPointer<Int>
+        /// Per cluster: where its stream starts in `output` (`compact` moves them together).
+        let starts: UnsafeMutableBufferPointer<Int>
         let compressors: [ClusterCompressor]
         let group = DispatchGroup()
         fileprivate(set) var guest: UInt64 = 0
@@ -38,12 +40,14 @@ final class CompressionPipeline {
             input = .allocate(byteCount: bytes, alignment: 4096)
             output = .allocate(byteCount: bytes / cs * stride, alignment: 64)
             lengths = .allocate(capacity: bytes / cs)
+            starts = .allocate(capacity: bytes / cs)
         }
 
         deinit {
             input.deallocate()
             output.deallocate()
             lengths.deallocate()
+            starts.deallocate()
         }
 
         var clusters: Int { (count + clusterSize - 1) / clusterSize }
@@ -57,7 +61,20 @@ final class CompressionPipeline {
         /// Cluster `i`'s compressed stream; nil when it is stored as it is (or is zero).
         func stream(_ i: Int) -> UnsafeRawBufferPointer? {
             let n = lengths[i]
-            return n >= 0 ? UnsafeRawBufferPointer(rebasing: output[(i * stride)..<(i * stride + n)]) : nil
+            return n >= 0 ? UnsafeRawBufferPointer(rebasing: output[starts[i]..<(starts[i] + n)]) : nil
+        }
+
+        /// Moves the streams together, in cluster order, so that streams the target
+        /// places one after the other go to the file with one write. Each stream moves
+        /// towards the start of `output` only (`stride` is at least its length).
+        fileprivate func compact() {
+            guard let base = output.baseAddress else { return }
+            var at = 0
+            for i in 0..<clusters where lengths[i] >= 0 {
+                if at != i * stride { memmove(base + at, base + i * stride, lengths[i]) }
+                starts[i] = at
+                at += lengths[i]
+            }
         }
 
         func isZero(_ i: Int) -> Bool { lengths[i] == Self.zero }
@@ -98,7 +115,7 @@ final class CompressionPipeline {
         chunkBytes = bytes
         self.detectZeros = detectZeros
         workers = min(cores, bytes / cs)
-        ring = try (0..<Self.slots).map { _ in 
+        ring = try (0..<Self.slots).map { _ in
             try Chunk(type: type, clusterSize: cs, bytes: bytes, workers: min(cores, bytes / cs), path: path)
         }
     }
@@ -134,6 +151,7 @@ final class CompressionPipeline {
         guard slot.pending else { return }
         slot.group.wait()
         slot.pending = false
+        slot.compact()
         try write(slot)
     }
 

@@ -27,19 +27,34 @@ extension CopyEngine {
 
     private mutating func writeChunk(_ chunk: CompressionPipeline.Chunk, into q: QCow2Image, maskZeros: Bool) throws {
         var backingBuf: [UInt8] = []
+        // Runs of clusters that compressed are written together (one transaction each).
+        var run: [UnsafeRawBufferPointer] = []
+        var runStart = 0
+        func flushRun() throws {
+            guard !run.isEmpty else { return }
+            try q.writeCompressed(streams: run, at: chunk.guest + UInt64(runStart * chunk.clusterSize))
+            for k in runStart..<(runStart + run.count) { try wrote(chunk.data(k), at: chunk.guest + UInt64(k * chunk.clusterSize)) }
+            run.removeAll(keepingCapacity: true)
+        }
         for i in 0..<chunk.clusters {
+            if let stream = chunk.stream(i) {
+                if run.isEmpty { runStart = i }
+                run.append(stream)
+                continue
+            }
+            try flushRun()
             let data = chunk.data(i)
             let guest = chunk.guest + UInt64(i * chunk.clusterSize)
             if chunk.isZero(i) {
                 guard try maskZeros || backingHasData(guest, data.count, &backingBuf) else { continue }
                 try writeZeros(guest, UInt64(data.count))
+                copied?.set(guest, UInt64(data.count))
             } else {
-                try q.writeCompressed(data, stream: chunk.stream(i), at: guest)
-                try observer?.wroteData(data, at: guest)
-                bytesCopied += UInt64(data.count)
+                try q.writeCompressed(data, stream: nil, at: guest)
+                try wrote(data, at: guest)
             }
-            copied?.set(guest, UInt64(data.count))
         }
+        try flushRun()
         bytesDone += UInt64(chunk.count)
         if earlyWriteback && bytesCopied - writebackMark >= Self.writebackInterval {
             writebackMark = bytesCopied
@@ -47,5 +62,12 @@ extension CopyEngine {
         }
         progress?(bytesDone)
         try throttle()
+    }
+
+    /// Bookkeeping after a cluster's data went to the target.
+    private mutating func wrote(_ data: UnsafeRawBufferPointer, at guest: UInt64) throws {
+        try observer?.wroteData(data, at: guest)
+        bytesCopied += UInt64(data.count)
+        copied?.set(guest, UInt64(data.count))
     }
 }
