@@ -116,6 +116,9 @@ import Glibc
         #expect(!B.exists(dir, Self.file(pts[0])), "the expired point's file is removed")
         #expect(try Self.contents(dir, orphans) == kept, "the orphans are kept, unchanged")
         try R.expectRestores(dir, point: "000002", as: "day2.qcow2", "after the prune")
+        try B.qimg(["repo", "restore", "R", "--point", "000002", "-O", "qcow2", "restored.qcow2"], dir)
+        try expectCheckClean("restored.qcow2", dir, "the restore after the prune")
+        try B.expectIdentical("restored.qcow2", "day2.qcow2", dir, "the restore after the prune")
         #expect(try Qimg.run(["repo", "verify", "R", "--point", "000002"], cwd: dir).status == 0)
         try Self.expectVerifyNames(dir, [(orphans[0], "parent \(Self.name(pts[2])) missing"),
                                          (orphans[1], "parent \(Self.name(pts[3])) is not a restore point")], "after the prune")

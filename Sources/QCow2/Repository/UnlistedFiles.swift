@@ -54,14 +54,15 @@ extension Repository {
     /// the job's bitmap of point `id` (a run that completed: its file is no leftover).
     public func unlistedFiles(chain: String? = nil, imageHasBitmap: (String) -> Bool = { _ in false }) -> [UnlistedFile] {
         let names = chain.map { [$0] } ?? Self.entries(path).sorted().filter { !$0.hasPrefix(".") && isDirectory(file($0)) }
-        return names.flatMap { unlistedFiles(inChain: $0, imageHasBitmap: imageHasBitmap) }
+        return names.flatMap { unlistedFiles(inChain: $0, entries: Self.entries(file($0)), imageHasBitmap: imageHasBitmap) }
     }
 
-    private func unlistedFiles(inChain name: String, imageHasBitmap: (String) -> Bool) -> [UnlistedFile] {
+    /// `entries`: the names in chain `name`'s directory.
+    private func unlistedFiles(inChain name: String, entries: [String], imageHasBitmap: (String) -> Bool) -> [UnlistedFile] {
         let listed = manifest.chain(name)?.points ?? []
         let known = listedFiles(chain: name)
         let expired = Set(pruneJournal?.chain == name ? pruneJournal?.expired ?? [] : [])
-        let files = Self.entries(file(name)).sorted().filter { f in
+        let files = entries.sorted().filter { f in
             !known.contains("\(name)/\(f)") && !Self.isTemporary(f) && isQCow2File(file("\(name)/\(f)"))
         }
         // A killed run leaves one file of a number the manifest's counter had not reached.
@@ -79,12 +80,13 @@ extension Repository {
                !imageHasBitmap(RepositoryBackup.pointID(n)) {
                 return UnlistedFile(chain: name, file: rel, reason: .killedBackup)
             }
-            guard let b = backing else { return UnlistedFile(chain: name, file: rel, reason: listed.isEmpty ? .unknownChain(name) : .notListed) }
+            let unknown = manifest.chain(name) == nil
+            guard let b = backing else { return UnlistedFile(chain: name, file: rel, reason: unknown ? .unknownChain(name) : .notListed) }
             var st = stat()
             guard Sys.stat(BackingName.fullName(b, relativeTo: file(rel)), &st) == 0 else {
                 return UnlistedFile(chain: name, file: rel, reason: .parentMissing(b))
             }
-            if listed.isEmpty { return UnlistedFile(chain: name, file: rel, reason: .unknownChain(name)) }
+            if unknown { return UnlistedFile(chain: name, file: rel, reason: .unknownChain(name)) }
             return UnlistedFile(chain: name, file: rel, reason: known.contains("\(name)/\(b)") ? .notListed : .parentNotListed(b))
         }
     }
@@ -101,8 +103,9 @@ extension Repository {
     /// relative names removed.
     @discardableResult
     public func removeLeftovers(chain name: String, imageHasBitmap: ((String) -> Bool)?) -> [String] {
-        let old = Self.entries(file(name)).filter { $0.hasSuffix(".qcow2" + RepositoryPrune.oldReplacementSuffix) }.map { "\(name)/\($0)" }
-        let leftovers = unlistedFiles(chain: name, imageHasBitmap: imageHasBitmap ?? { _ in false })
+        let entries = Self.entries(file(name))
+        let old = entries.filter { $0.hasSuffix(".qcow2" + RepositoryPrune.oldReplacementSuffix) }.map { "\(name)/\($0)" }
+        let leftovers = unlistedFiles(inChain: name, entries: entries, imageHasBitmap: imageHasBitmap ?? { _ in false })
             .filter { $0.reason == .expiredByPrune || ($0.reason == .killedBackup && imageHasBitmap != nil) }
         return remove(old + leftovers.map(\.file))
     }
