@@ -169,21 +169,26 @@ import Glibc
     }
 
     /// What qimg never made or made and forgot: a qcow2 a person copied into a chain, a copy
-    /// of a point under another name, a chain directory the manifest does not know. Each is
-    /// listed (its image: the directory), verify reports it, and backups and prunes keep it.
+    /// of a point under another name, a chain directory the manifest does not know, a qcow2
+    /// beside the manifest. Each is listed (its image: the directory; the last: at the top),
+    /// verify reports it, and backups and prunes keep it.
     @Test(.requiresQEMU) func filesAPersonPutInAreKept() throws {
         let dir = try R.scratch("orphans-copied")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let pts = try Self.days(dir, 1...3)
         try R.shell("cp day1.qcow2 R/vm.qcow2/mine.qcow2 && cp \(Self.file(pts[1])) R/vm.qcow2/copy.qcow2", dir)
         try R.shell("mkdir R/old.qcow2 && cp \(Self.file(pts[0])) R/old.qcow2/\(Self.name(pts[0]))", dir)
-        let added = ["R/vm.qcow2/mine.qcow2", "R/vm.qcow2/copy.qcow2", "R/old.qcow2/" + Self.name(pts[0])]
+        try R.shell("cp day2.qcow2 R/top.qcow2", dir)
+        let added = ["R/vm.qcow2/mine.qcow2", "R/vm.qcow2/copy.qcow2", "R/old.qcow2/" + Self.name(pts[0]), "R/top.qcow2"]
         let kept = try Self.contents(dir, added)
         #expect(try Self.unlisted(dir) == ["vm.qcow2/mine.qcow2": "not listed in the manifest",
                                           "vm.qcow2/copy.qcow2": "not listed in the manifest"])
         #expect(try Self.unlisted(dir, image: "old.qcow2") == ["old.qcow2/" + Self.name(pts[0]): "not listed in the manifest (no chain 'old.qcow2')"])
         #expect(try R.list(dir).first { $0["image"] as? String == "old.qcow2" }?["points"] as? [Any] != nil)
-        try Self.expectVerifyNames(dir, added.map { ($0, "not listed in the manifest") }, "copied in")
+        let listing = try JSONSerialization.jsonObject(with: try B.qimg(["repo", "list", "--output=json", "R"], dir).stdout) as? [String: Any]
+        let outside = listing?["orphans"] as? [[String: Any]] ?? []
+        #expect(outside.map { "\($0["file"] ?? "-"): \($0["reason"] ?? "-")" } == ["top.qcow2: not in a chain directory"], "\(outside)")
+        try Self.expectVerifyNames(dir, added.dropLast().map { ($0, "not listed in the manifest") } + [("R/top.qcow2", "not in a chain directory")], "copied in")
 
         try B.tool(["qemu-io", "-c", "write -P 4 0 64k", "vm.qcow2"], dir)
         #expect(try R.backup(dir, day: 4)["kind"] as? String == "incremental")

@@ -23,12 +23,14 @@ public struct UnlistedFile: Equatable, Sendable {
         case notListed
         /// In a directory that is no chain of the manifest.
         case unknownChain(String)
+        /// Beside the manifest, in no chain directory (`chain` is empty).
+        case outsideChains
         /// Not a qcow2 image qimg can open.
         case unreadable(String)
     }
 
     public var chain: String
-    /// Relative to the repository directory (CHAIN/FILE).
+    /// Relative to the repository directory (CHAIN/FILE; FILE for `outsideChains`).
     public var file: String
     public var reason: Reason
 
@@ -43,18 +45,22 @@ public struct UnlistedFile: Equatable, Sendable {
         case .parentNotListed(let b): return "parent \(b) is not a restore point"
         case .notListed: return "not listed in the manifest"
         case .unknownChain(let c): return "not listed in the manifest (no chain '\(c)')"
+        case .outsideChains: return "not in a chain directory"
         case .unreadable(let why): return "cannot be opened: \(why)"
         }
     }
 }
 
 extension Repository {
-    /// The unlisted files of every chain directory (`chain`: of that one only), by
-    /// directory name and file name. `imageHasBitmap(id)`: whether the backed-up image holds
-    /// the job's bitmap of point `id` (a run that completed: its file is no leftover).
+    /// The unlisted files of every chain directory, by directory name and file name, then
+    /// those beside the manifest (`chain`: of that chain's directory only).
+    /// `imageHasBitmap(id)`: whether the backed-up image holds the job's bitmap of point
+    /// `id` (a run that completed: its file is no leftover).
     public func unlistedFiles(chain: String? = nil, imageHasBitmap: (String) -> Bool = { _ in false }) -> [UnlistedFile] {
-        let names = chain.map { [$0] } ?? Self.entries(path).sorted().filter { !$0.hasPrefix(".") && isDirectory(file($0)) }
-        return names.flatMap { unlistedFiles(inChain: $0, entries: Self.entries(file($0)), imageHasBitmap: imageHasBitmap) }
+        if let chain { return unlistedFiles(inChain: chain, entries: Self.entries(file(chain)), imageHasBitmap: imageHasBitmap) }
+        let top = Self.entries(path).sorted().filter { !$0.hasPrefix(".") && !Self.isTemporary($0) }
+        return top.filter { isDirectory(file($0)) }.flatMap { unlistedFiles(inChain: $0, entries: Self.entries(file($0)), imageHasBitmap: imageHasBitmap) }
+            + top.filter { isQCow2File(file($0)) }.map { UnlistedFile(chain: "", file: $0, reason: .outsideChains) }
     }
 
     /// `entries`: the names in chain `name`'s directory.

@@ -17,9 +17,12 @@ struct RepoListing {
         var leftovers: [UnlistedFile]
     }
 
+    /// Orphans beside the manifest, in no chain directory.
+    var outside: [UnlistedFile] { unlisted.filter { $0.chain.isEmpty } }
+
     var images: [Image] {
         let known = manifest.images.map(\.name)
-        let others = unlisted.map(\.chain).filter { !known.contains($0) }
+        let others = unlisted.map(\.chain).filter { !$0.isEmpty && !known.contains($0) }
         let names = known + others.enumerated().filter { others.firstIndex(of: $0.element) == $0.offset }.map(\.element)
         return names.map { n in
             let u = unlisted.filter { $0.chain == n }
@@ -27,13 +30,14 @@ struct RepoListing {
         }
     }
 
-    /// `{"images": [{"image", "points": [...], "orphans": [{"file", "reason"}], "leftovers": [...]}]}`.
+    /// `{"images": [{"image", "points": [...], "orphans": [{"file", "reason"}], "leftovers": [...]}],
+    /// "orphans": [...]}` (the last: files beside the manifest).
     func json() -> JSON {
         let files = { (u: [UnlistedFile]) in JSON.array(u.map { .object([("file", .string($0.file)), ("reason", .string($0.detail))]) }) }
         return .object([("images", .array(images.map { i in
             .object([("image", .string(i.name)), ("points", .array(i.points.map { $0.listJSON() })),
                      ("orphans", files(i.orphans)), ("leftovers", files(i.leftovers))])
-        }))])
+        })), ("orphans", files(outside))])
     }
 
     func human(repo: String) -> String {
@@ -47,11 +51,14 @@ struct RepoListing {
                             pad(Human.size(p.virtualSize), 13), pad(Human.size(p.bytesCopied), 11), pad(p.state.rawValue, 9), p.file].joined(separator: " ") + "\n"
                 }
             }
-            for o in i.orphans { out += "orphan   \(o.file): \(Self.orphanNote): \(o.detail)\n" }
+            out += i.orphans.map(orphanLine).joined()
             for l in i.leftovers { out += "leftover \(l.file): \(l.detail)\n" }
         }
+        if !outside.isEmpty { out += "\n" + outside.map(orphanLine).joined() }
         return out
     }
+
+    func orphanLine(_ o: UnlistedFile) -> String { "orphan   \(o.file): \(Self.orphanNote): \(o.detail)\n" }
 
     func pad(_ s: String, _ n: Int) -> String { s + String(repeating: " ", count: max(0, n - s.count)) }
 }
