@@ -19,8 +19,8 @@ import Glibc
 /// into an unlisted full, which no listed point reads where it changes; a rebase in place;
 /// a rename), then the manifest records the point's new kind, parent and digests; (3) the
 /// expired files the journal names are removed (no other file: `UnlistedFile`); (4) the
-/// journal is removed. A run killed anywhere is
-/// finished by the next prune or backup (`finishMerges`), with or without the manifest.
+/// journal is removed. A run killed anywhere is finished by the next prune or backup
+/// (`finishMerges`), with or without the manifest.
 public enum RepositoryPrune {
     public struct Result: Sendable {
         public var chain: String
