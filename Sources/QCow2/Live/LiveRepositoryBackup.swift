@@ -98,8 +98,8 @@ public enum LiveRepositoryBackup {
         }
         if repo.manifest.chain(chain) == nil { repo.manifest.images.append(RepositoryManifest.ImageChain(name: chain)) }
         var cleaned = try RepositoryBackup.resolvePending(repo, chain) { live.bitmap($0) != nil }
-        cleaned += repo.removeUnlisted(chain: chain)
         let prefix = "\(o.bitmap)@\(repo.manifest.repositoryID)."
+        cleaned += repo.removeLeftovers(chain: chain) { id in live.bitmap(prefix + id) != nil }
         let jobBitmaps = live.bitmaps.filter { $0.name.hasPrefix(prefix) }
         let reason = fullReason(repo, chain, live, jobBitmaps, prefix: prefix, options: o)
         let parent = reason == nil ? repo.manifest.chain(chain)?.points.last : nil

@@ -9,6 +9,7 @@ import Glibc
 /// unfinished prune's `journal` decides for its chain: its expired files are never points
 /// (a downward merge may have committed a newer point's data into one), and a kept point it
 /// merges gets the parent of its merge, whatever (expired) file it is still backed by.
+/// Files left out (an unreadable one, one whose parent is gone) stay: `UnlistedFile`.
 extension RepositoryManifest {
     static func rebuild(from repo: String, repositoryID: String, journal: PruneJournal? = nil) throws -> RepositoryManifest {
         var m = RepositoryManifest(repositoryID: repositoryID)
@@ -19,6 +20,9 @@ extension RepositoryManifest {
             let expired = Set(prune?.expired ?? [])
             var chain = ImageChain(name: dirName)
             let named = Repository.entries(repo + "/" + dirName).compactMap { f in pointName(f).map { (f, $0.time, $0.number) } }
+            // Past every file's number, listed or not: a file the counter has not reached is
+            // a killed backup's, which the next backup removes (`UnlistedFile`).
+            m.nextPoint = named.reduce(m.nextPoint) { max($0, $1.2 == .max ? $1.2 : $1.2 + 1) }
             for (file, time, number) in named.sorted(by: { $0.2 < $1.2 }) where !expired.contains(dirName + "/" + file) {
                 let relative = dirName + "/" + file
                 let id = RepositoryBackup.pointID(number)
@@ -27,7 +31,8 @@ extension RepositoryManifest {
                 if let merge = prune?.merges[id] {
                     parent = merge.parent
                 } else if let b = q.backingFileName {
-                    // A point whose parent is gone cannot be restored: left out (its file stays).
+                    // A point whose parent is gone cannot be restored: left out, its file kept
+                    // (an orphan: listed and reported by verify, never removed).
                     guard let p = chain.points.first(where: { $0.file == dirName + "/" + b }) else { continue }
                     parent = p.id
                 }
@@ -36,7 +41,6 @@ extension RepositoryManifest {
                     id: id, file: relative, kind: parent == nil ? .full : .incremental, parent: parent,
                     time: time, virtualSize: q.virtualSize, bytesCopied: d.runs.reduce(0) { $0 + $1.length }, bitmap: "",
                     state: .complete, fileSize: d.fileSize, metadataSHA256: d.metadataSHA256, runs: d.runs))
-                m.nextPoint = max(m.nextPoint, number + 1)
             }
             if !chain.points.isEmpty { m.images.append(chain) }
         }

@@ -34,11 +34,12 @@ struct PruneJournal: Equatable {
         try repo.save()
     }
 
-    /// The last step of a prune, once its merges are done: the expired files removed (the
-    /// files of its chain the manifest does not list), then the journal, then a directory fsync.
+    /// The last step of a prune, once its merges are done: the expired files removed (those
+    /// the manifest does not list: nothing else), then the journal, then a directory fsync.
     static func finish(in repo: Repository) throws {
         guard let j = repo.pruneJournal else { return }
-        if repo.manifest.chain(j.chain) != nil { repo.removeUnlisted(chain: j.chain) }
+        let listed = repo.listedFiles(chain: j.chain)
+        _ = repo.remove(j.expired.filter { !listed.contains($0) })
         let p = repo.file(fileName)
         guard Sys.unlink(p) == 0 || errno == ENOENT else { throw QCow2Error.io(path: p, operation: "unlink", errno: errno) }
         try StagedFile.syncDirectory(of: p)

@@ -141,23 +141,6 @@ public final class Repository {
         }
     }
 
-    /// Removes the point files of chain `name` that the manifest does not list (nor an
-    /// unfinished prune merge): files of killed backups (made durable, never recorded,
-    /// the bitmap never switched to them) and of expired points whose removal a killed
-    /// prune cut short. Call with the exclusive lock, after `finishMerges`.
-    /// Returns the relative names removed.
-    @discardableResult
-    public func removeUnlisted(chain name: String) -> [String] {
-        let known = Set(manifest.chain(name)?.points.flatMap { [$0.file] + ($0.merge?.files ?? []) } ?? [])
-        var removed: [String] = []
-        for entry in Self.entries(file(name)) where entry.hasSuffix(".qcow2") || entry.hasSuffix(".qcow2" + RepositoryPrune.oldReplacementSuffix) {
-            let rel = "\(name)/\(entry)"
-            if !known.contains(rel) && Sys.unlink(file(rel)) == 0 { removed.append(rel) }
-        }
-        if !removed.isEmpty { try? StagedFile.syncDirectory(of: file(removed[0])) }
-        return removed
-    }
-
     /// Removes the temporary files dead runs left in chain `name`'s directory (a live
     /// run's stay: `StagedFile` tells them apart). Returns the relative names removed.
     public func removeDeadTemporaries(chain name: String) -> [String] {

@@ -63,7 +63,8 @@ public enum RepositoryBackup {
         let prefix = "\(o.bitmap)@\(repo.manifest.repositoryID)."
         try RepositoryPrune.finishMerges(repo)
         var cleaned = try resolvePending(repo, chainName) { name in source.bitmaps.contains { $0.name == name } }
-        cleaned += repo.removeUnlisted(chain: chainName) + repo.removeDeadTemporaries(chain: chainName)
+        cleaned += repo.removeLeftovers(chain: chainName) { id in source.bitmaps.contains { $0.name == prefix + id } }
+        cleaned += repo.removeDeadTemporaries(chain: chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []
         // A live run's hold bitmap stored by a QEMU that quit mid-run holds bits the job
         // bitmap lost: it makes this run a full one (and goes with the other job bitmaps).

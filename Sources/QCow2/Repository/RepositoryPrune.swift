@@ -18,8 +18,9 @@ import Glibc
 /// nothing a listed point reads changes later; (2) each merge runs (idempotent: a commit
 /// into an unlisted full, which no listed point reads where it changes; a rebase in place;
 /// a rename), then the manifest records the point's new kind, parent and digests; (3) the
-/// files no point lists are removed; (4) the journal is removed. A run killed anywhere is
-/// finished by the next prune or backup (`finishMerges`), with or without the manifest.
+/// expired files the journal names are removed (no other file: `UnlistedFile`); (4) the
+/// journal is removed. A run killed anywhere is finished by the next prune or backup
+/// (`finishMerges`), with or without the manifest.
 public enum RepositoryPrune {
     public struct Result: Sendable {
         public var chain: String
@@ -49,7 +50,8 @@ public enum RepositoryPrune {
         let repo = try Repository(repoPath, create: false, lock: .exclusive)
         try finishMerges(repo)
         let c = try repo.manifest.selectChain(chain, path: repoPath)
-        repo.removeUnlisted(chain: c.name)
+        // A killed backup's file stays for the next backup, which knows the image's bitmaps.
+        repo.removeLeftovers(chain: c.name, imageHasBitmap: nil)
         var result = Result(chain: c.name)
         let keep = policy.kept(c.points)
         let expired = Set(c.points.map(\.id)).subtracting(keep)
@@ -76,7 +78,7 @@ public enum RepositoryPrune {
         let baseIndex = below.lastIndex { keep.contains($0.id) }
         let base = baseIndex.map { below[$0] }
         let absorbed = Array(below[(baseIndex.map { $0 + 1 } ?? 0)...])
-        let layers = try ([p] + absorbed.reversed()).map { try PointDigest.openAlone(repo.file($0.file)) }
+        let layers = try ([p] + absorbed.reversed()).map { try openLayer($0, mergedInto: p, repo: repo) }
         let up = try PruneCost.dataBytes(layers, from: 1)
         let files = absorbed.map(\.file)
         // Down commits into the oldest expired point (a full without a kept ancestor, else
@@ -89,6 +91,15 @@ public enum RepositoryPrune {
         let direction: PruneMerge.Direction = down < up ? .down : .up
         return (PruneMerge(direction: direction, parent: base?.id, files: files),
                 Merge(point: p.id, direction: direction, parent: base?.id, bytesCopied: min(down, up), otherWay: max(down, up)))
+    }
+
+    /// A file a merge reads; a point whose file is missing is damage (before any change).
+    static func openLayer(_ q: RepositoryManifest.Point, mergedInto p: RepositoryManifest.Point, repo: Repository) throws -> QCow2Image {
+        do {
+            return try PointDigest.openAlone(repo.file(q.file))
+        } catch QCow2Error.io(let path, _, let e) where e == ENOENT {
+            throw QCow2Error.repositoryDamaged(path: path, field: "", detail: "the file of point \(q.id) is missing; merging point \(p.id) needs it (repo verify)")
+        }
     }
 
     /// Finishes every merge the manifest records, oldest point first: the file changed as

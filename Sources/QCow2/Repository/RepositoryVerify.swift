@@ -4,7 +4,7 @@ import Glibc
 
 /// `qimg repo verify`: every file of the selected points present, linked to its parent
 /// and of the recorded size, clean for `check`, and holding exactly the data runs the
-/// manifest recorded (SHA-256 of each).
+/// manifest recorded (SHA-256 of each); and no orphaned file (`UnlistedFile`) beside them.
 public enum RepositoryVerify {
     public struct Problem: Equatable, Sendable {
         public var chain: String
@@ -19,6 +19,10 @@ public enum RepositoryVerify {
         public var pointsChecked = 0
         public var bytesRead: UInt64 = 0
         public var problems: [Problem] = []
+        /// The qcow2 files of the checked chains that are no listed point and no leftover
+        /// qimg removes (`UnlistedFile`): damage, reported, never removed. None for `point`.
+        public var orphans: [UnlistedFile] = []
+        public var isClean: Bool { problems.isEmpty && orphans.isEmpty }
     }
 
     /// `point` means that point's whole chain (it and its ancestors).
@@ -26,6 +30,7 @@ public enum RepositoryVerify {
         let repo = try Repository(repoPath, create: false, lock: .shared)
         let chains = chain != nil || point != nil ? [try repo.manifest.selectChain(chain, path: repoPath)] : repo.manifest.images
         var report = Report()
+        if point == nil { report.orphans = repo.unlistedFiles(chain: chain != nil ? chains.first?.name : nil).filter { !$0.isLeftover } }
         for c in chains {
             var points = c.points
             if let point {

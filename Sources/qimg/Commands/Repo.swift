@@ -12,40 +12,28 @@ struct Repo: ParsableCommand {
 
 struct RepoList: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "list", abstract: "List the restore points, oldest first, per image.", discussion: RepoExit.help)
+        commandName: "list", abstract: "List the restore points, oldest first, per image, and the files that are not restore points.", discussion: RepoExit.help)
 
     @Option(name: .customLong("output"), help: ArgumentHelp("human or json.", valueName: "fmt")) var output: OutputFormat = .human
     @OptionGroup var lockWait: LockWaitOption
     @Argument(help: "The repository directory.") var repo: String
 
     func run() throws {
-        let r: Repository
-        do { r = try lockWait.apply { try Repository(repo, create: false, lock: .shared) } } catch { throw RepoExit.failure(error) }
-        let m = r.manifest
-        if output == .json {
-            let images: [JSON] = m.images.map { c in .object([("image", .string(c.name)), ("points", .array(c.points.map { $0.listJSON() }))]) }
-            Output.out(JSON.object([("images", .array(images))]).rendered() + "\n")
-            return
-        }
-        var out = "Repository \(repo) (id \(m.repositoryID))\n"
-        for c in m.images {
-            out += "\n\(c.name): \(Human.count(c.points.count, "point"))\n"
-            out += "ID      TIME                  KIND         PARENT  VIRTUAL SIZE  COPIED      STATE     FILE\n"
-            for p in c.points {
-                out += [pad(p.id, 7), pad(RepositoryTime.iso(p.time), 21), pad(p.kind.rawValue, 12), pad(p.parent ?? "-", 7),
-                        pad(Human.size(p.virtualSize), 13), pad(Human.size(p.bytesCopied), 11), pad(p.state.rawValue, 9), p.file].joined(separator: " ") + "\n"
+        let listing: RepoListing
+        do {
+            listing = try lockWait.apply {
+                let r = try Repository(repo, create: false, lock: .shared)
+                return RepoListing(manifest: r.manifest, unlisted: r.unlistedFiles())
             }
-        }
-        Output.out(out)
+        } catch { throw RepoExit.failure(error) }
+        Output.out(output == .json ? listing.json().rendered() + "\n" : listing.human(repo: repo))
     }
-
-    func pad(_ s: String, _ n: Int) -> String { s + String(repeating: " ", count: max(0, n - s.count)) }
 }
 
 struct RepoVerify: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
-        abstract: "Check every point (or one point's chain): files present and linked, clean, every recorded SHA-256 matching.",
+        abstract: "Check every point (or one point's chain): files present and linked, clean, every recorded SHA-256 matching; no orphaned file.",
         discussion: RepoExit.help)
 
     @Option(name: .customLong("image"), help: ArgumentHelp("Only this image's chain.", valueName: "name")) var image: String?
@@ -59,8 +47,11 @@ struct RepoVerify: ParsableCommand {
         for p in r.problems {
             Output.error("qimg: \(repo)/\(p.file): point \(p.point)\(p.offset.map { " at guest offset \($0)" } ?? ""): \(p.detail)")
         }
-        if !r.problems.isEmpty {
-            throw CommandFailure(message: "\(repo): verify failed: \(Human.count(r.problems.count, "problem")) in \(Human.count(r.pointsChecked, "point"))", exitCode: RepoExit.damaged)
+        for o in r.orphans { Output.error("qimg: \(repo)/\(o.file): \(RepoListing.orphanNote): \(o.detail)") }
+        if !r.isClean {
+            let found = (r.problems.isEmpty ? [] : ["\(Human.count(r.problems.count, "problem")) in \(Human.count(r.pointsChecked, "point"))"])
+                + (r.orphans.isEmpty ? [] : ["\(Human.count(r.orphans.count, "orphaned file")) (not restore points)"])
+            throw CommandFailure(message: "\(repo): verify failed: \(found.joined(separator: ", "))", exitCode: RepoExit.damaged)
         }
         Output.out("\(repo): \(Human.count(r.pointsChecked, "point")) verified, \(Human.size(r.bytesRead)) of data read; no problem found\n")
     }
