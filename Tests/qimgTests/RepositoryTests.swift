@@ -491,8 +491,12 @@ import Glibc
     }
 
     /// SIGKILL at every write and every sync of an incremental repository run (odd writes
-    /// torn in half): each killed run leaves the repository verifiable, the next run
-    /// completes, and every point restores to the disk of its day; nothing is left behind.
+    /// torn in half): each killed run leaves the image with exactly one job bitmap, the old
+    /// point's or the killed run's (the switch is atomic); the next run keeps the killed
+    /// run's point exactly when the image holds its bitmap (the point's file and the switch
+    /// are durable before the manifest records it), and otherwise takes its incremental on
+    /// the old point again; the repository verifies, and every point restores to the disk
+    /// of its day; nothing is left behind.
     @Test(.requiresQEMU) func killAtEveryWriteAndSync() throws {
         let dir = try Self.scratch("kill")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -518,10 +522,17 @@ import Glibc
                 #expect(r.signaled && r.status == SIGKILL, "\(spec): \(r.summary): \(r.err)")
                 kills += 1
                 try expectCheckClean("vm.qcow2", dir, spec, leaksAllowed: true)
+                let bitmaps = try Self.jobBitmaps(dir)
+                #expect(bitmaps.count == 1 && (bitmaps[0].hasSuffix(".000001") || bitmaps[0].hasSuffix(".000002")), "\(spec): \(bitmaps)")
+                let switched = bitmaps.first?.hasSuffix(".000002") == true
+                let renamed = (try FileManager.default.contentsOfDirectory(atPath: dir + "/R/vm.qcow2")).contains { $0.hasSuffix("-000002.qcow2") }
                 // The next run completes: the newest point is the disk as it is now.
                 let p = try Self.backup(dir, day: 3)
                 try Self.expectRestores(dir, point: p["id"] as? String ?? "?", as: "vm.qcow2", "\(spec): next run")
+                // A point id is never given twice, not even a killed run's that was removed.
+                #expect(p["kind"] as? String == "incremental" && p["id"] as? String == (renamed ? "000003" : "000002"), "\(spec): \(p)")
                 let pts = try Self.points(dir)
+                #expect(pts.count == (switched ? 3 : 2), "\(spec): switched \(switched): \(pts.map { $0["id"] ?? "" })")
                 #expect(pts.allSatisfy { $0["state"] as? String == "complete" }, "\(spec): \(pts)")
                 try Self.expectRestores(dir, point: pts[0]["id"] as? String ?? "?", as: "day1.qcow2", "\(spec): first point")
                 if pts.count == 3 { try Self.expectRestores(dir, point: pts[1]["id"] as? String ?? "?", as: "day2.qcow2", "\(spec): killed run's point") }
@@ -531,6 +542,7 @@ import Glibc
                 #expect(left.isEmpty, "\(spec): left behind: \(left)")
             }
         }
+        print("killAtEveryWriteAndSync: \(kills) kills")
         #expect(kills >= 100, "kill points: \(kills)")
     }
 }

@@ -47,7 +47,7 @@ extension QCow2Image {
         }
         // Commit: new data and tables, then the directory switch, then frees. A first
         // bitmap whose extension cannot fit in the header is refused before any write.
-        var entries = edit.entries
+        let entries = edit.entries
         if !entries.isEmpty {
             do { try checkBitmapsExtensionFits() } catch let e as QCow2Error {
                 throw QCow2Error.bitmapOperation(path: path, action: steps.last?.0.name ?? "add", bitmap: edit.name, reason: e.message, inconsistent: nil)
@@ -56,15 +56,8 @@ extension QCow2Image {
         try clearUnknownAutoclearBits()
         var freeing: [UInt64] = []
         for r in edit.removed { freeing += try bitmapClusters(r) }
-        for i in entries.indices {
-            guard let bm = edit.data[entries[i].name] else { continue }
-            if entries[i].tableOffset != 0 { freeing += try bitmapClusters(entries[i]) }
-            let (t, n) = try writeBitmapData(bm)
-            entries[i].tableOffset = t
-            entries[i].tableSize = n
-        }
-        try commitBitmapSet(entries, freeing: freeing)
-        try flush()
+        // Durable when it returns: no flush of its own.
+        try commitBitmapSet(entries, newData: edit.data, freeing: freeing)
     }
 
     /// A consistent bitmap by name (for dumps, merges from another image, backups).

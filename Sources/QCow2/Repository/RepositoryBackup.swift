@@ -62,8 +62,12 @@ public enum RepositoryBackup {
         }
         let prefix = "\(o.bitmap)@\(repo.manifest.repositoryID)."
         try RepositoryPrune.finishMerges(repo)
-        var cleaned = try resolvePending(repo, chainName) { name in source.bitmaps.contains { $0.name == name } }
-        cleaned += repo.removeLeftovers(chain: chainName) { id in source.bitmaps.contains { $0.name == prefix + id } }
+        let hasBitmap = { (name: String) in source.bitmaps.contains { $0.name == name } }
+        var cleaned = try resolvePending(repo, chainName, hasBitmap: hasBitmap)
+        // A killed run's point file: recorded when the switch was made, else removed below
+        // (`UnlistedFile.Reason.killedBackup`); any other unlisted file is kept.
+        let unrecorded = try UnrecordedPoints(repo, chain: chainName, prefix: prefix, hasBitmap: hasBitmap)
+        cleaned += repo.removeLeftovers(chain: chainName) { id in hasBitmap(prefix + id) }
         cleaned += repo.removeDeadTemporaries(chain: chainName)
         let chain = repo.manifest.chain(chainName)?.points ?? []
         // A live run's hold bitmap stored by a QEMU that quit mid-run holds bits the job
@@ -74,7 +78,7 @@ public enum RepositoryBackup {
 
         // Past every point the image has a bitmap of (a rebuilt manifest may not know them).
         let number = jobBitmaps.compactMap { UInt64($0.name.dropFirst(prefix.count)) }
-            .reduce(repo.manifest.nextPoint) { max($0, $1 == .max ? $1 : $1 + 1) }
+            .reduce(max(repo.manifest.nextPoint, unrecorded.nextNumber)) { max($0, $1 == .max ? $1 : $1 + 1) }
         let id = pointID(number)
         let time = o.time ?? RepositoryTime.now()
         let relative = "\(chainName)/\(RepositoryTime.compact(time))-\(id).qcow2"
@@ -94,17 +98,17 @@ public enum RepositoryBackup {
         let r = try StagedFile.$creationMode.withValue(mode) {
             try BackupOperation.run(source: image, target: repo.file(relative), options: b)
         }
-        // The point is durable: record it (pending), switch the bitmap, record it complete.
+        // The point is durable (synced, renamed, its directory synced): the image's bitmaps
+        // switch to it, then the manifest records it, complete, in its one write of the run.
+        // A run killed in between leaves an unrecorded point file (`UnrecordedPoints`).
         let (digest, fromCopy) = try PointDigest.compute(repo.file(relative), copied: hasher.finish())
-        var point = RepositoryManifest.Point(
+        let point = RepositoryManifest.Point(
             id: id, file: relative, kind: parent == nil ? .full : .incremental, parent: parent?.id, time: time,
-            virtualSize: source.image.virtualSize, bytesCopied: r.bytesWritten, bitmap: prefix + id, state: .pending,
+            virtualSize: source.image.virtualSize, bytesCopied: r.bytesWritten, bitmap: prefix + id, state: .complete,
             fileSize: digest.fileSize, metadataSHA256: digest.metadataSHA256, runs: digest.runs)
-        repo.manifest.nextPoint = number + 1
-        try update(repo, chainName) { $0.append(point) }
         try source.switchBitmaps(add: point.bitmap, granularity: jobBitmaps.first?.granularity, remove: jobBitmaps.map(\.name))
-        point.state = .complete
-        try update(repo, chainName) { $0[$0.count - 1] = point }
+        repo.manifest.nextPoint = number == .max ? number : number + 1
+        try update(repo, chainName) { $0.append(point) }
         return RepositoryBackupResult(chain: chainName, point: point, fullReason: reason, backup: r, cleaned: cleaned,
                                       digestsFromCopy: fromCopy)
     }

@@ -30,13 +30,13 @@ final class SourceHold {
         image.header.autoclearFeatures & Features.autoclearBitmaps != 0 ? image.bitmaps : []
     }
 
-    /// One directory switch: `add` (empty, recording from now on) in, `remove` out.
+    /// One directory switch: `add` (empty, recording from now on) in, `remove` out;
+    /// durable when it returns (the switch's last step ends with a barrier; the session
+    /// wrote no guest data, so it has no bitmaps to store and nothing else to flush).
     func switchBitmaps(add: String, granularity: UInt64?, remove: [String]) throws {
         try ImageLock.acquire(fd: file.fd, path: path, mode: .write)
         let w = try QCow2Image(path: path, file: file)
         try w.enableWriting()
         try w.applyBitmapActions([(.add(granularity: granularity, disabled: false), add)] + remove.map { (.remove, $0) })
-        try w.close()
-        try file.fullSync()
     }
 }

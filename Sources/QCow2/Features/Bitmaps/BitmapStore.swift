@@ -45,30 +45,42 @@ extension QCow2Image {
         return out
     }
 
-    /// Writes the data and table of `bitmap` to new clusters (not yet referenced).
-    /// Returns the table offset and size.
-    func writeBitmapData(_ bitmap: DirtyBitmap) throws -> (offset: UInt64, size: UInt32) {
-        let tx = try MetadataTransaction(self)
+    /// A bitmap's new table and data clusters, allocated by `allocateBitmapData` in the
+    /// transaction of the set that will name them, written by `writeBitmapData`.
+    struct NewBitmapData {
+        let bitmap: DirtyBitmap
+        let tableOffset: UInt64
+        /// The new table: the data cluster of each entry that has bits set, else 0.
+        let table: [UInt64]
+        /// The entries that have a data cluster.
+        let used: [Int]
+    }
+
+    /// Allocates the table and data clusters of `bitmap` in `tx` (durable with the
+    /// transaction's `commitRefcounts`; nothing is written yet).
+    func allocateBitmapData(_ bitmap: DirtyBitmap, in tx: MetadataTransaction) throws -> NewBitmapData {
         let g = geometry
         let cs = g.clusterSize
         let entries = Int(BitmapDirectoryEntry.tableSize(diskSize: virtualSize, granularityBits: bitmap.granularity.trailingZeroBitCount, clusterSize: cs))
         var table = [UInt64](repeating: 0, count: entries)
-        // All clusters are allocated first (one refcount barrier), then filled; the
-        // caller syncs before anything points at them.
         var used: [Int] = []
         for k in 0..<entries where bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) != nil { used.append(k) }
-        let tableClusters = max(1, Int(g.clusters(forBytes: UInt64(entries) * 8)))
-        let t = try tx.allocate(tableClusters)
+        let t = try tx.allocate(max(1, Int(g.clusters(forBytes: UInt64(entries) * 8))))
         for k in used { table[k] = try tx.allocate(1) }
-        try tx.commitRefcounts()
-        for k in used {
-            guard let bytes = bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) else { continue }
-            try tx.writeNew(bytes, at: table[k], durable: false)
+        return NewBitmapData(bitmap: bitmap, tableOffset: t, table: table, used: used)
+    }
+
+    /// Writes the data clusters and the table allocated for a bitmap, without a barrier:
+    /// the caller makes them durable before anything points at them.
+    func writeBitmapData(_ d: NewBitmapData, in tx: MetadataTransaction) throws {
+        let cs = geometry.clusterSize
+        for k in d.used {
+            guard let bytes = d.bitmap.bytes(atByte: UInt64(k) * UInt64(cs), count: cs) else { continue }
+            try tx.writeNew(bytes, at: d.table[k], durable: false)
         }
         var w = ByteWriter()
-        for e in table { w.u64(e) }
-        try tx.writeNew(w.bytes, at: t, durable: false)
-        return (t, UInt32(entries))
+        for e in d.table { w.u64(e) }
+        try tx.writeNew(w.bytes, at: d.tableOffset, durable: false)
     }
 
     /// Lowers bitmap `name` to `lowered`, which holds a subset of its bits, by overwriting
@@ -173,13 +185,26 @@ extension QCow2Image {
         _ = try headers.layout(header, extensions: extensionsWithBitmaps(ext), backingName: backingFileName)
     }
 
-    /// Replaces the whole set of bitmaps with `entries` (their tables already written, or
-    /// unchanged), then frees `freeing`. Handles the extension appearing (first bitmap)
-    /// and disappearing (last bitmap removed).
-    func commitBitmapSet(_ entries: [BitmapDirectoryEntry], freeing: [UInt64]) throws {
+    /// Replaces the whole set of bitmaps with `entries`, the bitmaps of `newData` (by name)
+    /// written to new clusters (their old tables and data freed), then frees `freeing`.
+    /// One transaction: the new clusters' refcounts, then the new data, tables and
+    /// directory with one barrier, then the switch, then the frees. Handles the extension
+    /// appearing (first bitmap) and disappearing (last bitmap removed). Everything is
+    /// durable when it returns (each step ends with a barrier).
+    func commitBitmapSet(_ entries: [BitmapDirectoryEntry], newData: [String: DirtyBitmap] = [:], freeing: [UInt64]) throws {
         var tx = try MetadataTransaction(self)
         let g = geometry
-        try tx.barrier()
+        var entries = entries
+        var freeing = freeing
+        var written: [NewBitmapData] = []
+        for i in entries.indices {
+            guard let bm = newData[entries[i].name] else { continue }
+            if entries[i].tableOffset != 0 { freeing += try bitmapClusters(entries[i]) }
+            let d = try allocateBitmapData(bm, in: tx)
+            entries[i].tableOffset = d.tableOffset
+            entries[i].tableSize = UInt32(d.table.count)
+            written.append(d)
+        }
         let oldDirectory: [UInt64]
         // A stale extension (autoclear bit clear) or one that failed to load was never
         // trusted: its clusters are not freed (check -r reclaims them as leaks).
@@ -201,6 +226,7 @@ extension QCow2Image {
             let n = Int(g.clusters(forBytes: UInt64(dir.count)))
             let newOffset = try tx.allocate(n)
             try tx.commitRefcounts()
+            for d in written { try writeBitmapData(d, in: tx) }
             try tx.writeNew(dir, at: newOffset)
             let ext = BitmapsExtension(nbBitmaps: UInt32(entries.count), reserved: 0,
                                        directorySize: UInt64(dir.count), directoryOffset: newOffset)
@@ -265,16 +291,10 @@ extension QCow2Image {
     func storeTrackedBitmaps() throws {
         guard !trackedBitmaps.isEmpty else { return }
         var entries = bitmaps
-        var freeing: [UInt64] = []
-        for i in entries.indices {
-            guard let bm = trackedBitmaps[entries[i].name] else { continue }
-            freeing += try bitmapClusters(entries[i])
-            let (t, n) = try writeBitmapData(bm)
-            entries[i].tableOffset = t
-            entries[i].tableSize = n
+        for i in entries.indices where trackedBitmaps[entries[i].name] != nil {
             entries[i].flags &= ~BitmapDirectoryEntry.flagInUse
         }
-        try commitBitmapSet(entries, freeing: freeing)
+        try commitBitmapSet(entries, newData: trackedBitmaps, freeing: [])
         trackedBitmaps = [:]
     }
 
