@@ -109,3 +109,29 @@ import TestSupport
         #expect(try JSON.parse(PathCodec.decode(fixed), rules: .qemu) == expected)
     }
 }
+
+extension JSONTests {
+    /// The text both layouts give, byte for byte (the manifest's format: written by hand).
+    @Test func renderedTextIsExact() {
+        let value = JSON.object([("a", .uint(1)), ("b", .array([.uint(1), .string("x\"y\\\u{1}é")])),
+                                 ("c", .array([.object([("d", .null), ("t", .bool(true))])])), ("e", .object([])), ("f", .array([]))])
+        let compact = #"{"a":1,"b":[1,"x\"y\\\u0001é"],"c":[{"d":null,"t":true}],"e":{},"f":[]}"#
+        let pretty = """
+            {
+              "a": 1,
+              "b": [1, "x\\"y\\\\\\u0001é"],
+              "c": [
+                {
+                  "d": null,
+                  "t": true
+                }
+              ],
+              "e": {},
+              "f": []
+            }
+            """
+        #expect(value.rendered(indent: nil) == compact)
+        #expect(value.rendered() == pretty)
+        #expect(value.renderedBytes(indent: nil) == Array(compact.utf8))
+    }
+}
