@@ -27,6 +27,7 @@ DEPS := \
 	prlimit:util-linux \
 	/usr/include/zlib.h:zlib1g-dev \
 	/usr/include/zstd.h:libzstd-dev \
+	/usr/include/isa-l/igzip_lib.h:libisal-dev \
 	/usr/include/libnbd.h:libnbd-dev \
 	qemu-img:qemu-utils \
 	qemu-io:qemu-utils \

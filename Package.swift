@@ -19,11 +19,14 @@ let package = Package(
                        providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
+        // ISA-L's igzip: raw deflate for zlib-type compressed clusters (4 KiB window).
+        .systemLibrary(name: "CIsal", path: "Sources/CIsal", pkgConfig: "libisal",
+                       providers: [.apt(["libisal-dev"])]),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
         // libnbd's header only (no pkgConfig: nothing is linked; the library is loaded
         // with dlopen when an NBD source is used).
         .systemLibrary(name: "CNBD", path: "Sources/CNBD", providers: [.apt(["libnbd-dev"])]),
-        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CLinux", "CNBD"], swiftSettings: [faultInjection]),
+        .target(name: "QCow2", dependencies: ["CZlib", "CZstd", "CIsal", "CLinux", "CNBD"], swiftSettings: [faultInjection]),
         .executableTarget(name: "qimg", dependencies: [
             "QCow2",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -32,7 +35,7 @@ let package = Package(
         // test target itself: built with the tests only (every `swift build` builds a regular
         // target, the static release build too, which has no Testing module).
         .testTarget(name: "TestSupport", path: "Tests/Support"),
-        .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "TestSupport"], swiftSettings: [faultInjection]),
+        .testTarget(name: "QCow2Tests", dependencies: ["QCow2", "CZlib", "TestSupport"], swiftSettings: [faultInjection]),
         .testTarget(name: "qimgTests", dependencies: ["QCow2", "TestSupport"]),
     ],
     swiftLanguageModes: [.v6]

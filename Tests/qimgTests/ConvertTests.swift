@@ -253,6 +253,9 @@ import TestSupport
 
     /// -c (issue 13, item 5): the file ends where qemu-img's does, on a whole sector after
     /// the last compressed cluster (the new L2 table before the data, as QEMU lays it out).
+    /// With qemu-img's streams (--zlib=qemu) the length is qemu-img's to the byte; igzip's
+    /// streams have other lengths, so there the file still ends on a whole sector and QEMU
+    /// reads it clean and equal.
     @Test(.requiresQEMU) func compressedFileLengthMatchesQemuImg() throws {
         let dir = try Paths.newScratch("convert-compressed")
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -271,9 +274,11 @@ import TestSupport
             for cluster in ["64k", "4k", "512", "2M"] {
                 let args = ["convert", "-c", "-O", "qcow2", "-o", "cluster_size=\(cluster)", src]
                 try Runner.qemuStep(["qemu-img"] + args + ["q.qcow2"], in: dir)
+                let z = try Qimg.run(["convert", "-c", "--zlib=qemu"] + args.dropFirst(2) + ["m.qcow2"], cwd: dir)
+                #expect(z.status == 0, "\(z.err)")
+                #expect(try length("m.qcow2") == (try length("q.qcow2")), "\(src) cluster_size=\(cluster)")
                 let m = try Qimg.run(args + ["m.qcow2"], cwd: dir)
                 #expect(m.status == 0, "\(m.err)")
-                #expect(try length("m.qcow2") == (try length("q.qcow2")), "\(src) cluster_size=\(cluster)")
                 #expect(try length("m.qcow2") % 512 == 0, "\(src) cluster_size=\(cluster)")
                 let check = try Runner.qemuImg(["check", "m.qcow2"], cwd: dir)
                 #expect(check.status == 0, "\(src) cluster_size=\(cluster): \(check.out)\(check.err)")

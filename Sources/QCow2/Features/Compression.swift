@@ -12,8 +12,9 @@ public enum CompressionType: UInt8, Sendable {
 enum Codec {
     /// Compresses one cluster; a final partial cluster is zero-padded to a whole one first.
     /// Nil: it does not compress (or the codec could not start).
-    static func compressCluster(_ type: CompressionType, _ data: UnsafeRawBufferPointer, clusterSize cs: Int) -> [UInt8]? {
-        guard let compressor = ClusterCompressor(type, clusterSize: cs) else { return nil }
+    static func compressCluster(_ type: CompressionType, _ data: UnsafeRawBufferPointer, clusterSize cs: Int,
+                                encoder: ZlibEncoder = .igzip) -> [UInt8]? {
+        guard let compressor = ClusterCompressor(type, encoder: encoder, clusterSize: cs) else { return nil }
         var cluster = [UInt8](repeating: 0, count: cs)
         cluster.withUnsafeMutableBytes { $0.copyMemory(from: data) }
         var out = [UInt8](repeating: 0, count: compressor.outputCapacity)

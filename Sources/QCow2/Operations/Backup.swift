@@ -16,6 +16,8 @@ public struct BackupOptions {
     public var backingFormat: ImageFormat?
     public var create = CreateOptions()
     public var compressed = false
+    /// How zlib-type compressed clusters are encoded.
+    public var zlibEncoder = ZlibEncoder.igzip
     public var speed: UInt64 = 0
     public var force = false
     /// Allow an incremental or bitmap backup without a backing file (a standalone delta).
@@ -31,6 +33,7 @@ public struct BackupOptions {
     var copySettings: CopySettings {
         var settings = CopySettings()
         settings.compressed = compressed
+        settings.zlibEncoder = zlibEncoder
         settings.speed = speed
         settings.shouldStop = shouldStop
         // Only bitmap-mode=always gives back what a failed copy holds.

@@ -28,10 +28,10 @@ final class CompressionPipeline {
         static let incompressible = -1
         static let zero = -2
 
-        fileprivate init(type: CompressionType, clusterSize cs: Int, bytes: Int, workers: Int, path: String) throws {
+        fileprivate init(type: CompressionType, encoder: ZlibEncoder, clusterSize cs: Int, bytes: Int, workers: Int, path: String) throws {
             clusterSize = cs
             compressors = try (0..<workers).map { _ in
-                guard let c = ClusterCompressor(type, clusterSize: cs) else {
+                guard let c = ClusterCompressor(type, encoder: encoder, clusterSize: cs) else {
                     throw QCow2Error.unsupported(path: path, detail: "the \(type.name) compressor could not start")
                 }
                 return c
@@ -96,6 +96,8 @@ final class CompressionPipeline {
         }
     }
 
+    let type: CompressionType
+    let encoder: ZlibEncoder
     let clusterSize: Int
     let chunkBytes: Int
     let detectZeros: Bool
@@ -106,17 +108,19 @@ final class CompressionPipeline {
     static let slots = 4
 
     /// `path`: the target, named when a compressor cannot start.
-    init(type: CompressionType, clusterSize cs: Int, detectZeros: Bool, path: String) throws {
+    init(type: CompressionType, encoder: ZlibEncoder = .igzip, clusterSize cs: Int, detectZeros: Bool, path: String) throws {
         let cores = max(1, min(64, sysconf(Int32(_SC_NPROCESSORS_ONLN))))
         // 512 KiB per core and chunk (at least a cluster, at most 8 MiB): enough whole
         // clusters in flight to keep every core compressing while one chunk is written.
         let bytes = max(cs, min(8 << 20, cores * (512 << 10)) / cs * cs)
+        self.type = type
+        self.encoder = encoder
         clusterSize = cs
         chunkBytes = bytes
         self.detectZeros = detectZeros
         workers = min(cores, bytes / cs)
         ring = try (0..<Self.slots).map { _ in
-            try Chunk(type: type, clusterSize: cs, bytes: bytes, workers: min(cores, bytes / cs), path: path)
+            try Chunk(type: type, encoder: encoder, clusterSize: cs, bytes: bytes, workers: min(cores, bytes / cs), path: path)
         }
     }
 

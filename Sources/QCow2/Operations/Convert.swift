@@ -7,6 +7,8 @@ import Glibc
 public struct ConvertOptions: Sendable {
     public var create = CreateOptions()
     public var compressed = false
+    /// How zlib-type compressed clusters are encoded.
+    public var zlibEncoder = ZlibEncoder.igzip
     /// -B: the target's backing file (name as stored, format).
     public var backingFile: String?
     public var backingFormat: ImageFormat?
@@ -109,6 +111,7 @@ public enum ConvertOperation {
         }
         var settings = CopySettings()
         settings.compressed = o.compressed
+        settings.zlibEncoder = o.zlibEncoder
         settings.minSparse = o.minSparse
         settings.durable = o.durable
         settings.shouldStop = o.shouldStop

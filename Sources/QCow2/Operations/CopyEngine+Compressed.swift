@@ -10,8 +10,10 @@ import Glibc
 extension CopyEngine {
     mutating func copyCompressed(into q: QCow2Image, _ offset: UInt64, _ length: UInt64, maskZeros: Bool) throws {
         let cs = q.geometry.clusterSize
-        if pipeline?.clusterSize != cs || pipeline?.detectZeros != (minSparse > 0) {
-            pipeline = try CompressionPipeline(type: q.compressionType, clusterSize: cs, detectZeros: minSparse > 0, path: q.path)
+        if pipeline?.clusterSize != cs || pipeline?.detectZeros != (minSparse > 0) || pipeline?.type != q.compressionType
+            || pipeline?.encoder != zlibEncoder {
+            pipeline = try CompressionPipeline(type: q.compressionType, encoder: zlibEncoder, clusterSize: cs,
+                                               detectZeros: minSparse > 0, path: q.path)
         }
         guard let pipeline else { return }
         let source = self.source

@@ -12,6 +12,8 @@ public struct CopyEngine {
     /// written explicitly (they would otherwise show the backing data).
     public var targetBacking: (any BlockSource)?
     public var compressed = false
+    /// How zlib-type compressed clusters are encoded.
+    public var zlibEncoder = ZlibEncoder.igzip
     /// Zero runs at least this long are not written (qemu-img's -S); 0 writes everything.
     public var minSparse: UInt64 = 4096
     /// Zero runs are looked for in aligned pieces of this size (nil: the unit); convert

@@ -5,6 +5,7 @@ import Glibc
 /// How convert and backup copy (the same for both: a full backup is convert's copy).
 struct CopySettings {
     var compressed = false
+    var zlibEncoder = ZlibEncoder.igzip
     /// Zero runs at least this long are left out (qemu-img's -S); 0 writes every byte.
     var minSparse: UInt64 = 4096
     /// Bytes per second (0: unlimited).
@@ -45,6 +46,7 @@ struct TargetCopy {
         target.file.tracksSize = true
         var engine = CopyEngine(source: source, target: target)
         engine.compressed = settings.compressed
+        engine.zlibEncoder = settings.zlibEncoder
         engine.minSparse = settings.minSparse
         engine.speed = settings.speed
         engine.earlyWriteback = settings.durable

@@ -49,6 +49,7 @@ struct Backup: ParsableCommand {
     @Option(name: .customShort("f"), help: ArgumentHelp("Format of SOURCE.", valueName: "fmt")) var sourceFormat: String?
     @Option(name: .customShort("o"), help: ArgumentHelp("Create options of TARGET (cluster_size=..., ...).", valueName: "options")) var options: [String] = []
     @Flag(name: .customShort("c"), help: "Write compressed clusters.") var compress = false
+    @OptionGroup var zlib: ZlibOption
     @Flag(name: .customShort("p"), help: "Show progress.") var showProgress = false
     @Flag(name: .customShort("q"), help: "Quiet: no summary line.") var quiet = false
     @Option(name: .customLong("speed"), help: ArgumentHelp("Limit throughput (bytes per second; k, M, G suffixes).", valueName: "bytes_per_sec")) var speed: SizeArgument?
@@ -74,6 +75,7 @@ struct Backup: ParsableCommand {
     @OptionGroup var pull: NBDOptions
 
     func run() throws {
+        _ = try zlib.resolved(compress: compress, file: live.qmp ?? source)
         if let uri = pull.nbd { return try NBDBackup(command: self, uri: uri).run() }
         if pull.timeout != nil { throw CommandFailure(message: "\(live.qmp ?? source): --nbd-timeout applies only with --nbd") }
         if let qmp = live.qmp { return try LiveBackup(command: self, socket: qmp).run() }
@@ -126,6 +128,7 @@ struct Backup: ParsableCommand {
         o.backingFormat = try backingFormat.map { try ImageFormat(name: $0, path: backing ?? "") }
         o.create = try targetCreateOptions(target)
         o.compressed = compress
+        o.zlibEncoder = try zlib.resolved(compress: compress, file: source)
         o.speed = speed?.value ?? 0
         o.force = force
         return o

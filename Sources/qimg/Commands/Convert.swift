@@ -13,6 +13,7 @@ struct Convert: ParsableCommand {
     @Option(name: .customShort("O"), help: ArgumentHelp("Output format: qcow2 or raw.", valueName: "output_fmt")) var outputFormat: String = "raw"
     @Option(name: .customShort("o"), help: ArgumentHelp("Output format options (as for create).", valueName: "options")) var options: [String] = []
     @Flag(name: .customShort("c"), help: "Compress the output clusters (qcow2).") var compress = false
+    @OptionGroup var zlib: ZlibOption
     @Option(name: .customShort("B"), help: ArgumentHelp("Backing file of the output image.", valueName: "backing_file")) var backing: String?
     @Option(name: .customShort("F"), help: ArgumentHelp("Format of the -B backing file.", valueName: "backing_fmt")) var backingFormat: String?
     @Flag(name: .customShort("n"), help: "Write into an existing output image (no create).") var noCreate = false
@@ -65,6 +66,7 @@ struct Convert: ParsableCommand {
         }
         if compress && outFmt != .qcow2 { throw CommandFailure(message: "Compression not supported for this file format") }
         o.compressed = compress
+        o.zlibEncoder = try zlib.resolved(compress: compress, file: target)
         o.skipCreate = noCreate
         o.minSparse = sparse?.value ?? 4096
         o.copyBitmaps = bitmaps
