@@ -19,9 +19,9 @@ let package = Package(
                        providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", path: "Sources/CZstd", pkgConfig: "libzstd",
                        providers: [.apt(["libzstd-dev"])]),
-        // ISA-L's igzip: raw deflate for zlib-type compressed clusters (4 KiB window).
-        .systemLibrary(name: "CIsal", path: "Sources/CIsal", pkgConfig: "libisal",
-                       providers: [.apt(["libisal-dev"])]),
+        // ISA-L's igzip header only (raw deflate for zlib-type compressed clusters, 4 KiB
+        // window): libisal.so.2 is loaded with dlopen when a copy compresses.
+        .systemLibrary(name: "CIsal", path: "Sources/CIsal", providers: [.apt(["libisal-dev"])]),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
         // libnbd's header only (no pkgConfig: nothing is linked; the library is loaded
         // with dlopen when an NBD source is used).

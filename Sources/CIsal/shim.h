@@ -1,3 +1,6 @@
+/* ISA-L's igzip: its types and constants only. Nothing is linked: qimg loads
+   libisal.so.2 with dlopen when a copy compresses (Sources/QCow2/Features/LibIsal.swift),
+   so that the commands that never compress don't load it at start-up. */
 #include <isa-l/igzip_lib.h>
 
 /* The level buffer igzip's level 3 works best with (a macro expression Swift cannot import). */

@@ -17,11 +17,13 @@ final class ClusterCompressor {
     /// igzip's stream and its level-3 working buffer.
     private let igzip: UnsafeMutablePointer<isal_zstream>?
     private let igzipBuffer: UnsafeMutableRawBufferPointer?
+    private let isal: LibIsal?
     private let zstd: OpaquePointer?
 
     /// The largest match distance of a zlib-type stream (QEMU's windowBits -12).
     static let windowBits = 12
 
+    /// Nil when the codec cannot start (for igzip: libisal missing, see `LibIsal.shared`).
     init?(_ type: CompressionType, encoder: ZlibEncoder = .igzip, clusterSize: Int) {
         self.type = type
         self.clusterSize = clusterSize
@@ -29,8 +31,11 @@ final class ClusterCompressor {
         var igzip: UnsafeMutablePointer<isal_zstream>?
         var igzipBuffer: UnsafeMutableRawBufferPointer?
         var zstd: OpaquePointer?
+        var isal: LibIsal?
         switch (type, encoder) {
         case (.zlib, .igzip):
+            guard let api = try? LibIsal.shared.get() else { return nil }
+            isal = api
             let p = UnsafeMutablePointer<isal_zstream>.allocate(capacity: 1)
             p.initialize(to: isal_zstream())
             igzip = p
@@ -53,6 +58,7 @@ final class ClusterCompressor {
         self.igzip = igzip
         self.igzipBuffer = igzipBuffer
         self.zstd = zstd
+        self.isal = isal
     }
 
     deinit {
@@ -77,9 +83,9 @@ final class ClusterCompressor {
     func compress(_ input: UnsafeRawBufferPointer, into out: UnsafeMutableRawBufferPointer) -> Int? {
         guard let inBase = input.baseAddress, let outBase = out.baseAddress, input.count > 0 else { return nil }
         let room = min(out.count, input.count - 1)
-        if let strm = igzip, let buffer = igzipBuffer?.baseAddress {
+        if let strm = igzip, let buffer = igzipBuffer?.baseAddress, let isal {
             // A whole stream in one call, from a fresh state (no history from the last cluster).
-            isal_deflate_stateless_init(strm)
+            isal.statelessInit(strm)
             strm.pointee.level = 3
             strm.pointee.level_buf = buffer.assumingMemoryBound(to: UInt8.self)
             strm.pointee.level_buf_size = qimg_isal_level3_buffer
@@ -92,7 +98,7 @@ final class ClusterCompressor {
             strm.pointee.next_out = outBase.assumingMemoryBound(to: UInt8.self)
             strm.pointee.avail_out = UInt32(room)
             // STATELESS_OVERFLOW: the stream does not fit in `room`, so it is not smaller.
-            guard isal_deflate_stateless(strm) == COMP_OK, strm.pointee.avail_in == 0 else { return nil }
+            guard isal.stateless(strm) == COMP_OK, strm.pointee.avail_in == 0 else { return nil }
             return room - Int(strm.pointee.avail_out)
         }
         if let strm = deflater {

@@ -14,7 +14,9 @@ enum Codec {
     /// Nil: it does not compress (or the codec could not start).
     static func compressCluster(_ type: CompressionType, _ data: UnsafeRawBufferPointer, clusterSize cs: Int,
                                 encoder: ZlibEncoder = .igzip) -> [UInt8]? {
-        guard let compressor = ClusterCompressor(type, encoder: encoder, clusterSize: cs) else { return nil }
+        // Without libisal, zlib's encoder (the same data to every reader).
+        guard let compressor = ClusterCompressor(type, encoder: encoder, clusterSize: cs)
+                ?? ClusterCompressor(type, encoder: .qemu, clusterSize: cs) else { return nil }
         var cluster = [UInt8](repeating: 0, count: cs)
         cluster.withUnsafeMutableBytes { $0.copyMemory(from: data) }
         var out = [UInt8](repeating: 0, count: compressor.outputCapacity)

@@ -30,6 +30,7 @@ final class CompressionPipeline {
 
         fileprivate init(type: CompressionType, encoder: ZlibEncoder, clusterSize cs: Int, bytes: Int, workers: Int, path: String) throws {
             clusterSize = cs
+            if type == .zlib && encoder == .igzip { _ = try LibIsal.shared.get() }  // its own error: libisal missing
             compressors = try (0..<workers).map { _ in
                 guard let c = ClusterCompressor(type, encoder: encoder, clusterSize: cs) else {
                     throw QCow2Error.unsupported(path: path, detail: "the \(type.name) compressor could not start")
