@@ -265,6 +265,12 @@ import Glibc
             try reset()
             unlink(dir + "/" + file)
             try expectFailure("deleted point \(id)", ["point \(id)", "missing"])
+            // Restoring the newest point through the gap: damage too (exit 2), named by the
+            // point whose file is gone, and nothing written.
+            let restore = try Qimg.run(["repo", "restore", "R", "-O", "raw", "out.raw"], cwd: dir)
+            #expect(restore.status == 2, "restore without point \(id)'s file: \(restore.summary)")
+            #expect(restore.err.contains("point \(id)") && restore.err.contains("missing"), "\(restore.err)")
+            #expect(!FileManager.default.fileExists(atPath: dir + "/out.raw"))
             try reset()
         }
         let ok = try Qimg.run(["repo", "verify", "R", "--point", pts[0]["id"] as? String ?? "?"], cwd: dir)

@@ -21,6 +21,17 @@ public enum RepositoryRestore {
         let point = try repo.manifest.selectPoint(in: chain, id: o.point, at: o.at, path: repoPath)
         var st = stat()
         if Sys.lstat(target, &st) == 0 { throw QCow2Error.targetExists(path: target) }
+        // Every file of the point's chain, before anything is written: a missing one is damage
+        // (exit 2 in the CLI), named by its point, not a backing file that fails to open.
+        var ancestor = chain.points.first { $0.id == point.parent }
+        var seen: Set<String> = [point.id]
+        while let a = ancestor, seen.insert(a.id).inserted {
+            let f = repo.file(a.file)
+            guard Sys.stat(f, &st) == 0 else {
+                throw QCow2Error.repositoryDamaged(path: f, field: "", detail: "restore point \(point.id) is built on point \(a.id), whose file is missing")
+            }
+            ancestor = chain.points.first { $0.id == a.parent }
+        }
         let file = repo.file(point.file)
         guard Sys.stat(file, &st) == 0 else {
             throw QCow2Error.repositoryDamaged(path: file, field: "", detail: "the file of restore point \(point.id) is missing")
