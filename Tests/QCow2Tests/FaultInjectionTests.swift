@@ -781,13 +781,15 @@ enum Harness {
     /// another thread is spawning inherits (until it execs) a copy of our descriptors, so
     /// the open file description of an image closed a moment ago, and its OFD lock, can
     /// outlive the close. No deadline (a loaded machine can keep such a child from exec'ing
-    /// for long): it retries while a child of ours has not exec'd yet, then once more; an
-    /// image still in use after that is in use for real.
+    /// for long): it retries while a child of ours has not exec'd yet, and at least 50 times
+    /// 10 ms apart (other threads keep spawning children, and one can fork between our look
+    /// at /proc and the next attempt); an image still in use after that is in use for real.
     static func retryingLockRace(_ body: () throws -> Void) throws {
-        var lastAttempt = false
+        var attempts = 0
         while true {
-            do { return try body() } catch QCow2Error.inUse where !lastAttempt {
-                if childBeforeExec() { usleep(10_000) } else { lastAttempt = true }
+            do { return try body() } catch QCow2Error.inUse where attempts < 50 || childBeforeExec() {
+                attempts += 1
+                usleep(10_000)
             }
         }
     }

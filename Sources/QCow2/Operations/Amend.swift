@@ -31,7 +31,8 @@ extension QCow2Image {
             h.compatibleFeatures = 0
             h.autoclearFeatures = 0
             h.compressionType = 0
-            if !exts.contains(where: { if case .featureNameTable = $0 { return true } else { return false } }) {
+            if FeatureName.tableWritten(clusterSize: geometry.clusterSize),
+               !exts.contains(where: { if case .featureNameTable = $0 { return true } else { return false } }) {
                 exts.append(.featureNameTable(FeatureName.qemuDefault))
             }
         } else {

@@ -152,7 +152,7 @@ public enum ImageCreator {
         let cs = UInt64(g.clusterSize)
         var exts: [HeaderExtension] = []
         if let f = o.backingFormat { exts.append(.backingFormat(f)) }
-        if o.version >= 3 { exts.append(.featureNameTable(FeatureName.qemuDefault)) }
+        if o.version >= 3 && FeatureName.tableWritten(clusterSize: g.clusterSize) { exts.append(.featureNameTable(FeatureName.qemuDefault)) }
         var incompatible: UInt64 = 0
         if o.compressionType != .zlib { incompatible |= Features.compressionType }
         if o.extendedL2 { incompatible |= Features.extendedL2 }
